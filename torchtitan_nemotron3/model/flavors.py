@@ -1,0 +1,250 @@
+"""From flat hyperparameters to TorchTitan module configs, and the named flavors.
+
+Initialisation lives here too (TorchTitan attaches ``param_init`` to each config):
+linear weights and embeddings ~ N(0, initializer_range); the projections that write
+into the residual stream (Mamba ``out_proj``, attention ``o_proj``, MLP/expert
+``down_proj``) are scaled by 1/sqrt(num_layers) when ``rescale_prenorm_residual``;
+norms = 1; ``A_log``, ``D``, ``dt_bias`` by ``Mamba2Mixer.reset_parameters``; the
+conv by ``nn.Conv1d``'s own default; the expert bias buffer = 0.
+"""
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch.nn as nn
+
+from torchtitan.models.common.embedding import Embedding
+from torchtitan.models.common.linear import Linear
+from torchtitan.models.common.moe import RoutedExperts, TokenChoiceTopKRouter
+from torchtitan.models.common.nn_modules import Conv1d, RMSNorm
+from torchtitan.models.common.token_dispatcher import LocalTokenDispatcher
+
+from .args import NemotronHArgs
+from .attention import Attention
+from .mamba2 import GatedGroupRMSNorm, Mamba2Mixer
+from .mlp import ReluSquaredMLP
+from .model import NemotronHBlock, NemotronHModel
+from .moe import Float32Linear, NemotronHMoE, ReluSquaredGroupedExperts
+from .pattern import ATTENTION, MAMBA, MLP, MOE
+
+_ONES = {"weight": nn.init.ones_}
+
+
+def _normal(std: float) -> Callable:
+    return partial(nn.init.normal_, mean=0.0, std=std)
+
+
+def _linear(
+    in_features: int, out_features: int, std: float, bias: bool = False
+) -> Linear.Config:
+    init = {"weight": _normal(std)}
+    if bias:
+        init["bias"] = nn.init.zeros_
+    return Linear.Config(
+        in_features=in_features, out_features=out_features, bias=bias, param_init=init
+    )
+
+
+def _mamba(args: NemotronHArgs, std: float, out_std: float, kernel_backend: str):
+    d_inner, GN = args.mamba_d_inner, args.n_groups * args.ssm_state_size
+    conv_dim = d_inner + 2 * GN
+    return Mamba2Mixer.Config(
+        num_heads=args.mamba_num_heads,
+        head_dim=args.mamba_head_dim,
+        state_size=args.ssm_state_size,
+        n_groups=args.n_groups,
+        in_proj=_linear(
+            args.hidden_size, d_inner + conv_dim + args.mamba_num_heads, std, args.use_bias
+        ),
+        conv1d=Conv1d.Config(
+            in_channels=conv_dim,
+            out_channels=conv_dim,
+            kernel_size=args.conv_kernel,
+            groups=conv_dim,
+            bias=args.use_conv_bias,
+        ),
+        norm=GatedGroupRMSNorm.Config(
+            dim=d_inner, n_groups=args.n_groups, eps=args.layer_norm_epsilon
+        ),
+        out_proj=_linear(d_inner, args.hidden_size, out_std, args.use_bias),
+        chunk_size=args.chunk_size,
+        time_step_limit=args.time_step_limit,
+        time_step_min=args.time_step_min,
+        time_step_max=args.time_step_max,
+        time_step_floor=args.time_step_floor,
+        kernel_backend=kernel_backend,
+    )
+
+
+def _attention(args: NemotronHArgs, std: float, out_std: float) -> Attention.Config:
+    D, hd = args.hidden_size, args.head_dim
+    return Attention.Config(
+        n_heads=args.num_attention_heads,
+        n_kv_heads=args.num_key_value_heads,
+        head_dim=hd,
+        q_proj=_linear(D, args.num_attention_heads * hd, std),
+        k_proj=_linear(D, args.num_key_value_heads * hd, std),
+        v_proj=_linear(D, args.num_key_value_heads * hd, std),
+        o_proj=_linear(args.num_attention_heads * hd, D, out_std),
+    )
+
+
+def _mlp(D: int, hidden: int, std: float, out_std: float, bias: bool):
+    return ReluSquaredMLP.Config(
+        up_proj=_linear(D, hidden, std, bias), down_proj=_linear(hidden, D, out_std, bias)
+    )
+
+
+def _moe(args: NemotronHArgs, std: float, out_std: float) -> NemotronHMoE.Config:
+    D, E = args.hidden_size, args.n_routed_experts
+    grouped = args.n_group > 1
+    return NemotronHMoE.Config(
+        num_experts=E,
+        router=TokenChoiceTopKRouter.Config(
+            num_experts=E,
+            gate=Float32Linear.Config(
+                in_features=D, out_features=E, param_init={"weight": _normal(std)}
+            ),
+            num_expert_groups=args.n_group if grouped else None,
+            num_limited_groups=args.topk_group if grouped else None,
+            top_k=args.num_experts_per_tok,
+            score_func="sigmoid",
+            route_norm=args.norm_topk_prob,
+            route_scale=args.routed_scaling_factor,
+        ),
+        routed_experts=RoutedExperts.Config(
+            inner_experts=ReluSquaredGroupedExperts.Config(
+                dim=D,
+                hidden_dim=args.moe_intermediate_size,
+                num_experts=E,
+                param_init={"w1_EFD": _normal(std), "w2_EDF": _normal(out_std)},
+            ),
+            token_dispatcher=LocalTokenDispatcher.Config(
+                num_experts=E, top_k=args.num_experts_per_tok
+            ),
+        ),
+        load_balance_coeff=args.load_balance_coeff,
+        shared_experts=_mlp(
+            D, args.moe_shared_expert_intermediate_size, std, out_std, args.mlp_bias
+        ),
+    )
+
+
+def build_model_config(
+    args: NemotronHArgs, kernel_backend: str = "torch"
+) -> NemotronHModel.Config:
+    """The module-config tree for ``args``: one block config per pattern symbol."""
+    D, std = args.hidden_size, args.initializer_range
+    out_std = std / math.sqrt(args.num_hidden_layers) if args.rescale_prenorm_residual else std
+
+    def norm(dim: int) -> RMSNorm.Config:
+        return RMSNorm.Config(
+            normalized_shape=dim, eps=args.layer_norm_epsilon, param_init=_ONES
+        )
+
+    def mixer(symbol: str):
+        if symbol == MAMBA:
+            return _mamba(args, std, out_std, kernel_backend)
+        if symbol == ATTENTION:
+            return _attention(args, std, out_std)
+        if symbol == MLP:
+            return _mlp(D, args.intermediate_size, std, out_std, args.mlp_bias)
+        assert symbol == MOE
+        return _moe(args, std, out_std)
+
+    return NemotronHModel.Config(
+        vocab_size=args.vocab_size,
+        dim=D,
+        tok_embeddings=Embedding.Config(
+            num_embeddings=args.vocab_size,
+            embedding_dim=D,
+            param_init={"weight": _normal(std)},
+        ),
+        layers=[
+            NemotronHBlock.Config(layer_type=s, norm=norm(D), mixer=mixer(s))
+            for s in args.hybrid_override_pattern
+        ],
+        norm=norm(D),
+        lm_head=_linear(D, args.vocab_size, std),
+    )
+
+
+# nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16, config.json.
+NANO_30B = NemotronHArgs(
+    vocab_size=131072,
+    hidden_size=2688,
+    hybrid_override_pattern="MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME",
+    num_hidden_layers=52,
+    num_attention_heads=32,
+    num_key_value_heads=2,
+    head_dim=128,
+    mamba_num_heads=64,
+    mamba_head_dim=64,
+    ssm_state_size=128,
+    n_groups=8,
+    conv_kernel=4,
+    chunk_size=128,
+    n_routed_experts=128,
+    num_experts_per_tok=6,
+    moe_intermediate_size=1856,
+    moe_shared_expert_intermediate_size=3712,
+    intermediate_size=1856,
+    n_group=1,
+    topk_group=1,
+    routed_scaling_factor=2.5,
+)
+
+# 16 layers with every layer type, 8 experts top-2, every matmul dim a multiple of 8;
+# a training step takes well under a second on 2 CPU cores at seq_len 256.
+DEBUG = NemotronHArgs(
+    vocab_size=2048,
+    hidden_size=256,
+    hybrid_override_pattern="MEM*EM-MEM*EMEM-",
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=32,
+    mamba_num_heads=8,
+    mamba_head_dim=32,
+    ssm_state_size=32,
+    n_groups=2,
+    conv_kernel=4,
+    chunk_size=64,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=128,
+    moe_shared_expert_intermediate_size=256,
+    intermediate_size=512,
+    routed_scaling_factor=2.5,
+)
+
+FLAVORS: dict[str, NemotronHArgs] = {"debugmodel": DEBUG, "nano-30B": NANO_30B}
+
+
+def flavor_args(flavor: str) -> NemotronHArgs:
+    if flavor not in FLAVORS:
+        raise ValueError(f"unknown NemotronH flavor {flavor!r}; choose from {sorted(FLAVORS)}")
+    return FLAVORS[flavor]
+
+
+def update_model_config_from_trainer(model_config: NemotronHModel.Config, config) -> None:
+    """TorchTitan's hook before building: reject parallelisms this model does not
+    implement yet, and pass the debug load-balance override to every router."""
+    p = config.parallelism
+    unsupported = {
+        "tensor_parallel_degree": p.tensor_parallel_degree,
+        "context_parallel_degree": p.context_parallel_degree,
+        "pipeline_parallel_degree": p.pipeline_parallel_degree,
+        "expert_parallel_degree": p.expert_parallel_degree,
+    }
+    for name, degree in unsupported.items():
+        if degree > 1:
+            raise NotImplementedError(
+                f"parallelism.{name}={degree}: NemotronH supports FSDP (data "
+                "parallel shard/replicate) only for now"
+            )
+    debug = getattr(config, "debug", None)
+    if debug is not None:
+        for layer in model_config.layers:
+            if layer.layer_type == MOE:
+                layer.mixer.router._debug_force_load_balance = debug.moe_force_load_balance

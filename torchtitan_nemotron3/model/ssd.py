@@ -1,0 +1,145 @@
+"""Mamba2's state-space duality (SSD) scan in plain torch: exact, differentiable, packed-aware.
+
+Per head h the recurrence is, with ``a_t = dt_t * A_h`` (A < 0):
+
+    state_t = exp(a_t) * state_{t-1} + dt_t * x_t ⊗ B_t        (state: P x N)
+    y_t     = state_t @ C_t
+
+``ssd_chunked`` evaluates it in chunks of Q tokens (the SSD algorithm): inside a chunk
+it is a masked "attention" ``(C Bᵀ ∘ decay) x``; across chunks only the P x N states
+travel. It is the CPU path and the reference for the CUDA kernel, so it favours
+exactness: everything runs in fp32 (or fp64 if given), and no decay is ever formed as
+a difference of cumulative sums (``exp(cs_i - cs_j)`` gives NaN gradients once a
+cumsum hits -inf), only as masked sums.
+
+Packed documents: a new document at position t sets ``a_t = -inf``, so
+``exp(a_t) = 0`` wipes the carried state and every decay spanning the boundary is
+exactly zero: no information crosses it, in the chunk or between chunks.
+
+Shape suffixes: B batch, L length, H heads, P head dim, G groups (of B/C),
+R heads per group, N state size, C chunks, Q chunk length (S: source position).
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def segsum(a_TQ: torch.Tensor) -> torch.Tensor:
+    """``out[..., i, j] = a[j+1] + ... + a[i]`` for j <= i, -inf above the diagonal.
+
+    Built by a cumsum over a strictly-lower-masked copy, never by subtraction.
+    """
+    Q = a_TQ.size(-1)
+    strict_QQ = torch.tril(
+        torch.ones(Q, Q, dtype=torch.bool, device=a_TQ.device), diagonal=-1
+    )
+    a_QQ = a_TQ[..., :, None].expand(*a_TQ.shape, Q).masked_fill(~strict_QQ, 0.0)
+    out_QQ = torch.cumsum(a_QQ, dim=-2)
+    causal_QQ = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=a_TQ.device))
+    return out_QQ.masked_fill(~causal_QQ, float("-inf"))
+
+
+def document_starts(seq_idx_BL: torch.Tensor) -> torch.Tensor:
+    """True where a new document starts (not at position 0, where nothing precedes)."""
+    return F.pad(seq_idx_BL[:, 1:] != seq_idx_BL[:, :-1], (1, 0), value=False)
+
+
+def ssd_chunked(
+    x_BLHP: torch.Tensor,
+    dt_BLH: torch.Tensor,
+    A_H: torch.Tensor,
+    B_BLGN: torch.Tensor,
+    C_BLGN: torch.Tensor,
+    chunk_size: int,
+    seq_idx_BL: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The SSD scan (without the ``D`` skip), state starting at zero.
+
+    ``dt`` is the final, positive step (softplus and limits already applied).
+    Any length works: the tail chunk is zero-padded (``dt = 0`` there, which
+    neither adds input nor decays, and comes after every real token).
+    """
+    Bsz, L, H, P = x_BLHP.shape
+    G, N = B_BLGN.shape[-2:]
+    R = H // G
+    compute_dtype = torch.float64 if x_BLHP.dtype == torch.float64 else torch.float32
+
+    x_BLHP, dt_BLH, B_BLGN, C_BLGN = (
+        t.to(compute_dtype) for t in (x_BLHP, dt_BLH, B_BLGN, C_BLGN)
+    )
+    a_BLH = dt_BLH * A_H.to(compute_dtype)
+    if seq_idx_BL is not None:
+        a_BLH = a_BLH.masked_fill(document_starts(seq_idx_BL)[..., None], float("-inf"))
+    xdt_BLHP = x_BLHP * dt_BLH[..., None]
+
+    pad = (-L) % chunk_size
+    if pad:
+        xdt_BLHP = F.pad(xdt_BLHP, (0, 0, 0, 0, 0, pad))
+        a_BLH = F.pad(a_BLH, (0, 0, 0, pad))
+        B_BLGN = F.pad(B_BLGN, (0, 0, 0, 0, 0, pad))
+        C_BLGN = F.pad(C_BLGN, (0, 0, 0, 0, 0, pad))
+    nC, Q = (L + pad) // chunk_size, chunk_size
+
+    x_BCQGRP = xdt_BLHP.view(Bsz, nC, Q, G, R, P)
+    B_BCQGN = B_BLGN.view(Bsz, nC, Q, G, N)
+    C_BCQGN = C_BLGN.view(Bsz, nC, Q, G, N)
+    a_BGRCQ = a_BLH.view(Bsz, nC, Q, G, R).permute(0, 3, 4, 1, 2)
+
+    # decay_BGRCQS[i, s] = exp(a[s+1] + ... + a[i]): how much of token s reaches token i.
+    decay_BGRCQS = torch.exp(segsum(a_BGRCQ))
+
+    # 1. Within each chunk: a causal, decayed "attention" (C_i . B_s) x_s.
+    scores_BGCQS = torch.einsum("bcqgn,bcsgn->bgcqs", C_BCQGN, B_BCQGN)
+    y_diag_BCQGRP = torch.einsum(
+        "bgcqs,bgrcqs,bcsgrp->bcqgrp", scores_BGCQS, decay_BGRCQS, x_BCQGRP
+    )
+
+    # 2. The state each chunk leaves behind (its tokens decayed to the chunk end).
+    decay_to_end_BGRCQ = decay_BGRCQS[..., -1, :]
+    chunk_states_BCGRPN = torch.einsum(
+        "bcqgn,bgrcq,bcqgrp->bcgrpn", B_BCQGN, decay_to_end_BGRCQ, x_BCQGRP
+    )
+
+    # 3. Carry states across chunks: state entering chunk z is the sum over earlier
+    #    chunks of their end state, decayed through the chunks in between.
+    chunk_a_BGRC = a_BGRCQ.sum(dim=-1)
+    chunk_decay_BGRZC = torch.exp(segsum(F.pad(chunk_a_BGRC, (1, 0))))[..., :-1, :]
+    chunk_states_BCGRPN = F.pad(chunk_states_BCGRPN, (0, 0, 0, 0, 0, 0, 0, 0, 1, 0))
+    start_states_BZGRPN = torch.einsum(
+        "bgrzc,bcgrpn->bzgrpn", chunk_decay_BGRZC, chunk_states_BCGRPN
+    )
+
+    # 4. What each token reads from the state its chunk started with.
+    decay_from_start_BGRCQ = torch.exp(torch.cumsum(a_BGRCQ, dim=-1))
+    y_off_BCQGRP = torch.einsum(
+        "bcqgn,bcgrpn,bgrcq->bcqgrp", C_BCQGN, start_states_BZGRPN, decay_from_start_BGRCQ
+    )
+
+    y_BLHP = (y_diag_BCQGRP + y_off_BCQGRP).reshape(Bsz, nC * Q, H, P)
+    return y_BLHP[:, :L]
+
+
+def ssd_sequential(
+    x_BLHP: torch.Tensor,
+    dt_BLH: torch.Tensor,
+    A_H: torch.Tensor,
+    B_BLGN: torch.Tensor,
+    C_BLGN: torch.Tensor,
+    seq_idx_BL: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The recurrence token by token: slow, obviously right; the tests' ground truth."""
+    Bsz, L, H, P = x_BLHP.shape
+    R = H // B_BLGN.size(2)
+    B_BLHN = B_BLGN.repeat_interleave(R, dim=2)
+    C_BLHN = C_BLGN.repeat_interleave(R, dim=2)
+    state_BHPN = x_BLHP.new_zeros(Bsz, H, P, B_BLGN.size(-1))
+    starts_BL = document_starts(seq_idx_BL) if seq_idx_BL is not None else None
+    ys = []
+    for t in range(L):
+        decay_BH = torch.exp(dt_BLH[:, t] * A_H)
+        if starts_BL is not None:
+            decay_BH = torch.where(starts_BL[:, t, None], 0.0, decay_BH)
+        inp_BHPN = (dt_BLH[:, t, :, None] * x_BLHP[:, t])[..., None] * B_BLHN[:, t, :, None]
+        state_BHPN = decay_BH[..., None, None] * state_BHPN + inp_BHPN
+        ys.append(torch.einsum("bhpn,bhn->bhp", state_BHPN, C_BLHN[:, t]))
+    return torch.stack(ys, dim=1)
