@@ -1,0 +1,34 @@
+"""torchtitan_nemotron3: NVIDIA NemotronH / Nemotron-3 trained natively with TorchTitan.
+
+``model_registry(flavor)`` is the TorchTitan ``ModelSpec``; run configs live in
+``config_registry`` (``torchrun -m torchtitan.train --module torchtitan_nemotron3
+--config nemotron3_debugmodel``) and ``train_configs/*.toml``.
+"""
+
+from torchtitan.components.optimizer import register_moe_load_balancing_hook
+from torchtitan.protocols.model_spec import ModelSpec
+
+from .model import NemotronHArgs, NemotronHModel, build_model_config, flavor_args
+from .parallelize import parallelize_nemotronh
+
+__all__ = [
+    "NemotronHArgs",
+    "NemotronHModel",
+    "build_model_config",
+    "flavor_args",
+    "model_registry",
+    "parallelize_nemotronh",
+]
+
+
+def model_registry(flavor: str, kernel_backend: str = "torch") -> ModelSpec:
+    """The TorchTitan ModelSpec of a flavor ("debugmodel", "nano-30B")."""
+    return ModelSpec(
+        name="nemotron3",
+        flavor=flavor,
+        model=build_model_config(flavor_args(flavor), kernel_backend=kernel_backend),
+        parallelize_fn=parallelize_nemotronh,
+        pipelining_fn=None,
+        post_optimizer_build_fn=register_moe_load_balancing_hook,
+        state_dict_adapter=None,
+    )

@@ -1,0 +1,98 @@
+"""Run configs as TorchTitan config functions.
+
+``torchrun -m torchtitan.train --module torchtitan_nemotron3 --config <function>``
+(TorchTitan imports this module and calls the function); ``train_configs/*.toml``
+start from these and override fields. Each function returns a complete
+``Trainer.Config``; on a machine without CUDA it is adjusted to run on CPU/gloo.
+"""
+
+import torch
+
+from torchtitan.components.checkpoint import CheckpointManager
+from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
+from torchtitan.components.metrics import MetricsProcessor
+from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
+from torchtitan.config import ParallelismConfig, TrainingConfig
+from torchtitan.distributed.activation_checkpoint import SelectiveAC
+from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
+from torchtitan.trainer import Trainer
+
+from . import model_registry
+from .train import cpu_compat
+from .train.assets import use_debug_assets
+
+
+def _chunked_loss(model_spec) -> ChunkedLossWrapper.Config:
+    """lm_head + cross-entropy per sequence chunk: a 131K vocabulary never
+    materialises full [B, L, V] logits."""
+    return ChunkedLossWrapper.Config(
+        loss_fn=CrossEntropyLoss.Config(global_vocab_size=model_spec.model.vocab_size)
+    )
+
+
+def _for_this_machine(config: Trainer.Config) -> Trainer.Config:
+    cpu_compat.apply()  # feature-detected: a no-op where nothing is missing
+    if not torch.cuda.is_available():
+        cpu_compat.adjust_config_for_cpu(config)
+    return config
+
+
+def nemotron3_debugmodel() -> Trainer.Config:
+    """16-layer NemotronH (every layer type, 8 experts top-2) on a small offline
+    corpus and tokenizer generated on first use: trains on a laptop CPU."""
+    model_spec = model_registry("debugmodel")
+    config = Trainer.Config(
+        model_spec=model_spec,
+        loss=_chunked_loss(model_spec),
+        metrics=MetricsProcessor.Config(log_freq=1),
+        dataloader=HuggingFaceTextDataLoader.Config(),
+        optimizer=default_adamw(lr=3e-3),
+        lr_scheduler=LRSchedulersContainer.Config(
+            warmup_steps=2, decay_ratio=0.8, decay_type="linear", min_lr_factor=0.1
+        ),
+        training=TrainingConfig(local_batch_size=4, seq_len=256, steps=20),
+        parallelism=ParallelismConfig(spmd_backend="partial_dtensor"),
+        checkpoint=CheckpointManager.Config(interval=10, last_save_model_only=False),
+        activation_checkpoint=SelectiveAC.Config(),
+    )
+    use_debug_assets(config)
+    return _for_this_machine(config)
+
+
+def nemotron3_nano_30b() -> Trainer.Config:
+    """Nemotron-3-Nano-30B-A3B on one 8-GPU node (FSDP over 8), bf16 compute, seq
+    8192, continuing from the released HF checkpoint (set
+    ``checkpoint.initial_load_path`` to the downloaded safetensors directory)."""
+    model_spec = model_registry("nano-30B")
+    config = Trainer.Config(
+        model_spec=model_spec,
+        loss=_chunked_loss(model_spec),
+        hf_assets_path="./assets/hf/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16",
+        metrics=MetricsProcessor.Config(log_freq=10),
+        dataloader=HuggingFaceTextDataLoader.Config(dataset="c4"),
+        optimizer=default_adamw(lr=1e-5),
+        lr_scheduler=LRSchedulersContainer.Config(
+            warmup_steps=100, decay_ratio=0.9, decay_type="cosine", min_lr_factor=0.1
+        ),
+        training=TrainingConfig(
+            local_batch_size=1,
+            seq_len=8192,
+            steps=1000,
+            mixed_precision_param="bfloat16",
+            mixed_precision_reduce="float32",
+        ),
+        parallelism=ParallelismConfig(
+            spmd_backend="partial_dtensor", data_parallel_shard_degree=-1
+        ),
+        checkpoint=CheckpointManager.Config(
+            enable=True,
+            interval=500,
+            initial_load_model_only=True,
+            initial_load_in_hf=True,
+            last_save_model_only=True,
+            last_save_in_hf=True,
+            export_dtype="bfloat16",
+        ),
+        activation_checkpoint=SelectiveAC.Config(),
+    )
+    return _for_this_machine(config)
