@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Launch TorchTitan training of a NemotronH model from a TOML job file.
+#
+#   NGPU=8 CONFIG_FILE=train_configs/nemotron3-nano-30B.toml ./run_train.sh [--section.field VALUE ...]
+#
+# Environment:
+#   NGPU         processes per node (GPUs; on a machine without CUDA, CPU ranks
+#                over gloo)                                   default 1
+#   CONFIG_FILE  TOML job file (relative to $PWD, else to this repo)
+#                                                   default train_configs/debug_model.toml
+#   LOG_RANK     comma-separated local ranks whose output is shown   default 0
+#   Multi-node, torchrun's usual rendezvous variables:
+#     NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   static rendezvous
+#     RDZV_ENDPOINT [, RDZV_ID, RDZV_BACKEND=c10d]  dynamic (elastic) rendezvous
+#   TORCHRUN     launcher command                               default torchrun
+# Extra arguments are passed to `python -m torchtitan_nemotron3.train` as
+# --section.field overrides.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+NGPU=${NGPU:-1}
+NNODES=${NNODES:-1}
+LOG_RANK=${LOG_RANK:-0}
+CONFIG_FILE=${CONFIG_FILE:-train_configs/debug_model.toml}
+TORCHRUN=${TORCHRUN:-torchrun}
+
+if [[ ! -f "$CONFIG_FILE" && -f "$ROOT/$CONFIG_FILE" ]]; then
+    CONFIG_FILE="$ROOT/$CONFIG_FILE"
+fi
+
+# Import this checkout's package (and test configs) without requiring an install.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+if [[ -n "${RDZV_ENDPOINT:-}" ]]; then
+    RDZV_ARGS=(--nnodes "$NNODES" --rdzv_backend "${RDZV_BACKEND:-c10d}"
+               --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "${RDZV_ID:-torchtitan_nemotron3}")
+elif [[ -n "${MASTER_ADDR:-}" || "$NNODES" != 1 ]]; then
+    RDZV_ARGS=(--nnodes "$NNODES" --node_rank "${NODE_RANK:-0}"
+               --master_addr "${MASTER_ADDR:-localhost}" --master_port "${MASTER_PORT:-29500}")
+else
+    # Single node: let c10d pick a free port so concurrent jobs do not collide.
+    RDZV_ARGS=(--nnodes 1 --rdzv_backend c10d --rdzv_endpoint "localhost:0")
+fi
+
+if python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    export PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-expandable_segments:True}
+else
+    echo "run_train.sh: no CUDA device, training on CPU with $NGPU gloo rank(s) per node" >&2
+fi
+
+set -x
+exec "$TORCHRUN" --nproc_per_node="$NGPU" "${RDZV_ARGS[@]}" \
+    --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
+    -m torchtitan_nemotron3.train --config_file "$CONFIG_FILE" "$@"
