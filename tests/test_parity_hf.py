@@ -49,6 +49,7 @@ def hf_reference(args) -> NemotronHForCausalLM:
         routed_scaling_factor=args.routed_scaling_factor,
         layer_norm_epsilon=args.layer_norm_epsilon,
         tie_word_embeddings=False,
+        use_cache=False,
     )
     cfg._attn_implementation = "sdpa"
     return NemotronHForCausalLM(cfg).float()

@@ -20,6 +20,7 @@ from torchtitan.models.common.linear import Linear
 from torchtitan.models.common.moe import GroupedExperts, MoE
 from torchtitan.protocols.module import Module
 
+from .grouped_mm import grouped_mm
 from .mlp import ReluSquaredMLP, relu2
 
 
@@ -78,6 +79,13 @@ class ReluSquaredGroupedExperts(GroupedExperts):
         return self._grouped_mm(
             A=h_RF, B_t=w2_EDF.to(dtype).transpose(-2, -1), offs=offsets_E
         )
+
+    def _grouped_mm(
+        self, *, A: torch.Tensor, B_t: torch.Tensor, offs: torch.Tensor
+    ) -> torch.Tensor:
+        # TorchTitan's seam (low-precision converters replace it), through our
+        # custom op so fp32 experts compile too.
+        return grouped_mm(A, B_t, offs)
 
 
 class NemotronHMoE(MoE):

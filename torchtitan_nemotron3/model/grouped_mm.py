@@ -1,0 +1,52 @@
+"""``torch._grouped_mm`` as a custom op, so the experts compile in any dtype.
+
+The grouped GEMM itself is torch's (CPU and CUDA kernels, fwd and bwd). What this
+adds is a fake (shape) implementation that does not insist on bf16: torch's own
+meta function for ``_grouped_mm`` rejects fp32, so ``torch.compile`` of an fp32
+MoE (the CPU debug and parity configurations) fails, while eager fp32 works. The
+op is opaque to the compiler; it is the same kernel either way.
+"""
+
+import torch
+
+
+@torch.library.custom_op("nemotron3::grouped_mm", mutates_args=())
+def grouped_mm(x_RD: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """Rows ``offs[e-1]:offs[e]`` of ``x`` times ``w[e]``: ``(R, D) x (E, D, F) -> (R, F)``."""
+    return torch._grouped_mm(x_RD, w_EDF, offs=offs_E)
+
+
+@grouped_mm.register_fake
+def _(x_RD, w_EDF, offs_E):
+    return x_RD.new_empty(x_RD.shape[0], w_EDF.shape[-1])
+
+
+@torch.library.custom_op("nemotron3::grouped_mm_wgrad", mutates_args=())
+def grouped_mm_wgrad(
+    x_RD: torch.Tensor, grad_RF: torch.Tensor, offs_E: torch.Tensor
+) -> torch.Tensor:
+    """Per group ``x_eᵀ @ grad_e``: ``(R, D), (R, F) -> (E, D, F)``; empty groups give 0."""
+    return torch._grouped_mm(x_RD.t(), grad_RF, offs=offs_E)
+
+
+@grouped_mm_wgrad.register_fake
+def _(x_RD, grad_RF, offs_E):
+    return x_RD.new_empty(offs_E.shape[0], x_RD.shape[1], grad_RF.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    x_RD, w_EDF, offs_E = inputs
+    ctx.save_for_backward(x_RD, w_EDF, offs_E)
+
+
+def _backward(ctx, grad_RF):
+    x_RD, w_EDF, offs_E = ctx.saved_tensors
+    # The kernel needs real strides: an expanded gradient (e.g. from ``.sum()``)
+    # has zero strides.
+    grad_RF = grad_RF.contiguous()
+    grad_x = grouped_mm(grad_RF, w_EDF.transpose(-2, -1), offs_E)
+    grad_w = grouped_mm_wgrad(x_RD, grad_RF, offs_E)
+    return grad_x, grad_w, None
+
+
+grouped_mm.register_autograd(_backward, setup_context=_setup_context)
