@@ -1,0 +1,91 @@
+"""End-to-end training harness: run ``run_train.sh`` and read the per-step losses.
+
+Used by the end-to-end tests (qwen3 infrastructure check, NemotronH runs). It goes
+through the real launcher (torchrun, TOML loader, CPU shims) rather than building
+a Trainer in-process, so that what is tested is what users run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RUN_TRAIN = REPO_ROOT / "run_train.sh"
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# TorchTitan's MetricsProcessor line: "step:  3  loss:  6.20311  grad_norm: ..."
+_STEP_LOSS = re.compile(r"step:\s*(\d+)\s+loss:\s*([-+0-9.eE]+|nan|inf)")
+
+
+def parse_step_losses(log: str) -> dict[int, float]:
+    """``{step: loss}`` from a training log (rank 0's lines; colors stripped).
+
+    With several ranks shown, ranks log the same global loss; the first one seen
+    per step is kept.
+    """
+    losses: dict[int, float] = {}
+    for line in _ANSI.sub("", log).splitlines():
+        m = _STEP_LOSS.search(line)
+        if m:
+            losses.setdefault(int(m.group(1)), float(m.group(2)))
+    return losses
+
+
+def run_training(
+    config_file: str | os.PathLike,
+    ngpu: int,
+    overrides: list[str],
+    tmp_path: str | os.PathLike,
+    *,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+) -> list[float]:
+    """Train with ``NGPU=ngpu CONFIG_FILE=config_file ./run_train.sh overrides``.
+
+    Outputs go to ``<tmp_path>/outputs`` (unless ``--dump_folder`` is among the
+    overrides) and the full log to ``<tmp_path>/train.log``. Returns the losses of
+    the steps this run trained, in step order; raises ``RuntimeError`` with the
+    log's tail if training fails, logs no step, or logs a non-finite loss.
+    """
+    tmp_path = Path(tmp_path)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    args = list(overrides)
+    if not any(a == "--dump_folder" or a.startswith("--dump_folder=") for a in args):
+        args += ["--dump_folder", str(tmp_path / "outputs")]
+    run_env = {
+        **os.environ,
+        "NGPU": str(ngpu),
+        "CONFIG_FILE": str(config_file),
+        "LOG_RANK": "0",
+        **(env or {}),
+    }
+    log_file = tmp_path / "train.log"
+    proc = subprocess.run(
+        [str(RUN_TRAIN), *args],
+        cwd=REPO_ROOT,
+        env=run_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
+    log_file.write_text(proc.stdout)
+    tail = "\n".join(proc.stdout.splitlines()[-60:])
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"run_train.sh exited with {proc.returncode} (log: {log_file}):\n{tail}"
+        )
+    step_losses = parse_step_losses(proc.stdout)
+    if not step_losses:
+        raise RuntimeError(f"no 'step: N loss: X' lines in the log ({log_file}):\n{tail}")
+    steps = sorted(step_losses)
+    if steps != list(range(steps[0], steps[-1] + 1)):
+        raise RuntimeError(f"missing steps in the log: got {steps} ({log_file})")
+    losses = [step_losses[s] for s in steps]
+    if not all(math.isfinite(x) for x in losses):
+        raise RuntimeError(f"non-finite loss: {losses} ({log_file})")
+    return losses
