@@ -1,0 +1,119 @@
+"""What a safetensors checkpoint directory holds, by hub tensor name.
+
+One scan of the file headers (no tensor data) gives, for every hub name, the file,
+the key inside it and, for transformers' 3-D expert tensors, the expert index.
+``from_pretrained`` checks names and shapes against the model with it before
+reading any data, and the DCP storage reader serves reads through it. Only
+safetensors are read: pickled ``*.bin`` checkpoints can run code when loaded.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .naming import hub_names_on_disk
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one hub-named tensor lives on disk."""
+
+    file: str  # absolute path
+    key: str  # key inside the file
+    expert: int | None  # index along dim 0 of a stacked (3-D) expert tensor
+    shape: tuple[int, ...]  # shape of the hub tensor (the expert's, if stacked)
+    dtype: torch.dtype
+
+
+def safetensors_files(path: str | os.PathLike) -> list[str]:
+    """The safetensors files of a checkpoint directory: those named by
+    ``model.safetensors.index.json`` if present, else ``model.safetensors``, else
+    every ``*.safetensors`` file. Raises ``FileNotFoundError`` saying what is there."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    index = os.path.join(path, SAFETENSORS_INDEX)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no weight_map")
+        files = sorted(set(weight_map.values()))
+        missing = [name for name in files if not os.path.isfile(os.path.join(path, name))]
+        if missing:
+            raise FileNotFoundError(f"{index} names files that do not exist: {missing}")
+        return [os.path.join(path, name) for name in files]
+    single = os.path.join(path, SAFETENSORS_SINGLE)
+    if os.path.isfile(single):
+        return [single]
+    files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    if files:
+        return [os.path.join(path, n) for n in files]
+    pickled = sorted(n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth")))
+    hint = (
+        f" (found {pickled}: pickle checkpoints are not read, convert them to "
+        "safetensors)"
+        if pickled
+        else ""
+    )
+    raise FileNotFoundError(f"no safetensors files in {path}{hint}")
+
+
+def scan_checkpoint(path: str | os.PathLike) -> dict[str, StoredTensor]:
+    """Every tensor of the checkpoint by hub name (headers only)."""
+    from safetensors import safe_open
+
+    found: dict[str, StoredTensor] = {}
+    for file in safetensors_files(path):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                view = f.get_slice(key)
+                shape = tuple(view.get_shape())
+                dtype = _DTYPES.get(view.get_dtype())
+                if dtype is None:
+                    raise ValueError(f"{file}: {key} has unsupported dtype {view.get_dtype()}")
+                for hub_name, expert in hub_names_on_disk(key, shape):
+                    if hub_name in found:
+                        other = found[hub_name]
+                        raise ValueError(
+                            f"{hub_name} is stored twice: as {other.key!r} in "
+                            f"{os.path.basename(other.file)} and as {key!r} in "
+                            f"{os.path.basename(file)}"
+                        )
+                    found[hub_name] = StoredTensor(
+                        file=file,
+                        key=key,
+                        expert=expert,
+                        shape=shape if expert is None else shape[1:],
+                        dtype=dtype,
+                    )
+    return found
+
+
+def read_stored(f, stored: StoredTensor, slices: tuple[slice, ...] = ()) -> torch.Tensor:
+    """Read ``stored`` (optionally a sub-block) from an open ``safe_open`` handle."""
+    view = f.get_slice(stored.key)
+    if stored.expert is None:
+        return view[slices] if slices else view[:]
+    block = (slice(stored.expert, stored.expert + 1),) + tuple(slices)
+    return view[block][0]

@@ -1,0 +1,116 @@
+"""Tensor names: ours ↔ the hub's, and every on-disk spelling → the hub's.
+
+Hub format (nvidia's checkpoints, and transformers 5.x ``save_pretrained``):
+``backbone.embeddings.weight``, ``backbone.layers.{i}.norm.weight``,
+``backbone.layers.{i}.mixer.*``, ``backbone.norm_f.weight``, ``lm_head.weight``;
+MoE experts one 2-D tensor per expert (``mixer.experts.{k}.up_proj.weight``).
+Inside a layer the mixer's own names are the hub's already, except the MoE router
+(``router.gate`` ↔ ``gate``), the correction bias (``expert_bias_E`` ↔
+``gate.e_score_correction_bias``) and the 3-D expert weights.
+
+Other spellings seen on disk, accepted when reading: transformers' in-memory names
+(``model.`` prefix) written by ``save_pretrained(save_original_format=False)``, with
+3-D experts ``model.layers.{i}.mixer.experts.up_proj`` [E, F, D].
+"""
+
+import re
+
+HUB_PREFIX = "backbone."
+
+_TOP_LEVEL = {
+    "tok_embeddings.weight": "backbone.embeddings.weight",
+    "norm.weight": "backbone.norm_f.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+_TOP_LEVEL_FROM_HUB = {v: k for k, v in _TOP_LEVEL.items()}
+
+# inside ``layers.{i}.mixer.``: ours → hub (everything else is the same name)
+_MIXER_RENAMES = {
+    "router.gate.weight": "gate.weight",
+    "expert_bias_E": "gate.e_score_correction_bias",
+}
+_MIXER_RENAMES_FROM_HUB = {v: k for k, v in _MIXER_RENAMES.items()}
+
+# our 3-D expert weight → the per-expert hub matrix it holds
+EXPERT_WEIGHTS = {
+    "routed_experts.inner_experts.w1_EFD": "up_proj",
+    "routed_experts.inner_experts.w2_EDF": "down_proj",
+}
+_EXPERT_WEIGHTS_FROM_HUB = {v: k for k, v in EXPERT_WEIGHTS.items()}
+
+# Hub names of fp32 tensors: the router's correction bias is selection-critical
+# (top-k of sigmoid + bias) and stays fp32 in any export dtype, as on the hub.
+FP32_SUFFIXES = ("gate.e_score_correction_bias", "expert_bias_E")
+
+_OURS_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+_HUB_LAYER = re.compile(r"^backbone\.layers\.(\d+)\.(.+)$")
+_HUB_EXPERT = re.compile(r"^mixer\.experts\.(\d+)\.(up_proj|down_proj)\.weight$")
+# 3-D experts as transformers holds them in memory
+_STACKED_EXPERTS = re.compile(
+    r"^(?:model|backbone)\.layers\.(\d+)\.mixer\.experts\.(up_proj|down_proj)(?:\.weight)?$"
+)
+
+
+def is_expert_weight(ours: str) -> bool:
+    return ours.rsplit(".mixer.", 1)[-1] in EXPERT_WEIGHTS
+
+
+def keep_fp32(name: str) -> bool:
+    """True for tensors that stay fp32 whatever the checkpoint dtype (either naming)."""
+    return name.endswith(FP32_SUFFIXES)
+
+
+def ours_to_hub(ours: str) -> str:
+    """The hub name of one of our tensors. For a 3-D expert weight this is a
+    template with ``{expert}`` to fill in per expert."""
+    if ours in _TOP_LEVEL:
+        return _TOP_LEVEL[ours]
+    match = _OURS_LAYER.match(ours)
+    if match is None or not match.group(2).startswith(("norm.", "mixer.")):
+        raise KeyError(f"{ours!r} is not a NemotronH parameter or buffer name")
+    layer, rest = match.groups()
+    if rest.startswith("mixer."):
+        inner = rest.removeprefix("mixer.")
+        if inner in EXPERT_WEIGHTS:
+            rest = f"mixer.experts.{{expert}}.{EXPERT_WEIGHTS[inner]}.weight"
+        else:
+            rest = "mixer." + _MIXER_RENAMES.get(inner, inner)
+    return f"{HUB_PREFIX}layers.{layer}.{rest}"
+
+
+def hub_to_ours(hub: str) -> tuple[str, int | None]:
+    """(our name, expert index or None) for a hub tensor name."""
+    if hub in _TOP_LEVEL_FROM_HUB:
+        return _TOP_LEVEL_FROM_HUB[hub], None
+    match = _HUB_LAYER.match(hub)
+    if match is None or not match.group(2).startswith(("norm.", "mixer.")):
+        raise KeyError(f"{hub!r} is not a NemotronH hub tensor name")
+    layer, rest = match.groups()
+    expert = _HUB_EXPERT.match(rest)
+    if expert is not None:
+        index, proj = expert.groups()
+        return f"layers.{layer}.mixer.{_EXPERT_WEIGHTS_FROM_HUB[proj]}", int(index)
+    if rest.startswith("mixer."):
+        inner = rest.removeprefix("mixer.")
+        rest = "mixer." + _MIXER_RENAMES_FROM_HUB.get(inner, inner)
+    return f"layers.{layer}.{rest}", None
+
+
+def hub_names_on_disk(key: str, shape: tuple[int, ...]) -> list[tuple[str, int | None]]:
+    """The hub names a tensor stored on disk as ``key`` provides, each with the index
+    along dim 0 it comes from (None: the whole tensor).
+
+    ``model.layers.3.mixer.experts.up_proj`` [E, F, D] provides E hub tensors
+    ``backbone.layers.3.mixer.experts.{k}.up_proj.weight``; ``model.x`` is ``backbone.x``
+    (``lm_head`` has no prefix in either spelling).
+    """
+    stacked = _STACKED_EXPERTS.match(key)
+    if stacked is not None and len(shape) == 3:
+        layer, proj = stacked.groups()
+        return [
+            (f"{HUB_PREFIX}layers.{layer}.mixer.experts.{k}.{proj}.weight", k)
+            for k in range(shape[0])
+        ]
+    if key.startswith("model."):
+        key = HUB_PREFIX + key.removeprefix("model.")
+    return [(key, None)]
