@@ -8,6 +8,7 @@
 from torchtitan.components.optimizer import register_moe_load_balancing_hook
 from torchtitan.protocols.model_spec import ModelSpec
 
+from .hf import from_pretrained, NemotronHStateDictAdapter, save_pretrained
 from .model import NemotronHArgs, NemotronHModel, build_model_config, flavor_args
 from .parallelize import parallelize_nemotronh
 
@@ -16,8 +17,10 @@ __all__ = [
     "NemotronHModel",
     "build_model_config",
     "flavor_args",
+    "from_pretrained",
     "model_registry",
     "parallelize_nemotronh",
+    "save_pretrained",
 ]
 
 
@@ -30,5 +33,5 @@ def model_registry(flavor: str, kernel_backend: str = "torch") -> ModelSpec:
         parallelize_fn=parallelize_nemotronh,
         pipelining_fn=None,
         post_optimizer_build_fn=register_moe_load_balancing_hook,
-        state_dict_adapter=None,
+        state_dict_adapter=NemotronHStateDictAdapter,
     )

@@ -1,0 +1,193 @@
+"""``from_pretrained`` / ``save_pretrained``: our model ↔ a hub-format directory.
+
+Loading checks the whole checkpoint against the architecture in its
+``config.json`` before reading any tensor data (names and shapes from the file
+headers), builds the model on the meta device, allocates it once on ``device`` and
+reads each tensor straight into its parameter (experts row by row), so peak memory
+is one model. Saving writes what transformers' ``save_pretrained`` writes: hub
+names, one 2-D tensor per expert, the correction bias in fp32, ``config.json``.
+"""
+
+import os
+from collections import defaultdict
+
+import torch
+from torch.distributed.tensor import DTensor
+from torchtitan.protocols.module import Module
+
+from torchtitan_nemotron3.model import NemotronHModel, build_model_config
+
+from .config import args_from_hf_config, hf_config_from_args, load_hf_config
+from .files import read_stored, scan_checkpoint
+from .naming import keep_fp32
+from .state_dict_adapter import NemotronHStateDictAdapter
+from .writer import DEFAULT_MAX_SHARD_SIZE, TensorGroup, write_hf_checkpoint
+
+_SHOWN = 8  # names listed per kind of mismatch in an error message
+
+
+class CheckpointMismatchError(ValueError):
+    """The tensors of a checkpoint do not fit the architecture of its config.json."""
+
+
+def _listing(names: list[str]) -> str:
+    more = f" … and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
+    return ", ".join(names[:_SHOWN]) + more
+
+
+def check_checkpoint(expected: dict[str, tuple], found: dict[str, tuple], path: str) -> None:
+    """Raise ``CheckpointMismatchError`` naming every missing tensor, unexpected
+    tensor and shape mismatch (key, expected vs found) at once; both dicts map
+    tensor names to shapes."""
+    missing = [n for n in expected if n not in found]
+    unexpected = sorted(n for n in found if n not in expected)
+    mismatched = [
+        f"{n}: expected {tuple(expected[n])}, found {tuple(found[n])}"
+        for n in expected
+        if n in found and tuple(found[n]) != tuple(expected[n])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors ({len(unexpected)}): {_listing(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
+    if problems:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} does not match the architecture of its config.json: "
+            + "; ".join(problems)
+        )
+
+
+def _build_on_meta(args) -> tuple[NemotronHModel, NemotronHStateDictAdapter]:
+    model_config = build_model_config(args)
+    with torch.device("meta"):
+        model = model_config.build()
+    return model, NemotronHStateDictAdapter(model_config, None)
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> NemotronHModel:
+    """Our ``NemotronHModel`` from a hub-format directory (``config.json`` plus
+    ``model.safetensors`` or shards with ``model.safetensors.index.json``; the
+    ``model.``-prefixed spelling with 3-D experts is accepted too).
+
+    ``dtype`` defaults to the checkpoint's (that of ``lm_head.weight``); the MoE
+    correction bias stays fp32 either way. Returned in eval mode, like transformers.
+
+    Raises ``FileNotFoundError`` (no directory / config.json / safetensors),
+    ``ValueError`` (config.json of another model type or an unsupported value) and
+    ``CheckpointMismatchError`` (missing / unexpected tensors, shape mismatches).
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    args = args_from_hf_config(load_hf_config(path))
+    stored = scan_checkpoint(path)
+    model, adapter = _build_on_meta(args)
+    expected = {n: t.shape for n, t in adapter.to_hf(model.state_dict()).items()}
+    check_checkpoint(expected, {n: s.shape for n, s in stored.items()}, path)
+
+    if dtype is None:
+        dtype = stored["lm_head.weight"].dtype
+    model.to_empty(device=device)
+    model.to(dtype)
+    with torch.no_grad():
+        # Non-persistent buffers (MoE token counters) are not in the checkpoint;
+        # this also recreates the correction bias in fp32 before it is loaded.
+        for module in model.modules():
+            if isinstance(module, Module):
+                module._init_self_buffers()
+        # Views into the parameters: reading into them loads the model in place.
+        targets = adapter.to_hf(model.state_dict())
+        by_file = defaultdict(list)
+        for name, entry in stored.items():
+            by_file[entry.file].append(name)
+        from safetensors import safe_open
+
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(stored), unit="tensor", desc="loading safetensors")
+        for file, names in by_file.items():
+            with safe_open(file, framework="pt") as f:
+                for name in names:
+                    targets[name].copy_(read_stored(f, stored[name]))
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+    model.eval()
+    return model
+
+
+def _state_dict_groups(state_dict, adapter, dtype):
+    """One TensorGroup per tensor of ours, with the bytes of its hub tensors."""
+    groups = []
+    for name, value in state_dict.items():
+        hub = adapter.to_hf({name: value.to("meta")})
+        out_dtype = value.dtype
+        if keep_fp32(name):
+            out_dtype = torch.float32
+        elif dtype is not None and value.is_floating_point():
+            out_dtype = dtype
+        itemsize = torch.empty((), dtype=out_dtype).element_size()
+        groups.append(
+            TensorGroup(name, {h: t.numel() * itemsize for h, t in hub.items()})
+        )
+    return groups
+
+
+def save_pretrained(
+    model: NemotronHModel,
+    out_dir: str | os.PathLike,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    dtype: torch.dtype | None = None,
+    args=None,
+    progress: bool = False,
+) -> None:
+    """Write ``model`` as a hub-format checkpoint transformers loads
+    (``AutoModelForCausalLM.from_pretrained(out_dir)``), atomically.
+
+    ``max_shard_size`` (bytes or ``"5GB"``-style) splits the weights into
+    ``model-0000i-of-0000N.safetensors`` files plus an index; ``dtype`` casts
+    floating tensors (the correction bias stays fp32); ``args`` (NemotronHArgs)
+    defaults to what the model's config tree records.
+    """
+    from .config import args_from_model_config
+
+    state_dict = model.state_dict()
+    if any(isinstance(v, DTensor) for v in state_dict.values()):
+        raise ValueError(
+            "save_pretrained needs an unsharded model; for an FSDP-sharded model use "
+            "TorchTitan's checkpoint.last_save_in_hf (NemotronHStateDictAdapter) or "
+            "scripts/convert_checkpoint.py on a DCP checkpoint"
+        )
+    if args is None:
+        args = args_from_model_config(model.config)
+    adapter = NemotronHStateDictAdapter(model.config, None)
+    config_dtype = dtype or state_dict["lm_head.weight"].dtype
+
+    def fetch(groups: list[TensorGroup]) -> dict[str, torch.Tensor]:
+        out = {}
+        for group in groups:
+            for hub, value in adapter.to_hf({group.key: state_dict[group.key]}).items():
+                if dtype is not None and value.is_floating_point() and not keep_fp32(hub):
+                    value = value.to(dtype)
+                out[hub] = value.detach().to("cpu").contiguous()
+        return out
+
+    write_hf_checkpoint(
+        out_dir,
+        hf_config_from_args(args, config_dtype),
+        _state_dict_groups(state_dict, adapter, dtype),
+        fetch,
+        max_shard_size=max_shard_size,
+        progress=progress,
+    )
