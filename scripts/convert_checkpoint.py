@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Convert NemotronH checkpoints between TorchTitan DCP and Hugging Face safetensors.
+
+DCP → HF (a training checkpoint to a directory transformers loads)::
+
+    python scripts/convert_checkpoint.py dcp-to-hf outputs/checkpoint/step-20 out/hf \\
+        --flavor debugmodel [--dtype bfloat16] [--max_shard_size 5GB]
+
+A DCP checkpoint records no architecture: give ``--flavor`` (a name from
+``torchtitan_nemotron3.model.FLAVORS``) or ``--config_json`` (an HF config.json, or
+a directory holding one).
+
+HF → DCP (for ``checkpoint.initial_load_path`` without ``initial_load_in_hf``)::
+
+    python scripts/convert_checkpoint.py hf-to-dcp path/to/hf_dir out/dcp [--dtype float32]
+
+Both directions write into a temporary sibling and rename it into place, so an
+interrupted conversion never leaves a directory that looks complete.
+"""
+
+import argparse
+import sys
+
+import torch
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="direction", required=True)
+
+    to_hf = sub.add_parser("dcp-to-hf", help="TorchTitan DCP checkpoint → HF safetensors")
+    to_hf.add_argument("dcp_dir", help="e.g. outputs/checkpoint/step-20")
+    to_hf.add_argument("out_dir")
+    arch = to_hf.add_mutually_exclusive_group(required=True)
+    arch.add_argument("--flavor", help="model flavor the checkpoint was trained with")
+    arch.add_argument("--config_json", help="HF config.json (file or its directory)")
+    to_hf.add_argument("--dtype", type=_dtype, default=None,
+                       help="cast floating tensors (default: as stored)")
+    to_hf.add_argument("--max_shard_size", default="5GB")
+
+    to_dcp = sub.add_parser("hf-to-dcp", help="HF safetensors → TorchTitan DCP checkpoint")
+    to_dcp.add_argument("hf_dir")
+    to_dcp.add_argument("out_dir")
+    to_dcp.add_argument("--dtype", type=_dtype, default=None,
+                        help="cast floating tensors (default: as stored)")
+
+    for p in (to_hf, to_dcp):
+        p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = _parser().parse_args(argv)
+    from torchtitan_nemotron3.hf.config import args_from_hf_config
+    from torchtitan_nemotron3.hf.dcp_convert import dcp_to_hf, hf_to_dcp
+    from torchtitan_nemotron3.model import flavor_args
+
+    progress = not opts.no_progress
+    if opts.direction == "dcp-to-hf":
+        args = (
+            flavor_args(opts.flavor) if opts.flavor else args_from_hf_config(opts.config_json)
+        )
+        dcp_to_hf(opts.dcp_dir, opts.out_dir, args, dtype=opts.dtype,
+                  max_shard_size=opts.max_shard_size, progress=progress)
+    else:
+        hf_to_dcp(opts.hf_dir, opts.out_dir, dtype=opts.dtype, progress=progress)
+    print(f"wrote {opts.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

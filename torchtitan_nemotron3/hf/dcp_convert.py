@@ -1,0 +1,120 @@
+"""Offline conversion between TorchTitan DCP checkpoints and hub-format directories.
+
+A TorchTitan checkpoint (``outputs/checkpoint/step-N``) stores the model under our
+names at the top level (beside ``optimizer``, ``lr_scheduler``, ... in full
+checkpoints) but no architecture: the caller names it (flavor or config.json).
+
+DCP → HF streams: the shard plan is made from the DCP metadata, and each output
+shard loads only its own tensors (``dcp.load`` of a partial state dict), so memory
+stays near one shard. HF → DCP builds the model with ``from_pretrained`` and saves
+its state dict with ``dcp.save``, i.e. exactly what TorchTitan's
+``checkpoint.initial_load_path`` (without ``initial_load_in_hf``) loads. Both write
+into a temporary sibling directory and rename it into place.
+"""
+
+import os
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+
+from torchtitan_nemotron3.model import NemotronHArgs
+
+from .config import hf_config_from_args
+from .io import (
+    CheckpointMismatchError,
+    _build_on_meta,
+    check_checkpoint,
+    from_pretrained,
+)
+from .naming import keep_fp32
+from .writer import (
+    DEFAULT_MAX_SHARD_SIZE,
+    TensorGroup,
+    atomic_directory,
+    write_hf_checkpoint,
+)
+
+# First name component of every model tensor (everything else in a TorchTitan
+# checkpoint is optimizer / scheduler / dataloader / train state).
+_MODEL_ROOTS = {"tok_embeddings", "layers", "norm", "lm_head"}
+
+
+def dcp_to_hf(
+    dcp_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    args: NemotronHArgs,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    progress: bool = False,
+) -> None:
+    """Write the model of a DCP checkpoint as a hub-format directory.
+
+    ``dtype`` casts floating tensors (default: as stored; the correction bias
+    stays fp32). Raises ``CheckpointMismatchError`` naming model tensors the
+    checkpoint lacks or stores with another shape.
+    """
+    dcp_dir = os.fspath(dcp_dir)
+    metadata = FileSystemReader(dcp_dir).read_metadata().state_dict_metadata
+    model, adapter = _build_on_meta(args)
+    meta_state = model.state_dict()
+    expected = {name: t.shape for name, t in meta_state.items()}
+    # Only the model part of the checkpoint is ours to check, not optimizer or
+    # dataloader state stored beside it in a full checkpoint.
+    found = {
+        name: tuple(md.size)
+        for name, md in metadata.items()
+        if name.split(".", 1)[0] in _MODEL_ROOTS and hasattr(md, "size")
+    }
+    check_checkpoint(expected, found, dcp_dir)
+
+    def out_dtype(name: str) -> torch.dtype:
+        if keep_fp32(name):
+            return torch.float32
+        stored_dtype = metadata[name].properties.dtype
+        return dtype if dtype is not None and stored_dtype.is_floating_point else stored_dtype
+
+    groups = []
+    for name, meta in meta_state.items():
+        itemsize = torch.empty((), dtype=out_dtype(name)).element_size()
+        hub = adapter.to_hf({name: meta})
+        groups.append(TensorGroup(name, {h: t.numel() * itemsize for h, t in hub.items()}))
+
+    def fetch(shard: list[TensorGroup]) -> dict[str, torch.Tensor]:
+        state = {
+            g.key: torch.empty(metadata[g.key].size, dtype=metadata[g.key].properties.dtype)
+            for g in shard
+        }
+        dcp.load(state, storage_reader=FileSystemReader(dcp_dir), no_dist=True)
+        out = {}
+        for name, value in state.items():
+            for hub, tensor in adapter.to_hf({name: value.to(out_dtype(name))}).items():
+                out[hub] = tensor.contiguous()
+        return out
+
+    config_dtype = dtype or metadata["lm_head.weight"].properties.dtype
+    write_hf_checkpoint(
+        out_dir,
+        hf_config_from_args(args, config_dtype),
+        groups,
+        fetch,
+        max_shard_size=max_shard_size,
+        progress=progress,
+    )
+
+
+def hf_to_dcp(
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> None:
+    """Write a hub-format directory as a model-only DCP checkpoint under our names
+    (what ``checkpoint.initial_load_path`` loads without ``initial_load_in_hf``).
+    ``dtype`` defaults to the checkpoint's; the correction bias stays fp32."""
+    model = from_pretrained(hf_dir, dtype=dtype, progress=progress)
+    with atomic_directory(out_dir) as tmp:
+        dcp.save(model.state_dict(), checkpoint_id=tmp, no_dist=True)
+
+
+__all__ = ["CheckpointMismatchError", "dcp_to_hf", "hf_to_dcp"]
