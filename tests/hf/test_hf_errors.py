@@ -1,0 +1,117 @@
+"""A bad checkpoint fails before any data is read, with a message naming the problem."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+pytest.importorskip("transformers")
+
+from hf_checkpoints import read_tensors, save_transformers_checkpoint, tiny_args  # noqa: E402
+from torchtitan_nemotron3 import from_pretrained  # noqa: E402
+from torchtitan_nemotron3.hf import CheckpointMismatchError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    args = tiny_args(0)
+    return save_transformers_checkpoint(tmp_path_factory.mktemp("good") / "hf", args), args
+
+
+def rewrite(src, dst, edit) -> str:
+    """Copy a checkpoint with its tensor dict (and config) edited."""
+    os.makedirs(dst)
+    tensors = read_tensors(src)
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    edit(tensors, config)
+    save_file(tensors, os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f)
+    return dst
+
+
+def first_expert_layer(args) -> int:
+    return args.hybrid_override_pattern.index("E")
+
+
+def test_missing_tensor_is_named(good, tmp_path):
+    src, args = good
+    i = first_expert_layer(args)
+    key = f"backbone.layers.{i}.mixer.experts.3.down_proj.weight"
+    path = rewrite(src, tmp_path / "c", lambda t, c: t.pop(key))
+    with pytest.raises(CheckpointMismatchError, match=r"missing tensors \(1\): " + key):
+        from_pretrained(path)
+
+
+def test_unexpected_tensor_is_named(good, tmp_path):
+    src, args = good
+    key = f"backbone.layers.{first_expert_layer(args)}.mixer.experts.99.up_proj.weight"
+
+    def add(tensors, config):
+        tensors[key] = torch.zeros(args.moe_intermediate_size, args.hidden_size)
+
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected tensors \(1\): " + key):
+        from_pretrained(rewrite(src, tmp_path / "c", add))
+
+
+def test_shape_mismatch_names_key_and_both_shapes(good, tmp_path):
+    src, args = good
+
+    def shrink(tensors, config):
+        tensors["lm_head.weight"] = tensors["lm_head.weight"][:-1].clone()
+
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=rf"lm_head.weight: expected \({args.vocab_size}, {args.hidden_size}\), "
+        rf"found \({args.vocab_size - 1}, {args.hidden_size}\)",
+    ):
+        from_pretrained(rewrite(src, tmp_path / "c", shrink))
+
+
+def test_config_disagreeing_with_tensors(good, tmp_path):
+    """A config.json for a different size: every tensor it touches is reported."""
+    src, args = good
+
+    def wider(tensors, config):
+        config["n_routed_experts"] = args.n_routed_experts + 4
+
+    with pytest.raises(CheckpointMismatchError, match=r"missing tensors \(\d+\).*experts\."):
+        from_pretrained(rewrite(src, tmp_path / "c", wider))
+
+
+def test_another_model_type(good, tmp_path):
+    src, _ = good
+
+    def llama(tensors, config):
+        config["model_type"] = "llama"
+
+    with pytest.raises(ValueError, match="model_type='llama'; expected 'nemotron_h'"):
+        from_pretrained(rewrite(src, tmp_path / "c", llama))
+
+
+def test_missing_config_and_missing_weights(good, tmp_path):
+    src, _ = good
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        from_pretrained(tmp_path / "nowhere")
+    os.makedirs(tmp_path / "no_config")
+    os.link(os.path.join(src, "model.safetensors"), tmp_path / "no_config" / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        from_pretrained(tmp_path / "no_config")
+    os.makedirs(tmp_path / "pickled")
+    os.link(os.path.join(src, "config.json"), tmp_path / "pickled" / "config.json")
+    torch.save({}, tmp_path / "pickled" / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="pickle checkpoints are not read"):
+        from_pretrained(tmp_path / "pickled")
+
+
+def test_index_naming_a_missing_shard(good, tmp_path):
+    src, _ = good
+    os.makedirs(tmp_path / "c")
+    os.link(os.path.join(src, "config.json"), tmp_path / "c" / "config.json")
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}
+    (tmp_path / "c" / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(FileNotFoundError, match="model-00001-of-00002.safetensors"):
+        from_pretrained(tmp_path / "c")
