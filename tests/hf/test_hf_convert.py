@@ -1,0 +1,93 @@
+"""scripts/convert_checkpoint.py: TorchTitan DCP → HF → DCP gives back every tensor."""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+
+pytest.importorskip("transformers")
+
+from hf_checkpoints import (  # noqa: E402
+    assert_same_tensors,
+    read_tensors,
+    save_transformers_checkpoint,
+    tiny_args,
+)
+from torchtitan_nemotron3 import from_pretrained  # noqa: E402
+from torchtitan_nemotron3.hf import CheckpointMismatchError  # noqa: E402
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "convert_checkpoint.py"
+
+
+def convert(*argv: str) -> None:
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([*map(str, argv), "--no_progress"]) == 0
+
+
+def load_dcp(path) -> dict[str, torch.Tensor]:
+    metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in metadata.items()}
+    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    return state
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 'training checkpoint': the model's state dict flattened at the top level
+    beside optimizer state, as TorchTitan's CheckpointManager writes it."""
+    root = tmp_path_factory.mktemp("convert")
+    args = tiny_args(2)
+    hub = save_transformers_checkpoint(root / "hub", args, seed=4)
+    model = from_pretrained(hub)
+    state = dict(model.state_dict())
+    state["optimizer.state.lm_head.weight.exp_avg"] = torch.randn(3)
+    state["train_state.step"] = torch.tensor(20)
+    dcp.save(state, checkpoint_id=str(root / "step-20"), no_dist=True)
+    return root, args, hub, model
+
+
+def test_dcp_to_hf_to_dcp(trained, tmp_path):
+    root, args, hub, model = trained
+    (tmp_path / "cfg").mkdir()
+    os.link(os.path.join(hub, "config.json"), tmp_path / "cfg" / "config.json")
+    convert("dcp-to-hf", root / "step-20", tmp_path / "hf", "--config_json", tmp_path / "cfg",
+            "--max_shard_size", "50KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    assert_same_tensors(read_tensors(tmp_path / "hf"), read_tensors(hub))
+
+    convert("hf-to-dcp", tmp_path / "hf", tmp_path / "dcp")
+    assert_same_tensors(load_dcp(tmp_path / "dcp"), model.state_dict())
+    assert sorted(os.listdir(tmp_path)) == ["cfg", "dcp", "hf"]  # no temporary leftovers
+
+
+def test_dcp_to_hf_in_bf16_with_a_flavor(tmp_path):
+    from torchtitan_nemotron3.model import flavor_args
+
+    from conftest import build_model
+
+    model = build_model(flavor_args("debugmodel"), seed=1)
+    dcp.save(model.state_dict(), checkpoint_id=str(tmp_path / "step-1"), no_dist=True)
+    convert("dcp-to-hf", tmp_path / "step-1", tmp_path / "hf", "--flavor", "debugmodel",
+            "--dtype", "bfloat16")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    for name, t in read_tensors(tmp_path / "hf").items():
+        assert t.dtype == (torch.float32 if "e_score" in name else torch.bfloat16), name
+    loaded = from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    for name, t in model.state_dict().items():
+        want = t if name.endswith("expert_bias_E") else t.to(torch.bfloat16).float()
+        assert torch.equal(loaded.state_dict()[name], want), name
+
+
+def test_wrong_architecture_is_named(trained, tmp_path):
+    root, _, _, _ = trained
+    with pytest.raises(CheckpointMismatchError, match="missing tensors"):
+        convert("dcp-to-hf", root / "step-20", tmp_path / "hf", "--flavor", "debugmodel")
+    assert not (tmp_path / "hf").exists()
