@@ -43,11 +43,8 @@ else
     RDZV_ARGS=(--nnodes 1 --rdzv_backend c10d --rdzv_endpoint "localhost:0")
 fi
 
-if python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-    export PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-expandable_segments:True}
-else
-    echo "run_train.sh: no CUDA device, training on CPU with $NGPU gloo rank(s) per node" >&2
-fi
+# Ignored on CPU; without CUDA the entry point applies cpu_compat (gloo, CPU device).
+export PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-expandable_segments:True}
 
 set -x
 exec "$TORCHRUN" --nproc_per_node="$NGPU" "${RDZV_ARGS[@]}" \

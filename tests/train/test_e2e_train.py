@@ -56,6 +56,7 @@ def test_debugmodel_two_processes_fsdp(debug_toml, tmp_path):
 def test_debugmodel_checkpoint_resume(debug_toml, tmp_path):
     dump = tmp_path / "outputs"
     ckpt = ["--dump_folder", str(dump), "--checkpoint.enable", "--checkpoint.interval", "2"]
+    ckpt += ["--training.seq_len", "128", "--training.local_batch_size", "2"]  # 2 launches
     first = run_training(debug_toml, 1, ["--training.steps", "2", *ckpt], tmp_path / "a")
     assert len(first) == 2
     assert (dump / "checkpoint" / "step-2").is_dir()

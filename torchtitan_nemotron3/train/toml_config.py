@@ -71,6 +71,7 @@ import types
 import typing
 from typing import Any
 
+import tyro
 from torchtitan.trainer import Trainer
 
 JOB_SECTION = "job"
@@ -84,6 +85,12 @@ _JOB_KEYS = {
     "debug_assets": bool,
     "description": str,
 }
+
+
+# tyro markers in TorchTitan's config annotations: ``Suppress`` (set in code only,
+# e.g. ``model_spec``) and ``subcommand(name)`` (union variants).
+_SUPPRESS = tyro.conf.Suppress
+_SUBCOMMAND_TYPE = type(tyro.conf.subcommand("probe"))
 
 
 class ConfigError(ValueError):
@@ -121,7 +128,7 @@ def _is_suppressed(tp) -> bool:
     """tyro.conf.Suppress marks fields TorchTitan sets in code only (model_spec)."""
     if typing.get_origin(tp) is not typing.Annotated:
         return False
-    return any(repr(m) == "Suppress" for m in tp.__metadata__)
+    return any(m is _SUPPRESS for m in tp.__metadata__)
 
 
 def _union_members(tp) -> tuple | None:
@@ -139,7 +146,7 @@ def _variants(tp) -> dict[str, type | None]:
             continue
         for meta in member.__metadata__:
             name = getattr(meta, "name", None)
-            if type(meta).__name__ == "_SubcommandConfig" and name:
+            if isinstance(meta, _SUBCOMMAND_TYPE) and name:
                 cls = typing.get_args(member)[0]
                 out[name] = None if cls is type(None) else cls
     return out
@@ -322,18 +329,28 @@ def _settable_fields(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
-def _unknown_key(
-    cls, key: str, where: str, source: str, *, section: bool, extra=()
-) -> ConfigError:
-    known = sorted(
-        [n for n, hint in _settable_fields(cls).items() if not _is_suppressed(hint)]
-        + list(extra)
+def _is_section(node, name: str, hint) -> bool:
+    return bool(
+        _variants(hint)
+        or dataclasses.is_dataclass(getattr(node, name, None))
+        or _dataclass_types(hint)
     )
+
+
+def _unknown_key(node, key: str, where: str, source: str, *, section: bool) -> ConfigError:
+    cls = type(node)
+    settable = {
+        n: hint for n, hint in _settable_fields(cls).items() if not _is_suppressed(hint)
+    }
+    if section:
+        known = sorted(n for n, hint in settable.items() if _is_section(node, n, hint))
+    else:
+        known = sorted(settable)
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     if section:
         return ConfigError(
-            f"{source}: unknown section [{key}]: Trainer.Config has no field "
+            f"{source}: unknown section [{key}]: {cls.__qualname__} has no field "
             f"'{key}'.{hint} Known sections: {', '.join(known)}"
         )
     return _error(
@@ -395,13 +412,14 @@ def _apply_table(node, table: dict, prefix: str, source: str, touched) -> None:
     fields = _settable_fields(type(node))
     for key, value in table.items():
         where = f"{prefix}.{key}" if prefix else key
-        if key not in fields and isinstance(value, _Flag) and key[3:] in fields:
-            if key.startswith("no-"):  # tyro-style `--section.no-field`
-                key, value = key[3:], _Flag(False)
-                where = f"{prefix}.{key}" if prefix else key
+        negated = key.startswith("no-") and key[3:] in fields
+        if key not in fields and negated and isinstance(value, _Flag):
+            # tyro-style `--section.no-field` for `--section.field false`
+            key, value = key[3:], _Flag(False)
+            where = f"{prefix}.{key}" if prefix else key
         if key not in fields:
             raise _unknown_key(
-                type(node),
+                node,
                 key,
                 where,
                 source,
@@ -423,9 +441,7 @@ def _apply_table(node, table: dict, prefix: str, source: str, touched) -> None:
 def _set_field(node, name: str, hint, value, where: str, source: str, touched) -> None:
     current = getattr(node, name)
     variants = _variants(hint)
-    has_fields = bool(
-        variants or dataclasses.is_dataclass(current) or _dataclass_types(hint)
-    )
+    has_fields = _is_section(node, name, hint)
     if not (isinstance(value, dict) and has_fields):
         if has_fields and not (str(value) == "None" and _admits(hint, type(None))):
             if variants:
@@ -555,6 +571,10 @@ def parse_overrides(args: list[str]) -> dict:
                     f"value and sub-keys"
                 )
             table = sub
+        if isinstance(table.get(parts[-1]), dict):
+            raise ConfigError(
+                f"{CLI_SOURCE}: --{key} is given both a value and sub-keys"
+            )
         table[parts[-1]] = value
         i += 1
     return nested
