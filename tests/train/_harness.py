@@ -64,7 +64,7 @@ def run_training(
         **(env or {}),
     }
     log_file = tmp_path / "train.log"
-    proc = subprocess.run(
+    proc = subprocess.run(  # noqa: PLW1510 (the return code is checked below)
         [str(RUN_TRAIN), *args],
         cwd=REPO_ROOT,
         env=run_env,
@@ -81,7 +81,9 @@ def run_training(
         )
     step_losses = parse_step_losses(proc.stdout)
     if not step_losses:
-        raise RuntimeError(f"no 'step: N loss: X' lines in the log ({log_file}):\n{tail}")
+        raise RuntimeError(
+            f"no 'step: N loss: X' lines in the log ({log_file}):\n{tail}"
+        )
     steps = sorted(step_losses)
     if steps != list(range(steps[0], steps[-1] + 1)):
         raise RuntimeError(f"missing steps in the log: got {steps} ({log_file})")

@@ -7,8 +7,8 @@ NemotronH model. Referenced from TOML files as
 """
 
 from torchtitan.components.loss import CrossEntropyLoss
-from torchtitan.components.optimizer import default_adamw, LRSchedulersContainer
 from torchtitan.components.metrics import MetricsProcessor
+from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
 from torchtitan.config import TrainingConfig
 from torchtitan.models import qwen3
 from torchtitan.models.common.attention import (

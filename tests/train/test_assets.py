@@ -32,10 +32,11 @@ def test_layout_and_idempotence(debug_assets):
     assert assets.ensure_debug_assets(root) == (tok_dir, data_dir)
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before
     # no temporary directories left behind
-    assert [p.name for p in root.iterdir()] == [
+    name = (
         f"v{assets.ASSETS_VERSION}-docs{assets.DEFAULT_NUM_DOCS}"
         f"-vocab{assets.DEFAULT_VOCAB_SIZE}-seed{assets.DEFAULT_SEED}"
-    ]
+    )
+    assert [p.name for p in root.iterdir()] == [name]
 
 
 def test_generation_is_byte_identical(debug_assets, tmp_path):

@@ -2,7 +2,6 @@
 
 import torch
 import torch.distributed as dist
-
 from torchtitan.trainer import Trainer
 
 from torchtitan_nemotron3.train import cpu_compat

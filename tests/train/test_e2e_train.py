@@ -8,7 +8,6 @@ import importlib.util
 import math
 
 import pytest
-
 from _harness import run_training
 
 if importlib.util.find_spec("torchtitan_nemotron3.config_registry") is None:
@@ -55,13 +54,28 @@ def test_debugmodel_two_processes_fsdp(debug_toml, tmp_path):
 
 def test_debugmodel_checkpoint_resume(debug_toml, tmp_path):
     dump = tmp_path / "outputs"
-    ckpt = ["--dump_folder", str(dump), "--checkpoint.enable", "--checkpoint.interval", "2"]
-    ckpt += ["--training.seq_len", "128", "--training.local_batch_size", "2"]  # 2 launches
-    first = run_training(debug_toml, 1, ["--training.steps", "2", *ckpt], tmp_path / "a")
+    ckpt = [
+        "--dump_folder",
+        str(dump),
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        "2",
+    ]
+    ckpt += [
+        "--training.seq_len",
+        "128",
+        "--training.local_batch_size",
+        "2",
+    ]  # 2 launches
+    first = run_training(
+        debug_toml, 1, ["--training.steps", "2", *ckpt], tmp_path / "a"
+    )
     assert len(first) == 2
     assert (dump / "checkpoint" / "step-2").is_dir()
 
-    resumed = run_training(debug_toml, 1, ["--training.steps", "4", *ckpt], tmp_path / "b")
+    resumed = run_training(
+        debug_toml, 1, ["--training.steps", "4", *ckpt], tmp_path / "b"
+    )
     log = (tmp_path / "b" / "train.log").read_text()
     assert "Training starts at step 3" in log
     assert len(resumed) == 2  # steps 3 and 4 only

@@ -7,7 +7,6 @@ training happens here, only config construction.
 import textwrap
 
 import pytest
-
 from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
 
 from torchtitan_nemotron3.train.toml_config import (
@@ -130,7 +129,12 @@ def test_job_overrides_select_base(tmp_path):
     path = write(tmp_path, "", job='[job]\nconfig = "does_not_exist"\n')
     config = load_toml_config(
         path,
-        ["--job.module", "tests.train.qwen3_debug_config", "--job.config", "qwen3_tiny"],
+        [
+            "--job.module",
+            "tests.train.qwen3_debug_config",
+            "--job.config",
+            "qwen3_tiny",
+        ],
     )
     assert config.model_spec.name == "qwen3"
 
@@ -253,7 +257,10 @@ def test_post_init_validation_runs(tmp_path):
         ('[job]\nconfg = "x"\n', "unknown key 'confg' in [job]"),
         ('[job]\nmodule = "tests.train.qwen3_debug_config"\n', "missing [job] config"),
         (JOB.replace("qwen3_tiny", "nope"), "'nope' is not a function"),
-        (JOB.replace("tests.train.qwen3_debug_config", "no_such_mod"), "cannot be imported"),
+        (
+            JOB.replace("tests.train.qwen3_debug_config", "no_such_mod"),
+            "cannot be imported",
+        ),
         (JOB + "debug_assets = 1\n", "job.debug_assets: expected bool"),
     ],
 )

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _harness import REPO_ROOT, parse_step_losses, run_training
 
 QWEN3_TOML = Path(__file__).with_name("qwen3_tiny.toml")

@@ -56,6 +56,7 @@ DATASET_FILE = "train.jsonl"
 # Word lists written for this module. Verbs carry (present 3rd person, past) forms so
 # the generator can keep tense consistent within a story.
 
+# fmt: off
 _NAMES = [
     "Ada", "Bruno", "Clara", "Dmitri", "Elena", "Felix", "Greta", "Hugo", "Ines",
     "Jonas", "Kira", "Leo", "Mira", "Nils", "Olga", "Pavel", "Rosa", "Samir",
@@ -122,6 +123,9 @@ _MONTHS = [
     "January", "February", "March", "April", "May", "June", "July", "August",
     "September", "October", "November", "December",
 ]
+
+
+# fmt: on
 
 
 def _cap(s: str) -> str:
@@ -202,6 +206,7 @@ def _calendar(rng: random.Random) -> str:
     )
 
 
+# fmt: off
 # (goods, unit, plural unit)
 _GOODS = [
     ("apples", "kilo", "kilos"), ("flour", "bag", "bags"), ("candles", "box", "boxes"),
@@ -213,11 +218,16 @@ _GOODS = [
 ]
 
 
+# fmt: on
+
+
 def _ledger(rng: random.Random) -> str:
     """A shop ledger with digits and prices: gives the BPE numbers to merge."""
     shop = rng.choice(_NAMES)
     day = rng.randint(1, 28)
-    lines = [f"Ledger of {shop}'s shop, {rng.choice(_MONTHS)} {day}, {rng.randint(1850, 1999)}."]
+    lines = [
+        f"Ledger of {shop}'s shop, {rng.choice(_MONTHS)} {day}, {rng.randint(1850, 1999)}."
+    ]
     total = 0
     for _ in range(rng.randint(3, 6)):
         goods, unit, units = rng.choice(_GOODS)
@@ -258,7 +268,9 @@ _GENERATORS = [
 ]
 
 
-def generate_corpus(num_docs: int = DEFAULT_NUM_DOCS, seed: int = DEFAULT_SEED) -> list[str]:
+def generate_corpus(
+    num_docs: int = DEFAULT_NUM_DOCS, seed: int = DEFAULT_SEED
+) -> list[str]:
     """Return ``num_docs`` English documents; identical for identical arguments."""
     rng = random.Random(seed)
     fns = [g for g, _ in _GENERATORS]
@@ -344,15 +356,14 @@ def default_assets_root() -> Path:
     return Path.home() / ".cache" / "torchtitan_nemotron3" / "debug"
 
 
-def _write_assets(
-    out: Path, num_docs: int, vocab_size: int, seed: int
-) -> None:
+def _write_assets(out: Path, num_docs: int, vocab_size: int, seed: int) -> None:
     docs = generate_corpus(num_docs=num_docs, seed=seed)
     data_dir = out / DATASET_SUBDIR
     data_dir.mkdir(parents=True)
     with open(data_dir / DATASET_FILE, "w", encoding="utf-8") as f:
-        for doc in docs:
-            f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
+        f.writelines(
+            json.dumps({"text": doc}, ensure_ascii=False) + "\n" for doc in docs
+        )
 
     tok_dir = out / TOKENIZER_SUBDIR
     tok_dir.mkdir(parents=True)

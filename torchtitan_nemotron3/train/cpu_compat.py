@@ -27,7 +27,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-
 from torchtitan.tools.logging import logger
 
 # Process-level shims applied so far, by name (makes ``apply`` idempotent and lets

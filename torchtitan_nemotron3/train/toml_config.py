@@ -249,7 +249,10 @@ def _coerce_toml(value, tp, where: str, source: str):
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise _Mismatch
-            items = [_coerce_toml(v, a, where, source) for v, a in zip(value, args)]
+            items = [
+                _coerce_toml(v, a, where, source)
+                for v, a in zip(value, args, strict=True)
+            ]
         else:
             item_tp = args[0] if args else Any
             items = [
@@ -261,7 +264,9 @@ def _coerce_toml(value, tp, where: str, source: str):
         if not isinstance(value, dict):
             raise _Mismatch
         val_tp = args[1] if len(args) == 2 else Any
-        return {k: _coerce_toml(v, val_tp, f"{where}.{k}", source) for k, v in value.items()}
+        return {
+            k: _coerce_toml(v, val_tp, f"{where}.{k}", source) for k, v in value.items()
+        }
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _Mismatch
@@ -337,7 +342,9 @@ def _is_section(node, name: str, hint) -> bool:
     )
 
 
-def _unknown_key(node, key: str, where: str, source: str, *, section: bool) -> ConfigError:
+def _unknown_key(
+    node, key: str, where: str, source: str, *, section: bool
+) -> ConfigError:
     cls = type(node)
     settable = {
         n: hint for n, hint in _settable_fields(cls).items() if not _is_suppressed(hint)
@@ -627,7 +634,7 @@ def _job_settings(file_job: Any, cli_job: Any, path: str) -> tuple[dict, str]:
                 ) from None
     if "config" not in settings:
         raise ConfigError(
-            f"{path}: missing [{JOB_SECTION}] config = \"<function name>\" naming the "
+            f'{path}: missing [{JOB_SECTION}] config = "<function name>" naming the '
             f"base config function (in {settings.get('module', DEFAULT_CONFIG_MODULE)})"
         )
     return settings, base_source
