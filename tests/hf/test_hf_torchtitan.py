@@ -1,0 +1,135 @@
+"""The TorchTitan path end to end, through run_train.sh (the colleague's harness).
+
+A debug run starts from a transformers-written checkpoint of the debug flavor
+(``checkpoint.initial_load_in_hf``), trains one step with lr 0 and exports with
+``checkpoint.last_save_in_hf``. Its first-step loss must equal transformers' loss
+on the same batch (TorchTitan packs documents and our model keeps them apart, so
+transformers runs each document separately), and the export, with a config.json
+added (TorchTitan writes none), must load into transformers with the weights it
+started from; only the MoE correction bias moves (aux-loss-free update, rate 1e-3).
+"""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+from hf_checkpoints import read_tensors, save_transformers_checkpoint  # noqa: E402
+from torchtitan_nemotron3.hf.config import write_hf_config  # noqa: E402
+from torchtitan_nemotron3.model import flavor_args  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+HARNESS = REPO / "tests" / "train" / "_harness.py"
+if not HARNESS.exists() or not (REPO / "run_train.sh").exists():
+    pytest.skip("the training harness (tests/train/_harness.py) is not there", allow_module_level=True)
+
+SEQ_LEN, BATCH = 256, 4
+JOB_TOML = f"""\
+[job]
+config = "nemotron3_debugmodel"
+debug_assets = true
+
+[training]
+local_batch_size = {BATCH}
+seq_len = {SEQ_LEN}
+steps = 1
+mixed_precision_param = "float32"
+
+[metrics]
+log_freq = 1
+
+[[optimizer.param_groups]]
+pattern = ".*"
+optimizer_name = "AdamW"
+optimizer_kwargs = {{lr = 0.0, weight_decay = 0.0}}
+"""
+
+
+def _harness():
+    spec = importlib.util.spec_from_file_location("_harness", HARNESS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def first_batch():
+    """The batch TorchTitan's dataloader gives the single rank first."""
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+    from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
+
+    from torchtitan_nemotron3.train.assets import ensure_debug_assets
+
+    tokenizer_dir, dataset_dir = ensure_debug_assets()
+    loader = HuggingFaceTextDataLoader(
+        HuggingFaceTextDataLoader.Config(dataset="c4_test", dataset_path=dataset_dir),
+        dp_world_size=1,
+        dp_rank=0,
+        tokenizer=HuggingFaceTokenizer(tokenizer_path=tokenizer_dir),
+        seq_len=SEQ_LEN,
+        local_batch_size=BATCH,
+    )
+    inputs, labels = next(iter(loader))
+    return inputs["input"], inputs["positions"], labels
+
+
+def transformers_loss(path, tokens, positions, labels) -> float:
+    """Mean next-token cross-entropy, each packed document run on its own."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in range(tokens.shape[0]):
+            starts = (positions[row] == 0).nonzero().flatten().tolist()
+            bounds = sorted({0, *starts, tokens.shape[1]})
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                logits = model(tokens[row : row + 1, lo:hi]).logits[0]
+                total += F.cross_entropy(logits, labels[row, lo:hi], reduction="sum").item()
+                count += hi - lo
+    return total / count
+
+
+def test_initial_load_in_hf_and_last_save_in_hf(tmp_path):
+    args = flavor_args("debugmodel")
+    src = save_transformers_checkpoint(tmp_path / "hf", args, seed=0)
+    job = tmp_path / "job.toml"
+    job.write_text(JOB_TOML)
+    dump = tmp_path / "outputs"
+    losses = _harness().run_training(
+        job,
+        1,
+        [
+            "--dump_folder", str(dump),
+            "--checkpoint.enable",
+            "--checkpoint.initial_load_path", str(src),
+            "--checkpoint.initial_load_in_hf",
+            "--checkpoint.initial_load_model_only",
+            "--checkpoint.last_save_in_hf",
+            "--checkpoint.last_save_model_only",
+            "--checkpoint.export_dtype", "float32",
+        ],
+        tmp_path / "run",
+    )
+    reference = transformers_loss(src, *first_batch())
+    assert len(losses) == 1
+    assert abs(reference - math.log(args.vocab_size)) > 0.1  # not an untrained model
+    assert losses[0] == pytest.approx(reference, abs=2e-5)  # the log prints 5 decimals
+
+    export = dump / "checkpoint" / "step-1"
+    write_hf_config(export, args, torch.float32)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        export, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    exported, original = read_tensors(export), read_tensors(src)
+    assert sorted(exported) == sorted(original)
+    for name, t in original.items():
+        assert exported[name].dtype == t.dtype, name
+        if name.endswith("e_score_correction_bias"):
+            # TorchTitan's step: coeff * sign(load error), re-centred to zero mean
+            assert 0 < (exported[name] - t).abs().max() <= 2e-3, name
+        else:
+            assert torch.equal(exported[name], t), name
