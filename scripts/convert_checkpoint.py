@@ -16,6 +16,12 @@ HF → DCP (for ``checkpoint.initial_load_path`` without ``initial_load_in_hf``)
 
 Both directions write into a temporary sibling and rename it into place, so an
 interrupted conversion never leaves a directory that looks complete.
+
+config.json for an HF export written by TorchTitan (``checkpoint.last_save_in_hf``
+writes safetensors only)::
+
+    python scripts/convert_checkpoint.py hf-config outputs/checkpoint/step-1000 \
+        --flavor nano-30B [--dtype bfloat16]
 """
 
 import argparse
@@ -58,24 +64,34 @@ def _parser() -> argparse.ArgumentParser:
 
     for p in (to_hf, to_dcp):
         p.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+    config = sub.add_parser("hf-config", help="write config.json into an HF export")
+    config.add_argument("hf_dir")
+    arch = config.add_mutually_exclusive_group(required=True)
+    arch.add_argument("--flavor")
+    arch.add_argument("--config_json")
+    config.add_argument("--dtype", type=_dtype, default=None,
+                        help="dtype recorded in config.json (default: lm_head's)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     opts = _parser().parse_args(argv)
     from torchtitan_nemotron3.hf.config import args_from_hf_config
-    from torchtitan_nemotron3.hf.dcp_convert import dcp_to_hf, hf_to_dcp
+    from torchtitan_nemotron3.hf.dcp_convert import add_hf_config, dcp_to_hf, hf_to_dcp
     from torchtitan_nemotron3.model import flavor_args
 
-    progress = not opts.no_progress
-    if opts.direction == "dcp-to-hf":
-        args = (
-            flavor_args(opts.flavor) if opts.flavor else args_from_hf_config(opts.config_json)
-        )
-        dcp_to_hf(opts.dcp_dir, opts.out_dir, args, dtype=opts.dtype,
-                  max_shard_size=opts.max_shard_size, progress=progress)
-    else:
-        hf_to_dcp(opts.hf_dir, opts.out_dir, dtype=opts.dtype, progress=progress)
+    if opts.direction == "hf-to-dcp":
+        hf_to_dcp(opts.hf_dir, opts.out_dir, dtype=opts.dtype, progress=not opts.no_progress)
+        print(f"wrote {opts.out_dir}")
+        return 0
+    args = flavor_args(opts.flavor) if opts.flavor else args_from_hf_config(opts.config_json)
+    if opts.direction == "hf-config":
+        add_hf_config(opts.hf_dir, args, opts.dtype)
+        print(f"wrote {opts.hf_dir}/config.json")
+        return 0
+    dcp_to_hf(opts.dcp_dir, opts.out_dir, args, dtype=opts.dtype,
+              max_shard_size=opts.max_shard_size, progress=not opts.no_progress)
     print(f"wrote {opts.out_dir}")
     return 0
 

@@ -1,4 +1,5 @@
-"""scripts/convert_checkpoint.py: TorchTitan DCP → HF → DCP gives back every tensor."""
+"""scripts/convert_checkpoint.py: TorchTitan DCP → HF → DCP gives back every tensor;
+hf-config completes a TorchTitan HF export with a checked config.json."""
 
 import importlib.util
 import json
@@ -28,7 +29,8 @@ def convert(*argv: str) -> None:
     spec = importlib.util.spec_from_file_location("convert_checkpoint", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.main([*map(str, argv), "--no_progress"]) == 0
+    argv = [*map(str, argv)] + (["--no_progress"] if argv[0] != "hf-config" else [])
+    assert module.main(argv) == 0
 
 
 def load_dcp(path) -> dict[str, torch.Tensor]:
@@ -91,3 +93,22 @@ def test_wrong_architecture_is_named(trained, tmp_path):
     with pytest.raises(CheckpointMismatchError, match="missing tensors"):
         convert("dcp-to-hf", root / "step-20", tmp_path / "hf", "--flavor", "debugmodel")
     assert not (tmp_path / "hf").exists()
+
+
+def test_hf_config_for_a_torchtitan_export(trained, tmp_path):
+    """last_save_in_hf writes safetensors only; hf-config adds a checked config.json."""
+    _, args, hub, _ = trained
+    export = tmp_path / "export"
+    export.mkdir()
+    os.link(os.path.join(hub, "model.safetensors"), export / "model-00001-of-00001.safetensors")
+    (tmp_path / "cfg").mkdir()
+    os.link(os.path.join(hub, "config.json"), tmp_path / "cfg" / "config.json")
+
+    with pytest.raises(CheckpointMismatchError):
+        convert("hf-config", export, "--flavor", "debugmodel")
+    assert not (export / "config.json").exists()
+
+    convert("hf-config", export, "--config_json", tmp_path / "cfg")
+    assert sorted(os.listdir(export)) == ["config.json", "model-00001-of-00001.safetensors"]
+    assert json.loads((export / "config.json").read_text())["dtype"] == "float32"
+    assert_same_tensors(from_pretrained(export).state_dict(), from_pretrained(hub).state_dict())

@@ -5,12 +5,14 @@ A debug run starts from a transformers-written checkpoint of the debug flavor
 ``checkpoint.last_save_in_hf``. Its first-step loss must equal transformers' loss
 on the same batch (TorchTitan packs documents and our model keeps them apart, so
 transformers runs each document separately), and the export, with a config.json
-added (TorchTitan writes none), must load into transformers with the weights it
+added by ``convert_checkpoint.py hf-config`` (TorchTitan writes none), must load into transformers with the weights it
 started from; only the MoE correction bias moves (aux-loss-free update, rate 1e-3).
 """
 
 import importlib.util
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,6 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 from hf_checkpoints import read_tensors, save_transformers_checkpoint  # noqa: E402
-from torchtitan_nemotron3.hf.config import write_hf_config  # noqa: E402
 from torchtitan_nemotron3.model import flavor_args  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,7 +120,11 @@ def test_initial_load_in_hf_and_last_save_in_hf(tmp_path):
     assert losses[0] == pytest.approx(reference, abs=2e-5)  # the log prints 5 decimals
 
     export = dump / "checkpoint" / "step-1"
-    write_hf_config(export, args, torch.float32)
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "convert_checkpoint.py"), "hf-config",
+         str(export), "--flavor", "debugmodel"],
+        check=True,
+    )
     model, info = transformers.AutoModelForCausalLM.from_pretrained(
         export, output_loading_info=True
     )

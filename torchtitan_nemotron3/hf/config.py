@@ -246,11 +246,14 @@ def hf_config_from_args(
 def write_hf_config(
     out_dir: str | os.PathLike, args: NemotronHArgs, dtype: torch.dtype | str | None = None
 ) -> str:
-    """Write ``config.json`` for ``args`` into ``out_dir``; return its path."""
+    """Write ``config.json`` for ``args`` into ``out_dir`` (via a temporary file and
+    a rename, so a reader never sees half of it); return its path."""
     path = os.path.join(os.fspath(out_dir), CONFIG_NAME)
-    with open(path, "w", encoding="utf-8") as f:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(hf_config_from_args(args, dtype), f, indent=2)
         f.write("\n")
+    os.replace(tmp, path)
     return path
 
 

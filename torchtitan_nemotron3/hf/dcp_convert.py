@@ -20,7 +20,8 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from torchtitan_nemotron3.model import NemotronHArgs
 
-from .config import hf_config_from_args
+from .config import hf_config_from_args, write_hf_config
+from .files import scan_checkpoint
 from .io import (
     CheckpointMismatchError,
     _build_on_meta,
@@ -117,4 +118,17 @@ def hf_to_dcp(
         dcp.save(model.state_dict(), checkpoint_id=tmp, no_dist=True)
 
 
-__all__ = ["CheckpointMismatchError", "dcp_to_hf", "hf_to_dcp"]
+def add_hf_config(
+    hf_dir: str | os.PathLike, args: NemotronHArgs, dtype: torch.dtype | None = None
+) -> str:
+    """Add ``config.json`` to safetensors written without one (TorchTitan's
+    ``checkpoint.last_save_in_hf``), after checking the tensors fit ``args``.
+    ``dtype`` defaults to that of ``lm_head.weight``. Returns the file's path."""
+    stored = scan_checkpoint(hf_dir)
+    model, adapter = _build_on_meta(args)
+    expected = {n: t.shape for n, t in adapter.to_hf(model.state_dict()).items()}
+    check_checkpoint(expected, {n: s.shape for n, s in stored.items()}, os.fspath(hf_dir))
+    return write_hf_config(hf_dir, args, dtype or stored["lm_head.weight"].dtype)
+
+
+__all__ = ["CheckpointMismatchError", "add_hf_config", "dcp_to_hf", "hf_to_dcp"]
