@@ -46,21 +46,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="direction", required=True)
 
-    to_hf = sub.add_parser("dcp-to-hf", help="TorchTitan DCP checkpoint → HF safetensors")
+    to_hf = sub.add_parser(
+        "dcp-to-hf", help="TorchTitan DCP checkpoint → HF safetensors"
+    )
     to_hf.add_argument("dcp_dir", help="e.g. outputs/checkpoint/step-20")
     to_hf.add_argument("out_dir")
     arch = to_hf.add_mutually_exclusive_group(required=True)
     arch.add_argument("--flavor", help="model flavor the checkpoint was trained with")
     arch.add_argument("--config_json", help="HF config.json (file or its directory)")
-    to_hf.add_argument("--dtype", type=_dtype, default=None,
-                       help="cast floating tensors (default: as stored)")
+    to_hf.add_argument(
+        "--dtype",
+        type=_dtype,
+        default=None,
+        help="cast floating tensors (default: as stored)",
+    )
     to_hf.add_argument("--max_shard_size", default="5GB")
 
-    to_dcp = sub.add_parser("hf-to-dcp", help="HF safetensors → TorchTitan DCP checkpoint")
+    to_dcp = sub.add_parser(
+        "hf-to-dcp", help="HF safetensors → TorchTitan DCP checkpoint"
+    )
     to_dcp.add_argument("hf_dir")
     to_dcp.add_argument("out_dir")
-    to_dcp.add_argument("--dtype", type=_dtype, default=None,
-                        help="cast floating tensors (default: as stored)")
+    to_dcp.add_argument(
+        "--dtype",
+        type=_dtype,
+        default=None,
+        help="cast floating tensors (default: as stored)",
+    )
 
     for p in (to_hf, to_dcp):
         p.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -70,8 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     arch = config.add_mutually_exclusive_group(required=True)
     arch.add_argument("--flavor")
     arch.add_argument("--config_json")
-    config.add_argument("--dtype", type=_dtype, default=None,
-                        help="dtype recorded in config.json (default: lm_head's)")
+    config.add_argument(
+        "--dtype",
+        type=_dtype,
+        default=None,
+        help="dtype recorded in config.json (default: lm_head's)",
+    )
     return parser
 
 
@@ -82,16 +98,28 @@ def main(argv: list[str] | None = None) -> int:
     from torchtitan_nemotron3.model import flavor_args
 
     if opts.direction == "hf-to-dcp":
-        hf_to_dcp(opts.hf_dir, opts.out_dir, dtype=opts.dtype, progress=not opts.no_progress)
+        hf_to_dcp(
+            opts.hf_dir, opts.out_dir, dtype=opts.dtype, progress=not opts.no_progress
+        )
         print(f"wrote {opts.out_dir}")
         return 0
-    args = flavor_args(opts.flavor) if opts.flavor else args_from_hf_config(opts.config_json)
+    args = (
+        flavor_args(opts.flavor)
+        if opts.flavor
+        else args_from_hf_config(opts.config_json)
+    )
     if opts.direction == "hf-config":
         add_hf_config(opts.hf_dir, args, opts.dtype)
         print(f"wrote {opts.hf_dir}/config.json")
         return 0
-    dcp_to_hf(opts.dcp_dir, opts.out_dir, args, dtype=opts.dtype,
-              max_shard_size=opts.max_shard_size, progress=not opts.no_progress)
+    dcp_to_hf(
+        opts.dcp_dir,
+        opts.out_dir,
+        args,
+        dtype=opts.dtype,
+        max_shard_size=opts.max_shard_size,
+        progress=not opts.no_progress,
+    )
     print(f"wrote {opts.out_dir}")
     return 0
 

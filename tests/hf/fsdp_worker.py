@@ -13,14 +13,13 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from hf_checkpoints import assert_same_tensors, read_tensors
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
-
 from torchtitan.components.checkpointer import AsyncMode, CheckpointManager
 from torchtitan.components.checkpointer.base import ModelWrapper
 from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
 
-from hf_checkpoints import assert_same_tensors, read_tensors
 from torchtitan_nemotron3 import from_pretrained
 from torchtitan_nemotron3.hf import NemotronHStateDictAdapter
 from torchtitan_nemotron3.hf.config import args_from_hf_config
@@ -32,7 +31,11 @@ def _sharded_model(args, mesh):
     with torch.device("meta"):
         model = model_config.build()
     apply_fsdp_to_decoder(
-        model, mesh, param_dtype=torch.float32, reduce_dtype=torch.float32, pp_enabled=False
+        model,
+        mesh,
+        param_dtype=torch.float32,
+        reduce_dtype=torch.float32,
+        pp_enabled=False,
     )
     model.to_empty(device="cpu")
     torch.manual_seed(1234 + dist.get_rank())  # garbage that differs per rank
@@ -88,7 +91,9 @@ def run_case(case: dict, mesh, out_root: str) -> str:
     return _expert_placements(model)
 
 
-def worker(rank: int, world_size: int, rendezvous: str, cases: list, out_root: str, results):
+def worker(
+    rank: int, world_size: int, rendezvous: str, cases: list, out_root: str, results
+):
     dist.init_process_group(
         "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size
     )

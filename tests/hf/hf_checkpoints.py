@@ -7,9 +7,8 @@ hub holds, so our reader is tested against it and our writer is compared with it
 import os
 
 import torch
-from safetensors import safe_open
-
 from conftest import random_args
+from safetensors import safe_open
 from test_parity_hf import hf_reference, randomize_
 
 
@@ -22,7 +21,9 @@ def transformers_model(args, seed: int = 0):
     return model
 
 
-def save_transformers_checkpoint(path, args, seed: int = 0, dtype=torch.float32, **kw) -> str:
+def save_transformers_checkpoint(
+    path, args, seed: int = 0, dtype=torch.float32, **kw
+) -> str:
     """transformers' ``save_pretrained`` of a random model; bf16 goes through
     ``from_pretrained(dtype=bf16)`` as a user would (the correction bias stays fp32)."""
     path = os.fspath(path)

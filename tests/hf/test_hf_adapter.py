@@ -16,9 +16,6 @@ import torch
 
 pytest.importorskip("transformers")
 
-from torchtitan.components.checkpointer import AsyncMode, CheckpointManager  # noqa: E402
-from torchtitan.components.checkpointer.base import ModelWrapper  # noqa: E402
-
 from conftest import build_model  # noqa: E402
 from hf_checkpoints import (  # noqa: E402
     assert_same_tensors,
@@ -26,6 +23,9 @@ from hf_checkpoints import (  # noqa: E402
     save_transformers_checkpoint,
     tiny_args,
 )
+from torchtitan.components.checkpointer import AsyncMode, CheckpointManager  # noqa: E402
+from torchtitan.components.checkpointer.base import ModelWrapper  # noqa: E402
+
 from torchtitan_nemotron3 import from_pretrained, save_pretrained  # noqa: E402
 from torchtitan_nemotron3.hf import NemotronHStateDictAdapter  # noqa: E402
 
@@ -48,7 +48,9 @@ def adapter_for(model, hf_assets_path=None) -> NemotronHStateDictAdapter:
 def experts_per_layer(hf_names) -> dict[tuple[str, str], set[int]]:
     found = {}
     for name in hf_names:
-        m = re.match(r"backbone\.layers\.(\d+)\.mixer\.experts\.(\d+)\.(\w+)\.weight$", name)
+        m = re.match(
+            r"backbone\.layers\.(\d+)\.mixer\.experts\.(\d+)\.(\w+)\.weight$", name
+        )
         if m:
             found.setdefault((m.group(1), m.group(3)), set()).add(int(m.group(2)))
     return found
@@ -59,14 +61,18 @@ def test_to_hf_gives_transformers_tensors_with_every_expert(checkpoint):
     model = from_pretrained(hub)
     hf = adapter_for(model).to_hf(model.state_dict())
     assert_same_tensors(hf, read_tensors(hub))
-    moe_layers = [str(i) for i, c in enumerate(args.hybrid_override_pattern) if c == "E"]
+    moe_layers = [
+        str(i) for i, c in enumerate(args.hybrid_override_pattern) if c == "E"
+    ]
     counts = experts_per_layer(hf)
-    assert sorted(counts) == sorted((i, p) for i in moe_layers for p in ("up_proj", "down_proj"))
+    assert sorted(counts) == sorted(
+        (i, p) for i in moe_layers for p in ("up_proj", "down_proj")
+    )
     assert all(ids == set(range(args.n_routed_experts)) for ids in counts.values())
 
 
 def test_from_hf_inverts_to_hf(checkpoint):
-    args, hub, _ = checkpoint
+    args, _, _ = checkpoint
     model = build_model(args, seed=5)
     state = model.state_dict()
     adapter = adapter_for(model)
@@ -75,20 +81,24 @@ def test_from_hf_inverts_to_hf(checkpoint):
 
 
 def test_missing_or_extra_expert_is_an_error(checkpoint):
-    args, hub, _ = checkpoint
+    args, _, _ = checkpoint
     model = build_model(args)
     adapter = adapter_for(model)
     hf = adapter.to_hf(model.state_dict())
     layer = args.hybrid_override_pattern.index("E")
     dropped = dict(hf)
     del dropped[f"backbone.layers.{layer}.mixer.experts.2.up_proj.weight"]
-    with pytest.raises(ValueError, match=rf"layers\.{layer}\..*w1_EFD: missing experts \[2\]"):
+    with pytest.raises(
+        ValueError, match=rf"layers\.{layer}\..*w1_EFD: missing experts \[2\]"
+    ):
         adapter.from_hf(dropped)
     extra = dict(hf)
-    extra[f"backbone.layers.{layer}.mixer.experts.{args.n_routed_experts}.down_proj.weight"] = (
-        hf[f"backbone.layers.{layer}.mixer.experts.0.down_proj.weight"]
-    )
-    with pytest.raises(ValueError, match=rf"unexpected experts \[{args.n_routed_experts}\]"):
+    extra[
+        f"backbone.layers.{layer}.mixer.experts.{args.n_routed_experts}.down_proj.weight"
+    ] = hf[f"backbone.layers.{layer}.mixer.experts.0.down_proj.weight"]
+    with pytest.raises(
+        ValueError, match=rf"unexpected experts \[{args.n_routed_experts}\]"
+    ):
         adapter.from_hf(extra)
     with pytest.raises(KeyError, match="not a NemotronH"):
         adapter.from_hf({"model.embed_tokens.weight": hf["backbone.embeddings.weight"]})
@@ -101,7 +111,11 @@ def test_correction_bias_is_fp32_in_hf_names(checkpoint):
     model = build_model(args, dtype=torch.bfloat16)  # .to() also casts the buffer
     hf = adapter_for(model).to_hf(model.state_dict())
     for name, t in hf.items():
-        want = torch.float32 if name.endswith("e_score_correction_bias") else torch.bfloat16
+        want = (
+            torch.float32
+            if name.endswith("e_score_correction_bias")
+            else torch.bfloat16
+        )
         assert t.dtype == want, name
 
 
@@ -149,7 +163,7 @@ def test_torchtitan_initial_load_in_hf(checkpoint, spelling):
 def test_torchtitan_last_save_in_hf(checkpoint, tmp_path, with_index):
     """TorchTitan's own export code: to_hf → HuggingFaceStorageWriter (one file, or
     the hub index's files when hf_assets_path has one) → consolidation."""
-    args, hub, _ = checkpoint
+    _, hub, _ = checkpoint
     model = from_pretrained(hub)
     assets = None
     if with_index:
@@ -168,9 +182,9 @@ def test_torchtitan_last_save_in_hf(checkpoint, tmp_path, with_index):
     assert_same_tensors(written, read_tensors(hub))
     if with_index:
         index = json.loads((assets / "model.safetensors.index.json").read_text())
-        assert sorted(f for f in os.listdir(out) if f.endswith(".safetensors")) == sorted(
-            set(index["weight_map"].values())
-        )
+        assert sorted(
+            f for f in os.listdir(out) if f.endswith(".safetensors")
+        ) == sorted(set(index["weight_map"].values()))
 
 
 def test_asset_index_in_model_spelling_is_normalised(checkpoint, tmp_path):

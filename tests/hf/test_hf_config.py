@@ -9,6 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from hf_checkpoints import tiny_args, transformers_model  # noqa: E402
+
 from torchtitan_nemotron3.hf.config import (  # noqa: E402
     args_from_hf_config,
     args_from_model_config,
@@ -62,13 +63,18 @@ def test_config_written_by_transformers(tmp_path):
 
 def test_aliases_and_legacy_spellings():
     config = json.loads(NANO_HUB_CONFIG)
-    for old, new in [("mamba_n_groups", "n_groups"), ("mamba_d_conv", "conv_kernel"),
-                     ("mamba_chunk_size", "chunk_size"), ("mamba_dt_limit", "time_step_limit"),
-                     ("mamba_conv_bias", "use_conv_bias")]:
+    for old, new in [
+        ("mamba_n_groups", "n_groups"),
+        ("mamba_d_conv", "conv_kernel"),
+        ("mamba_chunk_size", "chunk_size"),
+        ("mamba_dt_limit", "time_step_limit"),
+        ("mamba_conv_bias", "use_conv_bias"),
+    ]:
         config[old] = config.pop(new)
     config["mamba_dt_limit"] = [0.0, "inf"]
     config["layer_types"] = [
-        {"M": "mamba", "*": "attention", "E": "moe"}[c] for c in config["hybrid_override_pattern"]
+        {"M": "mamba", "*": "attention", "E": "moe"}[c]
+        for c in config["hybrid_override_pattern"]
     ]
     assert args_from_hf_config(config) == flavor_args("nano-30B")
 
@@ -93,7 +99,9 @@ def test_aliases_and_legacy_spellings():
 def test_rejected_configs_name_the_field(change, message):
     config = json.loads(NANO_HUB_CONFIG)
     config.update(change)
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("*", r"\*")):
+    with pytest.raises(
+        ValueError, match=message.replace("(", r"\(").replace("*", r"\*")
+    ):
         args_from_hf_config(config)
 
 
@@ -126,8 +134,15 @@ def test_export_round_trips_and_transformers_loads_it(tmp_path, flavor):
     assert config.num_hidden_layers == args.num_hidden_layers
     assert tuple(config.time_step_limit) == args.time_step_limit
     assert config.dtype == torch.bfloat16
-    for field in ("hidden_size", "mamba_num_heads", "n_groups", "n_routed_experts",
-                  "moe_intermediate_size", "routed_scaling_factor", "num_key_value_heads"):
+    for field in (
+        "hidden_size",
+        "mamba_num_heads",
+        "n_groups",
+        "n_routed_experts",
+        "moe_intermediate_size",
+        "routed_scaling_factor",
+        "num_key_value_heads",
+    ):
         assert getattr(config, field) == getattr(args, field), field
     # and back through transformers' own writer
     config.save_pretrained(tmp_path / "again")
@@ -137,4 +152,7 @@ def test_export_round_trips_and_transformers_loads_it(tmp_path, flavor):
 def test_time_step_limit_round_trips_beyond_transformers(tmp_path):
     """transformers clamps dt at time_step_min whatever the limit says; ours keeps it."""
     args = tiny_args(1, time_step_limit=(1e-4, 50.0))
-    assert args_from_hf_config(hf_config_from_args(args)).time_step_limit == (1e-4, 50.0)
+    assert args_from_hf_config(hf_config_from_args(args)).time_step_limit == (
+        1e-4,
+        50.0,
+    )

@@ -19,6 +19,7 @@ from hf_checkpoints import (  # noqa: E402
     save_transformers_checkpoint,
     tiny_args,
 )
+
 from torchtitan_nemotron3 import from_pretrained  # noqa: E402
 from torchtitan_nemotron3.hf import CheckpointMismatchError  # noqa: E402
 
@@ -35,7 +36,9 @@ def convert(*argv: str) -> None:
 
 def load_dcp(path) -> dict[str, torch.Tensor]:
     metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    state = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in metadata.items()}
+    state = {
+        k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in metadata.items()
+    }
     dcp.load(state, checkpoint_id=str(path), no_dist=True)
     return state
 
@@ -56,28 +59,46 @@ def trained(tmp_path_factory):
 
 
 def test_dcp_to_hf_to_dcp(trained, tmp_path):
-    root, args, hub, model = trained
+    root, _, hub, model = trained
     (tmp_path / "cfg").mkdir()
     os.link(os.path.join(hub, "config.json"), tmp_path / "cfg" / "config.json")
-    convert("dcp-to-hf", root / "step-20", tmp_path / "hf", "--config_json", tmp_path / "cfg",
-            "--max_shard_size", "50KB")
+    convert(
+        "dcp-to-hf",
+        root / "step-20",
+        tmp_path / "hf",
+        "--config_json",
+        tmp_path / "cfg",
+        "--max_shard_size",
+        "50KB",
+    )
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
     assert_same_tensors(read_tensors(tmp_path / "hf"), read_tensors(hub))
 
     convert("hf-to-dcp", tmp_path / "hf", tmp_path / "dcp")
     assert_same_tensors(load_dcp(tmp_path / "dcp"), model.state_dict())
-    assert sorted(os.listdir(tmp_path)) == ["cfg", "dcp", "hf"]  # no temporary leftovers
+    assert sorted(os.listdir(tmp_path)) == [
+        "cfg",
+        "dcp",
+        "hf",
+    ]  # no temporary leftovers
 
 
 def test_dcp_to_hf_in_bf16_with_a_flavor(tmp_path):
-    from torchtitan_nemotron3.model import flavor_args
-
     from conftest import build_model
+
+    from torchtitan_nemotron3.model import flavor_args
 
     model = build_model(flavor_args("debugmodel"), seed=1)
     dcp.save(model.state_dict(), checkpoint_id=str(tmp_path / "step-1"), no_dist=True)
-    convert("dcp-to-hf", tmp_path / "step-1", tmp_path / "hf", "--flavor", "debugmodel",
-            "--dtype", "bfloat16")
+    convert(
+        "dcp-to-hf",
+        tmp_path / "step-1",
+        tmp_path / "hf",
+        "--flavor",
+        "debugmodel",
+        "--dtype",
+        "bfloat16",
+    )
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["dtype"] == "bfloat16"
     for name, t in read_tensors(tmp_path / "hf").items():
@@ -91,16 +112,21 @@ def test_dcp_to_hf_in_bf16_with_a_flavor(tmp_path):
 def test_wrong_architecture_is_named(trained, tmp_path):
     root, _, _, _ = trained
     with pytest.raises(CheckpointMismatchError, match="missing tensors"):
-        convert("dcp-to-hf", root / "step-20", tmp_path / "hf", "--flavor", "debugmodel")
+        convert(
+            "dcp-to-hf", root / "step-20", tmp_path / "hf", "--flavor", "debugmodel"
+        )
     assert not (tmp_path / "hf").exists()
 
 
 def test_hf_config_for_a_torchtitan_export(trained, tmp_path):
     """last_save_in_hf writes safetensors only; hf-config adds a checked config.json."""
-    _, args, hub, _ = trained
+    _, _, hub, _ = trained
     export = tmp_path / "export"
     export.mkdir()
-    os.link(os.path.join(hub, "model.safetensors"), export / "model-00001-of-00001.safetensors")
+    os.link(
+        os.path.join(hub, "model.safetensors"),
+        export / "model-00001-of-00001.safetensors",
+    )
     (tmp_path / "cfg").mkdir()
     os.link(os.path.join(hub, "config.json"), tmp_path / "cfg" / "config.json")
 
@@ -109,6 +135,11 @@ def test_hf_config_for_a_torchtitan_export(trained, tmp_path):
     assert not (export / "config.json").exists()
 
     convert("hf-config", export, "--config_json", tmp_path / "cfg")
-    assert sorted(os.listdir(export)) == ["config.json", "model-00001-of-00001.safetensors"]
+    assert sorted(os.listdir(export)) == [
+        "config.json",
+        "model-00001-of-00001.safetensors",
+    ]
     assert json.loads((export / "config.json").read_text())["dtype"] == "float32"
-    assert_same_tensors(from_pretrained(export).state_dict(), from_pretrained(hub).state_dict())
+    assert_same_tensors(
+        from_pretrained(export).state_dict(), from_pretrained(hub).state_dict()
+    )

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 pytest.importorskip("transformers")
 
 from hf_checkpoints import read_tensors, save_transformers_checkpoint, tiny_args  # noqa: E402
+
 from torchtitan_nemotron3 import from_pretrained  # noqa: E402
 from torchtitan_nemotron3.hf import CheckpointMismatchError  # noqa: E402
 
@@ -17,7 +18,9 @@ from torchtitan_nemotron3.hf import CheckpointMismatchError  # noqa: E402
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
     args = tiny_args(0)
-    return save_transformers_checkpoint(tmp_path_factory.mktemp("good") / "hf", args), args
+    return save_transformers_checkpoint(
+        tmp_path_factory.mktemp("good") / "hf", args
+    ), args
 
 
 def rewrite(src, dst, edit) -> str:
@@ -53,7 +56,9 @@ def test_unexpected_tensor_is_named(good, tmp_path):
     def add(tensors, config):
         tensors[key] = torch.zeros(args.moe_intermediate_size, args.hidden_size)
 
-    with pytest.raises(CheckpointMismatchError, match=r"unexpected tensors \(1\): " + key):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"unexpected tensors \(1\): " + key
+    ):
         from_pretrained(rewrite(src, tmp_path / "c", add))
 
 
@@ -78,7 +83,9 @@ def test_config_disagreeing_with_tensors(good, tmp_path):
     def wider(tensors, config):
         config["n_routed_experts"] = args.n_routed_experts + 4
 
-    with pytest.raises(CheckpointMismatchError, match=r"missing tensors \(\d+\).*experts\."):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"missing tensors \(\d+\).*experts\."
+    ):
         from_pretrained(rewrite(src, tmp_path / "c", wider))
 
 
@@ -97,7 +104,10 @@ def test_missing_config_and_missing_weights(good, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         from_pretrained(tmp_path / "nowhere")
     os.makedirs(tmp_path / "no_config")
-    os.link(os.path.join(src, "model.safetensors"), tmp_path / "no_config" / "model.safetensors")
+    os.link(
+        os.path.join(src, "model.safetensors"),
+        tmp_path / "no_config" / "model.safetensors",
+    )
     with pytest.raises(FileNotFoundError, match="no config.json"):
         from_pretrained(tmp_path / "no_config")
     os.makedirs(tmp_path / "pickled")
@@ -111,7 +121,10 @@ def test_index_naming_a_missing_shard(good, tmp_path):
     src, _ = good
     os.makedirs(tmp_path / "c")
     os.link(os.path.join(src, "config.json"), tmp_path / "c" / "config.json")
-    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}
+    index = {
+        "metadata": {},
+        "weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"},
+    }
     (tmp_path / "c" / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(FileNotFoundError, match="model-00001-of-00002.safetensors"):
         from_pretrained(tmp_path / "c")

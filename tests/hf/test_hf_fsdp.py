@@ -19,6 +19,7 @@ pytest.importorskip("transformers")
 
 from fsdp_worker import worker  # noqa: E402
 from hf_checkpoints import save_transformers_checkpoint, tiny_args  # noqa: E402
+
 from torchtitan_nemotron3 import from_pretrained, save_pretrained  # noqa: E402
 
 WORLD_SIZE = 2
@@ -43,11 +44,16 @@ def test_fsdp_load_and_export_match_single_process(tmp_path):
         ("dim1", moe_args(2, 1, width=20)),
         ("hsdp", moe_args(3, 4)),
     ]:
-        hub = save_transformers_checkpoint(tmp_path / f"{name}-hub", args, seed=len(cases))
+        hub = save_transformers_checkpoint(
+            tmp_path / f"{name}-hub", args, seed=len(cases)
+        )
         case = {"name": name, "hub": hub, "load_from": hub}
         if name == "uneven":
             case["load_from"] = save_transformers_checkpoint(
-                tmp_path / f"{name}-prefixed", args, seed=len(cases), save_original_format=False
+                tmp_path / f"{name}-prefixed",
+                args,
+                seed=len(cases),
+                save_original_format=False,
             )
             assets = tmp_path / f"{name}-assets"
             save_pretrained(from_pretrained(hub), assets, max_shard_size="40KB")
@@ -60,7 +66,13 @@ def test_fsdp_load_and_export_match_single_process(tmp_path):
         results = manager.dict()
         mp.spawn(
             worker,
-            args=(WORLD_SIZE, str(tmp_path / "rendezvous"), cases, str(tmp_path / "out"), results),
+            args=(
+                WORLD_SIZE,
+                str(tmp_path / "rendezvous"),
+                cases,
+                str(tmp_path / "out"),
+                results,
+            ),
             nprocs=WORLD_SIZE,
             join=True,
         )

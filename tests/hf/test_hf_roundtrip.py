@@ -19,6 +19,7 @@ from hf_checkpoints import (  # noqa: E402
     save_transformers_checkpoint,
     tiny_args,
 )
+
 import torchtitan_nemotron3  # noqa: E402
 from torchtitan_nemotron3 import from_pretrained, save_pretrained  # noqa: E402
 
@@ -64,7 +65,9 @@ def test_bf16_round_trip_keeps_the_bias_fp32(tmp_path):
     assert_same_tensors(read_tensors(tmp_path / "ours"), stored)
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert config["dtype"] == "bfloat16"
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype="auto")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ours", dtype="auto"
+    )
     assert hf.lm_head.weight.dtype == torch.bfloat16
 
 
@@ -73,7 +76,11 @@ def test_save_casts_but_not_the_bias(tmp_path):
     model = from_pretrained(save_transformers_checkpoint(tmp_path / "hf", args))
     save_pretrained(model, tmp_path / "bf16", dtype=torch.bfloat16)
     for name, t in read_tensors(tmp_path / "bf16").items():
-        want = torch.float32 if name.endswith("e_score_correction_bias") else torch.bfloat16
+        want = (
+            torch.float32
+            if name.endswith("e_score_correction_bias")
+            else torch.bfloat16
+        )
         assert t.dtype == want, name
     loaded = from_pretrained(tmp_path / "bf16", dtype=torch.float32)
     assert loaded.lm_head.weight.dtype == torch.float32
@@ -87,7 +94,9 @@ def test_model_prefixed_3d_expert_variant_loads(tmp_path):
         tmp_path / "prefixed", args, 1, save_original_format=False
     )
     on_disk = read_tensors(prefixed)
-    assert any(k.startswith("model.layers.") and k.endswith("experts.up_proj") for k in on_disk)
+    assert any(
+        k.startswith("model.layers.") and k.endswith("experts.up_proj") for k in on_disk
+    )
     assert not any(k.startswith("backbone.") for k in on_disk)
     a, b = from_pretrained(hub), from_pretrained(prefixed)
     assert_same_tensors(a.state_dict(), b.state_dict())

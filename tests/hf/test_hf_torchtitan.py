@@ -21,13 +21,19 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+import itertools
+
 from hf_checkpoints import read_tensors, save_transformers_checkpoint  # noqa: E402
+
 from torchtitan_nemotron3.model import flavor_args  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 HARNESS = REPO / "tests" / "train" / "_harness.py"
 if not HARNESS.exists() or not (REPO / "run_train.sh").exists():
-    pytest.skip("the training harness (tests/train/_harness.py) is not there", allow_module_level=True)
+    pytest.skip(
+        "the training harness (tests/train/_harness.py) is not there",
+        allow_module_level=True,
+    )
 
 SEQ_LEN, BATCH = 256, 4
 JOB_TOML = f"""\
@@ -86,9 +92,11 @@ def transformers_loss(path, tokens, positions, labels) -> float:
         for row in range(tokens.shape[0]):
             starts = (positions[row] == 0).nonzero().flatten().tolist()
             bounds = sorted({0, *starts, tokens.shape[1]})
-            for lo, hi in zip(bounds[:-1], bounds[1:]):
+            for lo, hi in itertools.pairwise(bounds):
                 logits = model(tokens[row : row + 1, lo:hi]).logits[0]
-                total += F.cross_entropy(logits, labels[row, lo:hi], reduction="sum").item()
+                total += F.cross_entropy(
+                    logits, labels[row, lo:hi], reduction="sum"
+                ).item()
                 count += hi - lo
     return total / count
 
@@ -103,14 +111,17 @@ def test_initial_load_in_hf_and_last_save_in_hf(tmp_path):
         job,
         1,
         [
-            "--dump_folder", str(dump),
+            "--dump_folder",
+            str(dump),
             "--checkpoint.enable",
-            "--checkpoint.initial_load_path", str(src),
+            "--checkpoint.initial_load_path",
+            str(src),
             "--checkpoint.initial_load_in_hf",
             "--checkpoint.initial_load_model_only",
             "--checkpoint.last_save_in_hf",
             "--checkpoint.last_save_model_only",
-            "--checkpoint.export_dtype", "float32",
+            "--checkpoint.export_dtype",
+            "float32",
         ],
         tmp_path / "run",
     )
@@ -121,11 +132,17 @@ def test_initial_load_in_hf_and_last_save_in_hf(tmp_path):
 
     export = dump / "checkpoint" / "step-1"
     subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "convert_checkpoint.py"), "hf-config",
-         str(export), "--flavor", "debugmodel"],
+        [
+            sys.executable,
+            str(REPO / "scripts" / "convert_checkpoint.py"),
+            "hf-config",
+            str(export),
+            "--flavor",
+            "debugmodel",
+        ],
         check=True,
     )
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(
         export, output_loading_info=True
     )
     assert not info["missing_keys"] and not info["unexpected_keys"], info

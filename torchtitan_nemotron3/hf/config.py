@@ -58,21 +58,51 @@ _ALIASES = {
 # Fields that do not change the function the weights compute (or only matter to
 # inference code paths), so a config may carry any value for them.
 _IGNORED = {
-    "architectures", "auto_map", "model_type", "transformers_version", "_name_or_path",
-    "name_or_path", "torch_dtype", "dtype", "use_cache", "num_logits_to_keep",
-    "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings",
-    "rope_theta", "rope_scaling", "rope_parameters", "rope_type", "partial_rotary_factor",
-    "use_mamba_kernels", "mamba_ssm_cache_dtype", "output_router_logits",
-    "moe_shared_expert_overlap", "residual_in_fp32", "hidden_dropout",
-    "attention_dropout", "tie_word_embeddings_in_config", "generation_config",
-    "return_dict", "output_hidden_states", "output_attentions", "is_encoder_decoder",
-    "id2label", "label2id", "problem_type", "tokenizer_class", "chunk_size_feed_forward",
+    "architectures",
+    "auto_map",
+    "model_type",
+    "transformers_version",
+    "_name_or_path",
+    "name_or_path",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "num_logits_to_keep",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "max_position_embeddings",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "rope_type",
+    "partial_rotary_factor",
+    "use_mamba_kernels",
+    "mamba_ssm_cache_dtype",
+    "output_router_logits",
+    "moe_shared_expert_overlap",
+    "residual_in_fp32",
+    "hidden_dropout",
+    "attention_dropout",
+    "tie_word_embeddings_in_config",
+    "generation_config",
+    "return_dict",
+    "output_hidden_states",
+    "output_attentions",
+    "is_encoder_decoder",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "tokenizer_class",
+    "chunk_size_feed_forward",
     # d_inner is mamba_num_heads * mamba_head_dim; ``expand`` is a stale duplicate
-    "expand", "mamba_expand",
+    "expand",
+    "mamba_expand",
     # transformers reads ``use_bias`` for the Mamba projections and ignores this one
     "mamba_proj_bias",
     # only meaningful with num_nextn_predict_layers > 0, which validate() rejects
-    "mtp_layers_block_type", "mtp_hybrid_override_pattern",
+    "mtp_layers_block_type",
+    "mtp_hybrid_override_pattern",
     # derived from the pattern here; checked against it when present
     "num_hidden_layers",
 }
@@ -158,9 +188,7 @@ def args_from_hf_config(
                 f"config.json sets {name} twice with different values "
                 f"({values[name]!r} and {key}={value!r})"
             )
-        if name in _FIELDS and name not in _NOT_HF:
-            values[name] = value
-        elif name in ("layers_block_type", "hybrid_override_pattern"):
+        if (name in _FIELDS and name not in _NOT_HF) or name == "layers_block_type":
             values[name] = value
         elif name not in _IGNORED:
             unknown.append(key)
@@ -177,12 +205,15 @@ def args_from_hf_config(
             "config.json has neither layers_block_type nor hybrid_override_pattern: "
             "the layer pattern is unknown"
         )
-    if pattern is not None and block_types is not None:
-        if parse_hybrid_pattern(pattern) != parse_hybrid_pattern(block_types):
-            raise ValueError(
-                f"hybrid_override_pattern {pattern!r} disagrees with layers_block_type "
-                f"{block_types!r}"
-            )
+    if (
+        pattern is not None
+        and block_types is not None
+        and parse_hybrid_pattern(pattern) != parse_hybrid_pattern(block_types)
+    ):
+        raise ValueError(
+            f"hybrid_override_pattern {pattern!r} disagrees with layers_block_type "
+            f"{block_types!r}"
+        )
     values["hybrid_override_pattern"] = block_types if pattern is None else pattern
     num_layers = config.get("num_hidden_layers")
     if num_layers is not None:
@@ -244,7 +275,9 @@ def hf_config_from_args(
 
 
 def write_hf_config(
-    out_dir: str | os.PathLike, args: NemotronHArgs, dtype: torch.dtype | str | None = None
+    out_dir: str | os.PathLike,
+    args: NemotronHArgs,
+    dtype: torch.dtype | str | None = None,
 ) -> str:
     """Write ``config.json`` for ``args`` into ``out_dir`` (via a temporary file and
     a rename, so a reader never sees half of it); return its path."""
@@ -292,7 +325,9 @@ def _mamba_fields(m) -> dict[str, Any]:
 
 def _attention_fields(a) -> dict[str, Any]:
     return dict(
-        num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, head_dim=a.head_dim
+        num_attention_heads=a.n_heads,
+        num_key_value_heads=a.n_kv_heads,
+        head_dim=a.head_dim,
     )
 
 
@@ -343,6 +378,8 @@ def args_from_model_config(model_config) -> NemotronHArgs:
     for symbol, what, extract in layer_kinds:
         for name, value in _same_for_all(layers, symbol, what, extract).items():
             if name in kw and kw[name] != value:
-                raise ValueError(f"{name}: {what} layers use {value}, others {kw[name]}")
+                raise ValueError(
+                    f"{name}: {what} layers use {value}, others {kw[name]}"
+                )
             kw[name] = value
     return NemotronHArgs(**kw)

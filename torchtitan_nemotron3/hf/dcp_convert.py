@@ -73,17 +73,25 @@ def dcp_to_hf(
         if keep_fp32(name):
             return torch.float32
         stored_dtype = metadata[name].properties.dtype
-        return dtype if dtype is not None and stored_dtype.is_floating_point else stored_dtype
+        return (
+            dtype
+            if dtype is not None and stored_dtype.is_floating_point
+            else stored_dtype
+        )
 
     groups = []
     for name, meta in meta_state.items():
         itemsize = torch.empty((), dtype=out_dtype(name)).element_size()
         hub = adapter.to_hf({name: meta})
-        groups.append(TensorGroup(name, {h: t.numel() * itemsize for h, t in hub.items()}))
+        groups.append(
+            TensorGroup(name, {h: t.numel() * itemsize for h, t in hub.items()})
+        )
 
     def fetch(shard: list[TensorGroup]) -> dict[str, torch.Tensor]:
         state = {
-            g.key: torch.empty(metadata[g.key].size, dtype=metadata[g.key].properties.dtype)
+            g.key: torch.empty(
+                metadata[g.key].size, dtype=metadata[g.key].properties.dtype
+            )
             for g in shard
         }
         dcp.load(state, storage_reader=FileSystemReader(dcp_dir), no_dist=True)
@@ -127,7 +135,9 @@ def add_hf_config(
     stored = scan_checkpoint(hf_dir)
     model, adapter = _build_on_meta(args)
     expected = {n: t.shape for n, t in adapter.to_hf(model.state_dict()).items()}
-    check_checkpoint(expected, {n: s.shape for n, s in stored.items()}, os.fspath(hf_dir))
+    check_checkpoint(
+        expected, {n: s.shape for n, s in stored.items()}, os.fspath(hf_dir)
+    )
     return write_hf_config(hf_dir, args, dtype or stored["lm_head.weight"].dtype)
 
 

@@ -138,7 +138,9 @@ def split_experts(
 def _missing(expected, got) -> str:
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))
-    return f"missing experts {missing}" + (f", unexpected experts {extra}" if extra else "")
+    return f"missing experts {missing}" + (
+        f", unexpected experts {extra}" if extra else ""
+    )
 
 
 def join_experts(
@@ -159,12 +161,15 @@ def join_experts(
     if layout is None:
         return torch.stack([pieces[k] for k in expected])
     locals_ = [
-        p.to_local() if isinstance(p, DTensor) else p for p in (pieces[k] for k in expected)
+        p.to_local() if isinstance(p, DTensor) else p
+        for p in (pieces[k] for k in expected)
     ]
     if locals_:
         local = torch.stack(locals_)
     else:  # an uneven shard can leave a rank without experts
-        local = torch.empty(layout.local_shape, dtype=layout.dtype, device=layout.device)
+        local = torch.empty(
+            layout.local_shape, dtype=layout.dtype, device=layout.device
+        )
     if tuple(local.shape) != layout.local_shape:
         raise ValueError(
             f"{name}: rebuilt local shard has shape {tuple(local.shape)}, expected "

@@ -59,7 +59,9 @@ def safetensors_files(path: str | os.PathLike) -> list[str]:
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index} has no weight_map")
         files = sorted(set(weight_map.values()))
-        missing = [name for name in files if not os.path.isfile(os.path.join(path, name))]
+        missing = [
+            name for name in files if not os.path.isfile(os.path.join(path, name))
+        ]
         if missing:
             raise FileNotFoundError(f"{index} names files that do not exist: {missing}")
         return [os.path.join(path, name) for name in files]
@@ -91,7 +93,9 @@ def scan_checkpoint(path: str | os.PathLike) -> dict[str, StoredTensor]:
                 shape = tuple(view.get_shape())
                 dtype = _DTYPES.get(view.get_dtype())
                 if dtype is None:
-                    raise ValueError(f"{file}: {key} has unsupported dtype {view.get_dtype()}")
+                    raise ValueError(
+                        f"{file}: {key} has unsupported dtype {view.get_dtype()}"
+                    )
                 for hub_name, expert in hub_names_on_disk(key, shape):
                     if hub_name in found:
                         other = found[hub_name]
@@ -110,7 +114,9 @@ def scan_checkpoint(path: str | os.PathLike) -> dict[str, StoredTensor]:
     return found
 
 
-def read_stored(f, stored: StoredTensor, slices: tuple[slice, ...] = ()) -> torch.Tensor:
+def read_stored(
+    f, stored: StoredTensor, slices: tuple[slice, ...] = ()
+) -> torch.Tensor:
     """Read ``stored`` (optionally a sub-block) from an open ``safe_open`` handle."""
     view = f.get_slice(stored.key)
     if stored.expert is None:

@@ -35,7 +35,9 @@ def _listing(names: list[str]) -> str:
     return ", ".join(names[:_SHOWN]) + more
 
 
-def check_checkpoint(expected: dict[str, tuple], found: dict[str, tuple], path: str) -> None:
+def check_checkpoint(
+    expected: dict[str, tuple], found: dict[str, tuple], path: str
+) -> None:
     """Raise ``CheckpointMismatchError`` naming every missing tensor, unexpected
     tensor and shape mismatch (key, expected vs found) at once; both dicts map
     tensor names to shapes."""
@@ -50,7 +52,9 @@ def check_checkpoint(expected: dict[str, tuple], found: dict[str, tuple], path: 
     if missing:
         problems.append(f"missing tensors ({len(missing)}): {_listing(missing)}")
     if unexpected:
-        problems.append(f"unexpected tensors ({len(unexpected)}): {_listing(unexpected)}")
+        problems.append(
+            f"unexpected tensors ({len(unexpected)}): {_listing(unexpected)}"
+        )
     if mismatched:
         problems.append(f"shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
     if problems:
@@ -178,7 +182,11 @@ def save_pretrained(
         out = {}
         for group in groups:
             for hub, value in adapter.to_hf({group.key: state_dict[group.key]}).items():
-                if dtype is not None and value.is_floating_point() and not keep_fp32(hub):
+                if (
+                    dtype is not None
+                    and value.is_floating_point()
+                    and not keep_fp32(hub)
+                ):
                     value = value.to(dtype)
                 out[hub] = value.detach().to("cpu").contiguous()
         return out

@@ -46,7 +46,9 @@ class NemotronHStorageReader(HuggingFaceStorageReader):
             state_dict_metadata[name] = TensorStorageMetadata(
                 properties=TensorProperties(dtype=stored.dtype),
                 size=torch.Size(stored.shape),
-                chunks=[ChunkStorageMetadata(offsets=zeros, sizes=torch.Size(stored.shape))],
+                chunks=[
+                    ChunkStorageMetadata(offsets=zeros, sizes=torch.Size(stored.shape))
+                ],
             )
             storage_data[MetadataIndex(fqn=name, offset=zeros)] = _StoredInfo(
                 relative_path=stored.file,
@@ -54,7 +56,9 @@ class NemotronHStorageReader(HuggingFaceStorageReader):
                 dtype=stored.dtype,
                 stored=stored,
             )
-        metadata = Metadata(state_dict_metadata=state_dict_metadata, storage_data=storage_data)
+        metadata = Metadata(
+            state_dict_metadata=state_dict_metadata, storage_data=storage_data
+        )
         metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata

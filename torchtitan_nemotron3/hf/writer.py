@@ -30,8 +30,18 @@ from .files import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(size: int | str) -> int:
@@ -41,7 +51,9 @@ def parse_size(size: int | str) -> int:
     else:
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", size)
         if match is None or match.group(2).upper() not in _UNITS:
-            raise ValueError(f"max_shard_size={size!r}: expected e.g. 5GB, 500MB or bytes")
+            raise ValueError(
+                f"max_shard_size={size!r}: expected e.g. 5GB, 500MB or bytes"
+            )
         value = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
     if value <= 0:
         raise ValueError(f"max_shard_size={size!r} must be positive")
@@ -61,7 +73,9 @@ class TensorGroup:
         return sum(self.hub_nbytes.values())
 
 
-def plan_shards(groups: list[TensorGroup], max_shard_size: int) -> list[list[TensorGroup]]:
+def plan_shards(
+    groups: list[TensorGroup], max_shard_size: int
+) -> list[list[TensorGroup]]:
     """Greedy, in order: a new shard starts when the next group would overflow the
     current one. A group larger than the limit gets a shard of its own."""
     shards: list[list[TensorGroup]] = []
@@ -93,7 +107,10 @@ def _exchange(a: str, b: str) -> bool:
     except (OSError, AttributeError):
         return False
     at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+    return (
+        renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+        == 0
+    )
 
 
 def _move_into_place(tmp: str, out_dir: str) -> None:
@@ -102,8 +119,9 @@ def _move_into_place(tmp: str, out_dir: str) -> None:
     elif _exchange(tmp, out_dir):
         shutil.rmtree(tmp)  # now holds the previous checkpoint
     else:
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-",
-                               dir=os.path.dirname(out_dir))
+        old = tempfile.mkdtemp(
+            prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir)
+        )
         os.rmdir(old)
         os.rename(out_dir, old)
         os.rename(tmp, out_dir)
@@ -160,21 +178,30 @@ def write_hf_checkpoint(
     names = (
         [SAFETENSORS_SINGLE]
         if len(shards) == 1
-        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+        else [
+            f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            for i in range(1, len(shards) + 1)
+        ]
     )
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(g.nbytes for g in groups), unit="B", unit_scale=True,
-                   desc="writing safetensors")
+        bar = tqdm(
+            total=sum(g.nbytes for g in groups),
+            unit="B",
+            unit_scale=True,
+            desc="writing safetensors",
+        )
     weight_map = {}
     with atomic_directory(out_dir) as tmp:
         for name, shard in zip(names, shards):
             tensors = fetch(shard)
             expected = [hub for group in shard for hub in group.hub_nbytes]
             if sorted(tensors) != sorted(expected):
-                raise RuntimeError(f"fetch returned {sorted(tensors)}, expected {sorted(expected)}")
+                raise RuntimeError(
+                    f"fetch returned {sorted(tensors)}, expected {sorted(expected)}"
+                )
             _save_file({k: tensors[k] for k in expected}, os.path.join(tmp, name))
             weight_map.update(dict.fromkeys(expected, name))
             del tensors
