@@ -118,8 +118,10 @@ def read_stored(
     f, stored: StoredTensor, slices: tuple[slice, ...] = ()
 ) -> torch.Tensor:
     """Read ``stored`` (optionally a sub-block) from an open ``safe_open`` handle."""
+    if stored.expert is None and not slices:
+        return f.get_tensor(stored.key)
     view = f.get_slice(stored.key)
     if stored.expert is None:
-        return view[slices] if slices else view[:]
-    block = (slice(stored.expert, stored.expert + 1),) + tuple(slices)
+        return view[slices]
+    block = (slice(stored.expert, stored.expert + 1), *slices)
     return view[block][0]
