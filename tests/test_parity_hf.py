@@ -6,75 +6,13 @@ written out here by hand (not through our HF adapter) so the test does not trust
 the code it checks.
 """
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-transformers = pytest.importorskip("transformers")
-from transformers import NemotronHConfig, NemotronHForCausalLM  # noqa: E402
-
-from conftest import build_model, random_args  # noqa: E402
-from torchtitan_nemotron3.model.pattern import to_hf_block_types  # noqa: E402
+from nemotron_testing import build_model, hf_reference, random_args, randomize_
 
 RTOL = 1e-5
-
-
-def hf_reference(args) -> NemotronHForCausalLM:
-    cfg = NemotronHConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        layers_block_type=to_hf_block_types(args.hybrid_override_pattern),
-        num_attention_heads=args.num_attention_heads,
-        num_key_value_heads=args.num_key_value_heads,
-        head_dim=args.head_dim,
-        mamba_num_heads=args.mamba_num_heads,
-        mamba_head_dim=args.mamba_head_dim,
-        ssm_state_size=args.ssm_state_size,
-        n_groups=args.n_groups,
-        conv_kernel=args.conv_kernel,
-        use_conv_bias=args.use_conv_bias,
-        use_bias=args.use_bias,
-        chunk_size=args.chunk_size,
-        time_step_min=args.time_step_min,
-        n_routed_experts=args.n_routed_experts,
-        num_experts_per_tok=args.num_experts_per_tok,
-        moe_intermediate_size=args.moe_intermediate_size,
-        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
-        intermediate_size=args.intermediate_size,
-        n_group=args.n_group,
-        topk_group=args.topk_group,
-        norm_topk_prob=args.norm_topk_prob,
-        routed_scaling_factor=args.routed_scaling_factor,
-        layer_norm_epsilon=args.layer_norm_epsilon,
-        tie_word_embeddings=False,
-        use_cache=False,
-    )
-    cfg._attn_implementation = "sdpa"
-    return NemotronHForCausalLM(cfg).float()
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Weights that make every term matter: unit-scale matmuls, non-trivial norms,
-    per-head A/D/dt_bias, and a correction bias big enough to change routing."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if name.endswith("A_log"):
-                new = torch.empty(t.shape).uniform_(1, 16, generator=g).log()
-            elif name.endswith("dt_bias"):
-                new = torch.randn(t.shape, generator=g) * 0.5 - 2.0
-            elif name.endswith(".D"):
-                new = torch.randn(t.shape, generator=g)
-            elif name.endswith("e_score_correction_bias"):
-                new = torch.randn(t.shape, generator=g) * 0.1
-            elif t.dim() == 1:  # norms and biases
-                new = 1.0 + 0.2 * torch.randn(t.shape, generator=g)
-            else:
-                fan_in = t.shape[-1]
-                new = torch.randn(t.shape, generator=g) / math.sqrt(fan_in)
-            t.copy_(new)
 
 
 def hf_to_ours_name(hf_name: str) -> str:

@@ -7,9 +7,8 @@ hub holds, so our reader is tested against it and our writer is compared with it
 import os
 
 import torch
-from conftest import random_args
+from nemotron_testing import hf_reference, random_args, randomize_
 from safetensors import safe_open
-from test_parity_hf import hf_reference, randomize_
 
 
 def transformers_model(args, seed: int = 0):

@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from conftest import build_model  # noqa: E402
+from nemotron_testing import build_model  # noqa: E402
 from hf_checkpoints import (  # noqa: E402
     assert_same_tensors,
     read_tensors,

@@ -84,7 +84,7 @@ def test_dcp_to_hf_to_dcp(trained, tmp_path):
 
 
 def test_dcp_to_hf_in_bf16_with_a_flavor(tmp_path):
-    from conftest import build_model
+    from nemotron_testing import build_model
 
     from torchtitan_nemotron3.model import flavor_args
 

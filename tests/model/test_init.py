@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import build_model
+from nemotron_testing import build_model
 from torchtitan_nemotron3.model import flavor_args
 
 

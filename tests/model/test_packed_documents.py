@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import build_model, random_args
+from nemotron_testing import build_model, random_args
 
 DOCS = [7, 1, 19, 13]  # lengths straddling chunk boundaries, one single-token document
 
