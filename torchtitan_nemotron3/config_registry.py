@@ -91,7 +91,10 @@ def nemotron3_nano_30b() -> Trainer.Config:
             initial_load_in_hf=True,
             last_save_model_only=True,
             last_save_in_hf=True,
-            export_dtype="bfloat16",
+            # TorchTitan casts every tensor, the fp32 routing bias included, to
+            # export_dtype before our adapter sees it; float32 keeps the bias exact.
+            # For a bf16 export with an exact bias use scripts/convert_checkpoint.py.
+            export_dtype="float32",
         ),
         activation_checkpoint=SelectiveAC.Config(),
     )
