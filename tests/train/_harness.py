@@ -57,6 +57,10 @@ def run_training(
     if not any(a == "--dump_folder" or a.startswith("--dump_folder=") for a in args):
         args += ["--dump_folder", str(tmp_path / "outputs")]
     run_env = {
+        # One intra-op thread per rank (torchrun's own default for >1 rank): on a
+        # shared 2-core CI box, OpenMP spin-waiting under contention made steps
+        # ~10x slower with 2 threads than with 1.
+        "OMP_NUM_THREADS": "1",
         **os.environ,
         "NGPU": str(ngpu),
         "CONFIG_FILE": str(config_file),
