@@ -81,6 +81,9 @@ class TorchMambaOps:
 
 
 _REGISTRY: dict[str, MambaOps] = {"torch": TorchMambaOps()}
+# Registered by ``torchtitan_nemotron3.kernels`` when first asked for: importing it
+# defines custom ops but imports no kernel package (those load on first CUDA use).
+_KERNEL_BACKENDS = ("cuda", "auto")
 
 
 def register_mamba_ops(ops: MambaOps) -> None:
@@ -88,6 +91,11 @@ def register_mamba_ops(ops: MambaOps) -> None:
 
 
 def get_mamba_ops(name: str) -> MambaOps:
+    """The backend called ``name``: "torch" (exact, any device), "cuda" (mamba-ssm's
+    Triton SSD + causal-conv1d, or an error), "auto" (kernels on CUDA where available,
+    torch otherwise), or one registered with ``register_mamba_ops``."""
+    if name in _KERNEL_BACKENDS and name not in _REGISTRY:
+        import torchtitan_nemotron3.kernels  # noqa: F401  (registers them)
     if name not in _REGISTRY:
         raise ValueError(
             f"unknown Mamba2 kernel backend {name!r}; available: {sorted(_REGISTRY)}"

@@ -1,0 +1,217 @@
+"""``MambaOps`` backends on the GPU kernels: ``cuda`` (kernels or an error) and ``auto``.
+
+``CudaMambaOps`` maps the mixer's ``conv``/``scan`` onto the custom ops of
+``conv_op.py``/``ssd_op.py`` with ``TorchMambaOps``' semantics (``seq_idx`` for packed
+documents, ``dt_limit``, ``D`` skip, output in the input dtype). It is strict: a
+missing kernel or a shape the kernel cannot take is an error, so a benchmark or a
+run that asked for the kernels gets them.
+
+``AutoMambaOps`` decides per call, conv and SSD independently: kernel if the tensors
+are on a device the loaded kernel runs on and the call fits it, else the exact torch
+op. On CPU it never loads anything and is exactly ``TorchMambaOps``. It logs once per
+device which path each op takes and why, and once per reason a call falls back.
+
+The decision is made in ``_use_kernel``, marked ``assume_constant_result``: under
+``torch.compile`` Dynamo runs it once at trace time (loading the packages if
+needed, logging) and bakes the boolean into the graph instead of tracing the
+import machinery, so ``fullgraph=True`` holds.
+"""
+
+import torch
+from torchtitan.tools.logging import logger
+
+from ..model.mamba_ops import TorchMambaOps
+from . import loader
+from .conv_op import causal_conv1d_silu
+from .ssd_op import mamba_ssd
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Both packages compute some element offsets in 32 bits (causal-conv1d's strides are
+# uint32; mamba-ssm's Triton pointer arithmetic, mamba issue #1015): past this, the
+# kernels crash or silently return wrong values, so such calls stay on torch.
+_OFFSET_LIMIT = 2**31
+
+
+def _last_offset(t: torch.Tensor) -> int:
+    """Element offset of a tensor's last element from its first (strided views count
+    their full row stride, e.g. ``x`` sliced out of the ``in_proj`` output)."""
+    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+
+
+def _too_large(largest: int) -> str:
+    if largest >= _OFFSET_LIMIT:
+        return f"{largest}-element offsets, past the kernels' 32-bit arithmetic"
+    return ""
+
+
+def conv_ineligible(xBC_BLC: torch.Tensor, weight_CK: torch.Tensor) -> str:
+    """Why causal-conv1d cannot take this call ("" if it can)."""
+    C, K = weight_CK.shape
+    if not 2 <= K <= 4:
+        return f"conv width {K} (causal-conv1d takes 2 to 4)"
+    if C % 8:
+        return f"{C} conv channels, not a multiple of 8"
+    for t in (xBC_BLC, weight_CK):
+        if t.dtype not in _KERNEL_DTYPES:
+            return f"dtype {t.dtype}"
+    return _too_large(max(_last_offset(xBC_BLC), xBC_BLC.numel()))
+
+
+def ssd_ineligible(
+    x_BLHP: torch.Tensor,
+    dt_BLH: torch.Tensor,
+    B_BLGN: torch.Tensor,
+    C_BLGN: torch.Tensor,
+    chunk_size: int,
+) -> str:
+    """Why mamba-ssm's SSD cannot take this call ("" if it can)."""
+    if x_BLHP.dtype not in _KERNEL_DTYPES:
+        return f"dtype {x_BLHP.dtype}"
+    Bsz, L, H, P = x_BLHP.shape
+    G, N = B_BLGN.shape[-2:]
+    n_chunks = (L + chunk_size - 1) // chunk_size
+    return _too_large(
+        max(
+            *(_last_offset(t) for t in (x_BLHP, dt_BLH, B_BLGN, C_BLGN)),
+            Bsz * L * H * P,  # out, dx, dout
+            Bsz * n_chunks * H * P * N,  # chunk states
+            Bsz * n_chunks * G * chunk_size * chunk_size,  # C·Bᵀ per chunk
+        )
+    )
+
+
+def _seq_idx_i32(seq_idx_BL: torch.Tensor | None) -> torch.Tensor | None:
+    return None if seq_idx_BL is None else seq_idx_BL.to(torch.int32).contiguous()
+
+
+class CudaMambaOps:
+    """mamba-ssm's Triton SSD and causal-conv1d's CUDA conv; errors if either is missing."""
+
+    name = "cuda"
+
+    def conv(self, xBC_BLC, weight_CK, bias_C, seq_idx_BL):
+        why = conv_ineligible(xBC_BLC, weight_CK)
+        if why:
+            raise ValueError(f"kernel_backend='cuda': causal-conv1d cannot take {why}")
+        if bias_C is None:
+            bias_C = weight_CK.new_zeros(weight_CK.shape[0])
+        return causal_conv1d_silu(
+            xBC_BLC, weight_CK, bias_C.to(weight_CK.dtype), _seq_idx_i32(seq_idx_BL)
+        )
+
+    def scan(
+        self,
+        x_BLHP,
+        dt_BLH,
+        A_H,
+        B_BLGN,
+        C_BLGN,
+        *,
+        D_H,
+        dt_bias_H,
+        dt_limit,
+        chunk_size,
+        seq_idx_BL,
+    ):
+        why = ssd_ineligible(x_BLHP, dt_BLH, B_BLGN, C_BLGN, chunk_size)
+        if why:
+            raise ValueError(f"kernel_backend='cuda': the SSD kernel cannot take {why}")
+        lo, hi = dt_limit
+        return mamba_ssd(
+            x_BLHP,
+            dt_BLH,
+            A_H,
+            B_BLGN,
+            C_BLGN,
+            D_H,
+            dt_bias_H,
+            _seq_idx_i32(seq_idx_BL),
+            chunk_size,
+            float(lo),
+            float(hi),
+        )
+
+
+# device type -> op ("conv"/"ssd") -> (use the kernel, why)
+_PLANS: dict[str, dict[str, tuple[bool, str]]] = {}
+_LOGGED: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        logger.info(message)
+
+
+def _forget_plans() -> None:
+    _PLANS.clear()
+    _LOGGED.clear()
+
+
+loader._ON_CHANGE.append(_forget_plans)
+
+
+def _plan(device_type: str) -> dict[str, tuple[bool, str]]:
+    """Which ops use a kernel on this device, and why; logged when first made."""
+    if device_type not in _PLANS:
+        plan = {}
+        for op, load in (("conv", loader.conv_kernels), ("ssd", loader.ssd_kernels)):
+            if device_type != "cuda" and not loader.overridden(op):
+                # Nothing to load: the real kernels run on CUDA only.
+                plan[op] = (False, f"tensors on {device_type}")
+                continue
+            kernels, status = load()
+            if kernels is None:
+                plan[op] = (False, status.detail)
+            elif device_type not in kernels.devices:
+                plan[op] = (
+                    False,
+                    f"{status.name} runs on {'/'.join(sorted(kernels.devices))}",
+                )
+            else:
+                plan[op] = (True, f"{status.name}: {status.detail}")
+        _PLANS[device_type] = plan
+        (conv, conv_why), (ssd, ssd_why) = plan["conv"], plan["ssd"]
+        _log_once(
+            f"Mamba2 ops (kernel_backend='auto', {device_type}): "
+            f"conv -> {'kernel' if conv else 'torch'} ({conv_why}); "
+            f"SSD -> {'kernel' if ssd else 'torch'} ({ssd_why})"
+        )
+    return _PLANS[device_type]
+
+
+@torch.compiler.assume_constant_result
+def _use_kernel(op: str, device_type: str, ineligible: str) -> bool:
+    use, _ = _plan(device_type)[op]
+    if use and ineligible:
+        _log_once(
+            f"Mamba2 {op} (kernel_backend='auto', {device_type}): torch for {ineligible}"
+        )
+        return False
+    return use
+
+
+class AutoMambaOps:
+    """Per call: the kernel when the tensors are on CUDA, it loaded and the call fits it;
+    otherwise the torch op. Conv and SSD fall back independently."""
+
+    name = "auto"
+
+    def __init__(self) -> None:
+        self.torch_ops = TorchMambaOps()
+        self.kernel_ops = CudaMambaOps()
+
+    def conv(self, xBC_BLC, weight_CK, bias_C, seq_idx_BL):
+        why = conv_ineligible(xBC_BLC, weight_CK)
+        if _use_kernel("conv", xBC_BLC.device.type, why):
+            return self.kernel_ops.conv(xBC_BLC, weight_CK, bias_C, seq_idx_BL)
+        return self.torch_ops.conv(xBC_BLC, weight_CK, bias_C, seq_idx_BL)
+
+    def scan(self, x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, **kwargs):
+        why = ssd_ineligible(x_BLHP, dt_BLH, B_BLGN, C_BLGN, kwargs["chunk_size"])
+        ops = (
+            self.kernel_ops
+            if _use_kernel("ssd", x_BLHP.device.type, why)
+            else self.torch_ops
+        )
+        return ops.scan(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, **kwargs)

@@ -1,0 +1,185 @@
+"""Torch stand-ins with the exact signatures of the kernels ``loader.py`` finds.
+
+``REFERENCE_SSD`` / ``REFERENCE_CONV`` compute what mamba-ssm's
+``_mamba_chunk_scan_combined_fwd/_bwd`` and causal-conv1d's
+``causal_conv1d_fwd/bwd_function`` compute, through the model's own exact torch ops
+(``model/ssd.py``, ``model/conv.py``), backward by autograd. Put in place with
+``loader.override_kernels``, they let the whole kernel path (argument mapping, custom
+ops, fake tensors, autograd, compile) run and be checked on CPU, where the real
+kernels cannot. Only the arguments the mixer uses are implemented; the others must
+keep their defaults.
+"""
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from ..model.conv import causal_conv1d
+from ..model.ssd import ssd_chunked
+from .loader import ConvKernels, KernelStatus, SSDKernels
+
+
+def _unused(**kwargs) -> None:
+    for name, value in kwargs.items():
+        if value is not None:
+            raise NotImplementedError(f"reference kernels do not implement {name}")
+
+
+@contextlib.contextmanager
+def _autograd():
+    """A custom op's implementation runs below autograd (grad mode off, the Autograd
+    dispatch keys excluded); the reference backwards need autograd back on."""
+    excluded = torch._C._dispatch_tls_local_exclude_set().remove(
+        torch._C.DispatchKey.AutogradCPU  # removes the Autograd functionality, all backends
+    )
+    included = torch._C._dispatch_tls_local_include_set()
+    with torch._C._ForceDispatchKeyGuard(included, excluded), torch.enable_grad():
+        yield
+
+
+def _ssd(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_softplus, dt_limit):
+    compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dt = dt.to(compute_dtype)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(compute_dtype)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    lo, hi = dt_limit
+    if lo > 0.0 or hi != float("inf"):
+        dt = dt.clamp(min=lo, max=hi)
+    y = ssd_chunked(x, dt, A, B, C, chunk_size, seq_idx)
+    if D is not None:
+        y = y + D.to(compute_dtype)[:, None] * x.to(compute_dtype)
+    return y.to(x.dtype)
+
+
+def ssd_fwd_reference(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    chunk_size,
+    D=None,
+    z=None,
+    dt_bias=None,
+    initial_states=None,
+    seq_idx=None,
+    cu_seqlens=None,
+    dt_softplus=False,
+    dt_limit=(0.0, float("inf")),
+):
+    """``(out, out_x, dt_out, dA_cumsum, states, final_states)``; only ``out`` is real."""
+    _unused(z=z, initial_states=initial_states, cu_seqlens=cu_seqlens)
+    with torch.no_grad():
+        out = _ssd(
+            x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_softplus, dt_limit
+        )
+    return out, None, None, None, None, None
+
+
+def ssd_bwd_reference(
+    dout,
+    x,
+    dt,
+    A,
+    B,
+    C,
+    out,
+    chunk_size,
+    D=None,
+    z=None,
+    dt_bias=None,
+    initial_states=None,
+    dfinal_states=None,
+    seq_idx=None,
+    dt_softplus=False,
+    dt_limit=(0.0, float("inf")),
+    **unused,
+):
+    """``(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states)``, in the kernel's
+    dtypes: dA and ddt_bias fp32, the others like their inputs."""
+    _unused(z=z, initial_states=initial_states, dfinal_states=dfinal_states)
+    leaves = [t.detach().requires_grad_() for t in (x, dt, A, B, C, D, dt_bias)]
+    with _autograd():
+        y = _ssd(
+            *leaves[:5],
+            chunk_size,
+            leaves[5],
+            leaves[6],
+            seq_idx,
+            dt_softplus,
+            dt_limit,
+        )
+        dx, ddt, dA, dB, dC, dD, ddt_bias = torch.autograd.grad(y, leaves, dout)
+    return dx, ddt, dA.float(), dB, dC, dD, None, ddt_bias.float(), None
+
+
+def _conv(x_BCL, weight, bias, seq_idx, silu):
+    # The kernel accumulates in fp32 and writes the input dtype.
+    y_BLC = causal_conv1d(
+        x_BCL.transpose(1, 2).float(),
+        weight.float(),
+        None if bias is None else bias.float(),
+        seq_idx,
+    )
+    if silu:
+        y_BLC = F.silu(y_BLC)
+    return y_BLC.to(x_BCL.dtype).transpose(1, 2)
+
+
+def conv_fwd_reference(
+    x, weight, bias, seq_idx, initial_states, final_states_out, silu_activation
+):
+    _unused(initial_states=initial_states, final_states_out=final_states_out)
+    with torch.no_grad():
+        return _conv(x, weight, bias, seq_idx, silu_activation)
+
+
+def conv_bwd_reference(
+    x,
+    weight,
+    bias,
+    dout,
+    seq_idx,
+    initial_states,
+    dfinal_states,
+    dx,
+    return_dinitial_states,
+    silu_activation,
+):
+    _unused(initial_states=initial_states, dfinal_states=dfinal_states, dx=dx)
+    leaves = [
+        t.detach().requires_grad_()
+        for t in (x, weight) + ((bias,) if bias is not None else ())
+    ]
+    with _autograd():
+        y = _conv(
+            leaves[0],
+            leaves[1],
+            leaves[2] if bias is not None else None,
+            seq_idx,
+            silu_activation,
+        )
+        grads = torch.autograd.grad(y, leaves, dout)
+    dbias = grads[2] if bias is not None else None
+    return grads[0], grads[1], dbias, None
+
+
+_ANY_DEVICE = frozenset({"cpu", "cuda"})
+
+REFERENCE_SSD = SSDKernels(
+    fwd=ssd_fwd_reference,
+    bwd=ssd_bwd_reference,
+    status=KernelStatus("reference SSD", True, "torch stand-in (kernels/reference.py)"),
+    devices=_ANY_DEVICE,
+)
+REFERENCE_CONV = ConvKernels(
+    fwd=conv_fwd_reference,
+    bwd=conv_bwd_reference,
+    status=KernelStatus(
+        "reference conv", True, "torch stand-in (kernels/reference.py)"
+    ),
+    devices=_ANY_DEVICE,
+)
