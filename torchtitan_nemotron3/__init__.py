@@ -24,8 +24,9 @@ __all__ = [
 ]
 
 
-def model_registry(flavor: str, kernel_backend: str = "torch") -> ModelSpec:
-    """The TorchTitan ModelSpec of a flavor ("debugmodel", "nano-30B")."""
+def model_registry(flavor: str, kernel_backend: str = "auto") -> ModelSpec:
+    """The TorchTitan ModelSpec of a flavor ("debugmodel", "nano-30B"); Mamba2 ops
+    from ``kernel_backend`` ("auto": GPU kernels where available, else torch)."""
     return ModelSpec(
         name="nemotron3",
         flavor=flavor,

@@ -132,9 +132,13 @@ def _moe(args: NemotronHArgs, std: float, out_std: float) -> NemotronHMoE.Config
 
 
 def build_model_config(
-    args: NemotronHArgs, kernel_backend: str = "torch"
+    args: NemotronHArgs, kernel_backend: str = "auto"
 ) -> NemotronHModel.Config:
-    """The module-config tree for ``args``: one block config per pattern symbol."""
+    """The module-config tree for ``args``: one block config per pattern symbol.
+
+    ``kernel_backend`` picks the Mamba2 conv/scan ops (``model/mamba_ops.py``): "auto"
+    uses mamba-ssm / causal-conv1d kernels on CUDA tensors when installed and is
+    exactly the torch path otherwise; "torch" and "cuda" force one side."""
     D, std = args.hidden_size, args.initializer_range
     out_std = std / math.sqrt(args.num_hidden_layers) if args.rescale_prenorm_residual else std
 
