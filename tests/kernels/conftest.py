@@ -1,0 +1,44 @@
+"""Fixtures for the kernel-path tests: the torch references in place of the GPU
+kernels, and a ``sys.modules``/``sys.path`` sandbox for fake kernel packages."""
+
+import importlib
+import sys
+
+import pytest
+import torch
+
+from torchtitan_nemotron3.kernels import loader, override_kernels
+from torchtitan_nemotron3.kernels.reference import REFERENCE_CONV, REFERENCE_SSD
+
+KERNEL_PACKAGES = ("mamba_ssm", "causal_conv1d")
+
+
+def _kernel_modules() -> set[str]:
+    return {
+        n
+        for n in sys.modules
+        if any(n == p or n.startswith(p + ".") for p in KERNEL_PACKAGES)
+    }
+
+
+@pytest.fixture
+def module_sandbox(tmp_path, monkeypatch):
+    """``tmp_path`` on ``sys.path`` for fake packages; afterwards every kernel-package
+    module they brought in is gone and the loader has forgotten what it found."""
+    before = _kernel_modules()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    loader.forget_loaded_kernels()
+    yield tmp_path
+    for name in _kernel_modules() - before:
+        del sys.modules[name]
+    loader.forget_loaded_kernels()
+
+
+@pytest.fixture
+def reference_kernels():
+    """The torch references stand in for mamba-ssm and causal-conv1d (on any device)."""
+    torch._dynamo.reset()
+    with override_kernels(ssd=REFERENCE_SSD, conv=REFERENCE_CONV):
+        yield
+    torch._dynamo.reset()
