@@ -60,6 +60,17 @@ def test_set_timeout_shim_noop_when_present(monkeypatch):
 def test_device_shim_noop_with_accelerator(monkeypatch):
     monkeypatch.setattr(cpu_compat, "_no_accelerator", lambda: False)
     assert cpu_compat._shim_cpu_device() is False
+    assert cpu_compat._shim_flush_denormal() is False
+
+
+def test_denormals_flushed_on_cpu():
+    cpu_compat.apply()
+    tiny = torch.tensor([1e-39], dtype=torch.float32)  # a denormal
+    if torch.cuda.is_available():
+        assert "flush_denormal" not in cpu_compat.applied()
+    else:
+        assert "flush_denormal" in cpu_compat.applied()
+        assert tiny.item() == 0.0
 
 
 def test_adjust_config_noop_with_accelerator(monkeypatch):
