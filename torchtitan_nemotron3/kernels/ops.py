@@ -180,6 +180,14 @@ def _plan(device_type: str) -> dict[str, tuple[bool, str]]:
     return _PLANS[device_type]
 
 
+def auto_plan(device_type: str) -> str:
+    """What ``auto`` does on this device, in words (loads the kernels if on CUDA)."""
+    plan = _plan(device_type)
+    return "; ".join(
+        f"{op} -> {'kernel' if use else 'torch'} ({why})" for op, (use, why) in plan.items()
+    )
+
+
 @torch.compiler.assume_constant_result
 def _use_kernel(op: str, device_type: str, ineligible: str) -> bool:
     use, _ = _plan(device_type)[op]
