@@ -127,8 +127,8 @@ def import_bypassing_init(package: str, submodule: str) -> tuple[ModuleType, str
     """Import ``package.submodule``; if ``package/__init__.py`` itself fails, import it
     through a bare package instead. Returns the module and how the package was loaded.
 
-    Raises ``KernelUnavailable`` (and leaves ``sys.modules`` as it found it) when the
-    package is not installed or the submodule cannot be imported either way.
+    Raises ``KernelUnavailable`` when the package is not installed or the submodule
+    cannot be imported either way, leaving no bare package or orphaned child behind.
     """
     full_name = f"{package}.{submodule}"
     existing = sys.modules.get(package)
