@@ -1,5 +1,6 @@
 """Apply TorchTitan's training techniques to NemotronH: AC, per-block compile, FSDP2."""
 
+import torch
 import torch.nn as nn
 
 from torchtitan.config import (
@@ -9,10 +10,36 @@ from torchtitan.config import (
     TrainingConfig,
 )
 from torchtitan.distributed import ParallelDims
-from torchtitan.distributed.activation_checkpoint import ActivationCheckpointingConfig
+from torchtitan.distributed.activation_checkpoint import (
+    ActivationCheckpointingConfig,
+    SelectiveAC,
+)
 from torchtitan.distributed.compile import apply_compile
 from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
 from torchtitan.tools.logging import logger
+
+
+class NemotronHSelectiveAC(SelectiveAC):
+    """TorchTitan's per-op selective AC, also saving NemotronH's own expensive ops.
+
+    The experts' grouped GEMMs and the CUDA SSD scan are custom ops (so they
+    compile), which TorchTitan's save list cannot know about: without this they
+    would be recomputed in the backward of every block.
+    """
+
+    def get_save_ops(self) -> set:
+        import torchtitan_nemotron3.model.grouped_mm  # noqa: F401  (registers the op)
+
+        ops = {torch.ops.nemotron3.grouped_mm.default}
+        if hasattr(torch.ops.nemotron3, "mamba_ssd"):  # registered by our kernels
+            ops.add(torch.ops.nemotron3.mamba_ssd.default)
+        return super().get_save_ops() | ops
+
+
+def _build_ac(ac_config, dump_folder: str):
+    if type(ac_config) is SelectiveAC.Config:
+        return NemotronHSelectiveAC(ac_config, dump_folder=dump_folder)
+    return ac_config.build(dump_folder=dump_folder)
 
 
 def parallelize_nemotronh(
@@ -40,7 +67,7 @@ def parallelize_nemotronh(
         )
 
     if ac_config is not None:
-        ac_config.build(dump_folder=dump_folder).apply(model)
+        _build_ac(ac_config, dump_folder).apply(model)
 
     if compile_config.enable and "model" in compile_config.components:
         apply_compile(model, compile_config=compile_config, parallel_dims=parallel_dims)

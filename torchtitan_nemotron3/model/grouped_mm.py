@@ -23,15 +23,15 @@ def _(x_RD, w_EDF, offs_E):
 
 @torch.library.custom_op("nemotron3::grouped_mm_wgrad", mutates_args=())
 def grouped_mm_wgrad(
-    x_RD: torch.Tensor, grad_RF: torch.Tensor, offs_E: torch.Tensor
+    a_RM: torch.Tensor, b_RK: torch.Tensor, offs_E: torch.Tensor
 ) -> torch.Tensor:
-    """Per group ``x_eᵀ @ grad_e``: ``(R, D), (R, F) -> (E, D, F)``; empty groups give 0."""
-    return torch._grouped_mm(x_RD.t(), grad_RF, offs=offs_E)
+    """Per group ``a_eᵀ @ b_e``: ``(R, M), (R, K) -> (E, M, K)``; empty groups give 0."""
+    return torch._grouped_mm(a_RM.t(), b_RK, offs=offs_E)
 
 
 @grouped_mm_wgrad.register_fake
-def _(x_RD, grad_RF, offs_E):
-    return x_RD.new_empty(offs_E.shape[0], x_RD.shape[1], grad_RF.shape[1])
+def _(a_RM, b_RK, offs_E):
+    return a_RM.new_empty(offs_E.shape[0], a_RM.shape[1], b_RK.shape[1])
 
 
 def _setup_context(ctx, inputs, output):
@@ -45,7 +45,10 @@ def _backward(ctx, grad_RF):
     # has zero strides.
     grad_RF = grad_RF.contiguous()
     grad_x = grouped_mm(grad_RF, w_EDF.transpose(-2, -1), offs_E)
-    grad_w = grouped_mm_wgrad(x_RD, grad_RF, offs_E)
+    # The weight arrives as a transposed view of an (E, F, D) parameter: compute
+    # its gradient in the parameter's own layout and hand back the matching view,
+    # so gradient accumulation needs no whole-weight copy.
+    grad_w = grouped_mm_wgrad(grad_RF, x_RD, offs_E).transpose(-2, -1)
     return grad_x, grad_w, None
 
 
