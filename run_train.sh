@@ -28,6 +28,10 @@ TORCHRUN=${TORCHRUN:-torchrun}
 if [[ ! -f "$CONFIG_FILE" && -f "$ROOT/$CONFIG_FILE" ]]; then
     CONFIG_FILE="$ROOT/$CONFIG_FILE"
 fi
+if [[ ! -f "$CONFIG_FILE" ]]; then
+    echo "run_train.sh: CONFIG_FILE not found: $CONFIG_FILE" >&2
+    exit 2
+fi
 
 # Import this checkout's package (and test configs) without requiring an install.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"

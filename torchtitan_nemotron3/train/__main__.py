@@ -63,14 +63,19 @@ def main(argv: list[str] | None = None) -> None:
     from torchtitan.observability import structured_logger as sl
     from torchtitan.tools.logging import init_logger, logger
 
-    from torchtitan_nemotron3.train.toml_config import load_toml_config
+    from torchtitan_nemotron3.train.toml_config import ConfigError, load_toml_config
 
     init_logger()
     logger.info(f"torchtitan version: {torchtitan.__version__}")
     if cpu_compat.applied():
         logger.info(f"[cpu_compat] process shims: {', '.join(cpu_compat.applied())}")
 
-    config = load_toml_config(config_file, overrides)
+    try:
+        config = load_toml_config(config_file, overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        # A bad job file is the user's to fix: one line naming it, no traceback.
+        logger.error(f"error: {e}")
+        raise SystemExit(2) from None
     logger.info(f"Loaded {config_file} (overrides: {' '.join(overrides) or 'none'})")
     cpu_compat.adjust_config_for_cpu(config)
 
