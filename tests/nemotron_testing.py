@@ -53,9 +53,16 @@ def random_args(seed: int, *, n_group: int = 2, num_layers: int = 6) -> Nemotron
     )
 
 
-def build_model(args: NemotronHArgs, seed: int = 0, dtype=torch.float32):
-    """Our model, on CPU, initialised from scratch (meta build + init_states)."""
-    cfg = build_model_config(args)
+def build_model(
+    args: NemotronHArgs,
+    seed: int = 0,
+    dtype=torch.float32,
+    kernel_backend: str | None = None,
+):
+    """Our model, on CPU, initialised from scratch (meta build + init_states), as the
+    trainer builds it; ``kernel_backend=None`` takes the flavors' default."""
+    kwargs = {} if kernel_backend is None else {"kernel_backend": kernel_backend}
+    cfg = build_model_config(args, **kwargs)
     with torch.device("meta"):
         model = cfg.build()
     model.to_empty(device="cpu")

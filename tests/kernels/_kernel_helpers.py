@@ -1,8 +1,9 @@
 """Configs and builders shared by the kernel-path tests (fixtures: ``conftest.py``)."""
 
 import torch
+from nemotron_testing import build_model
 
-from torchtitan_nemotron3.model import NemotronHArgs, build_model_config
+from torchtitan_nemotron3.model import NemotronHArgs
 
 
 def mamba_args(**overrides) -> NemotronHArgs:
@@ -37,14 +38,8 @@ def build(
     dtype=torch.float32,
 ):
     """Our model on CPU, initialised from scratch; ``kernel_backend=None`` takes the default."""
-    kwargs = {} if kernel_backend is None else {"kernel_backend": kernel_backend}
-    cfg = build_model_config(args, **kwargs)
-    with torch.device("meta"):
-        model = cfg.build()
-    model.to_empty(device="cpu")
-    torch.manual_seed(seed)
+    model = build_model(args, seed=seed, kernel_backend=kernel_backend)
     with torch.no_grad():
-        model.init_states()
         # Non-trivial D and dt_bias so those paths matter.
         for name, p in model.named_parameters():
             if name.endswith((".D", ".dt_bias")):
