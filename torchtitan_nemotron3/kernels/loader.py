@@ -235,24 +235,24 @@ _OVERRIDES: dict[str, SSDKernels | ConvKernels | None] = {}
 _ON_CHANGE: list[Callable[[], None]] = []
 
 
+def _kernels(kind: str, label: str, load: Callable[[], tuple]) -> tuple:
+    """The override for ``kind`` if one is set, else ``load()``'s result, cached."""
+    if kind in _OVERRIDES:
+        k = _OVERRIDES[kind]
+        return k, k.status if k else KernelStatus(label, False, "disabled by override")
+    if kind not in _LOADED:
+        _LOADED[kind] = load()
+    return _LOADED[kind]
+
+
 def ssd_kernels() -> tuple[SSDKernels | None, KernelStatus]:
     """mamba-ssm's SSD (or the override), loaded on first call and cached."""
-    if "ssd" in _OVERRIDES:
-        k = _OVERRIDES["ssd"]
-        return k, k.status if k else KernelStatus("SSD", False, "disabled by override")
-    if "ssd" not in _LOADED:
-        _LOADED["ssd"] = _load_ssd()
-    return _LOADED["ssd"]
+    return _kernels("ssd", "SSD", _load_ssd)
 
 
 def conv_kernels() -> tuple[ConvKernels | None, KernelStatus]:
     """causal-conv1d's conv (or the override), loaded on first call and cached."""
-    if "conv" in _OVERRIDES:
-        k = _OVERRIDES["conv"]
-        return k, k.status if k else KernelStatus("conv", False, "disabled by override")
-    if "conv" not in _LOADED:
-        _LOADED["conv"] = _load_conv()
-    return _LOADED["conv"]
+    return _kernels("conv", "conv", _load_conv)
 
 
 def overridden(kind: str) -> bool:
