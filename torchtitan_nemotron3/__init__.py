@@ -3,6 +3,16 @@
 ``model_registry(flavor)`` is the TorchTitan ``ModelSpec``; run configs live in
 ``config_registry`` (``torchrun -m torchtitan.train --module torchtitan_nemotron3
 --config nemotron3_debugmodel``) and ``train_configs/*.toml``.
+
+Shape suffixes on tensor names (``x_BLD``), one meaning per letter everywhere:
+
+    B batch            L sequence length     D hidden size       V vocabulary
+    H heads (query heads of attention, or Mamba heads)   P head dim (either)
+    G Mamba B/C groups R heads per group     N SSM state size    I Mamba inner width (H·P)
+    W one norm group of the inner width (I / G)
+    X conv channels (I + 2·G·N)              K conv width
+    C chunks           Q chunk length
+    E experts          F expert hidden width T routed token rows (tokens × top-k)
 """
 
 from torchtitan.components.optimizer import register_moe_load_balancing_hook

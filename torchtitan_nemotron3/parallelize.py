@@ -1,7 +1,13 @@
-"""Apply TorchTitan's training techniques to NemotronH: AC, per-block compile, FSDP2."""
+"""Apply TorchTitan's training techniques to NemotronH: AC, per-block compile, FSDP2.
+
+Which layouts exist and on which mesh is ``sharding.py``'s; this file applies them
+in TorchTitan's order.
+"""
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
 
 from torchtitan.config import (
     CompileConfig,
@@ -18,6 +24,10 @@ from torchtitan.distributed.compile import apply_compile
 from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
 from torchtitan.tools.logging import logger
 
+# Registers the custom ops selective AC saves (nemotron3::grouped_mm, ::mamba_ssd).
+from .ops import grouped_mm, ssd_kernel  # noqa: F401
+from .sharding import check_parallelism, data_parallel_mesh
+
 
 class NemotronHSelectiveAC(SelectiveAC):
     """TorchTitan's per-op selective AC, also saving NemotronH's own expensive ops.
@@ -28,11 +38,10 @@ class NemotronHSelectiveAC(SelectiveAC):
     """
 
     def get_save_ops(self) -> set:
-        import torchtitan_nemotron3.model.grouped_mm  # noqa: F401  (registers the op)
-
-        ops = {torch.ops.nemotron3.grouped_mm.default}
-        if hasattr(torch.ops.nemotron3, "mamba_ssd"):  # registered by our kernels
-            ops.add(torch.ops.nemotron3.mamba_ssd.default)
+        ops = {
+            torch.ops.nemotron3.grouped_mm.default,
+            torch.ops.nemotron3.mamba_ssd.default,
+        }
         return super().get_save_ops() | ops
 
 
@@ -54,17 +63,8 @@ def parallelize_nemotronh(
 ) -> nn.Module:
     """Order matters as in TorchTitan's models: AC wraps each block, compile then
     compiles each (wrapped) block, FSDP shards embeddings, each block (experts on
-    their own placement), and norm+lm_head as units last.
-
-    Model parallelism (TP/CP/PP/EP) is not implemented for NemotronH yet and is
-    refused in ``update_from_config``; the data-parallel path uses plain DTensor
-    FSDP, i.e. ``spmd_backend="partial_dtensor"``.
-    """
-    if parallelism.spmd_backend != "partial_dtensor":
-        raise ValueError(
-            f"parallelism.spmd_backend={parallelism.spmd_backend!r}: NemotronH is "
-            "data-parallel only (FSDP2) and runs with spmd_backend='partial_dtensor'"
-        )
+    their own placement), and norm+lm_head as units last."""
+    check_parallelism(parallelism)
 
     if ac_config is not None:
         _build_ac(ac_config, dump_folder).apply(model)
@@ -74,20 +74,29 @@ def parallelize_nemotronh(
 
     # Even on one device FSDP2 is applied, as in TorchTitan's models: it is what
     # gives bf16 compute with fp32 master weights and fp32 gradient reduction.
-    dp_mesh_names = (
-        ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
-    )
+    dp_mesh = data_parallel_mesh(parallel_dims)
     apply_fsdp_to_decoder(
         model,
-        parallel_dims.get_mesh(dp_mesh_names),
+        dp_mesh,
         param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
         reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],
         pp_enabled=False,
         cpu_offload=training.enable_cpu_offload,
         reshard_after_forward_policy=parallelism.fsdp_reshard_after_forward,
     )
+    if dp_mesh.size() > 1 and dist.get_backend(dp_mesh.get_group(0)) == "gloo":
+        _reduce_with_plain_sum(model)
     logger.info(
         f"Applied FSDP2 to NemotronH (params {training.mixed_precision_param}, "
         f"reduce {training.mixed_precision_reduce})"
     )
     return model
+
+
+def _reduce_with_plain_sum(model: nn.Module) -> None:
+    """Gloo (CPU ranks) has no ``PREMUL_SUM``, which FSDP2 reduce-scatters with once
+    TorchTitan sets the gradient divide factor to 1 (the loss is already normalised
+    by the global token count). A plain SUM is the same reduction there."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_force_sum_reduction_for_comms(True)

@@ -72,9 +72,9 @@ def mamba_inputs(
         starts[-1, [p for p in (16, 17, 33) if p < L]] = 1
         seq_idx = torch.cumsum(starts, dim=1, dtype=torch.int32)
     return {
-        "xBC_BLC": xBC,
-        "weight_CK": (0.5 * torch.randn(conv_dim, 4, generator=g)).to(dtype),
-        "bias_C": (0.1 * torch.randn(conv_dim, generator=g)).to(dtype),
+        "xBC_BLX": xBC,
+        "weight_XK": (0.5 * torch.randn(conv_dim, 4, generator=g)).to(dtype),
+        "bias_X": (0.1 * torch.randn(conv_dim, generator=g)).to(dtype),
         "x_BLHP": x.unflatten(-1, (H, P)),
         "dt_BLH": dt,
         "A_H": -torch.rand(H, generator=g) * 4 - 0.5,

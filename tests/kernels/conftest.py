@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from torchtitan_nemotron3.kernels import loader, override_kernels
-from torchtitan_nemotron3.kernels.reference import REFERENCE_CONV, REFERENCE_SSD
+from torchtitan_nemotron3.ops import loader
+from reference_kernels import REFERENCE_CONV, REFERENCE_SSD, use_kernels
 
 KERNEL_PACKAGES = ("mamba_ssm", "causal_conv1d")
 
@@ -28,17 +28,17 @@ def module_sandbox(tmp_path, monkeypatch):
     before = _kernel_modules()
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
-    loader.forget_loaded_kernels()
+    loader.LOADED.clear()
     yield tmp_path
     for name in _kernel_modules() - before:
         del sys.modules[name]
-    loader.forget_loaded_kernels()
+    loader.LOADED.clear()
 
 
 @pytest.fixture
 def reference_kernels():
     """The torch references stand in for mamba-ssm and causal-conv1d (on any device)."""
     torch._dynamo.reset()
-    with override_kernels(ssd=REFERENCE_SSD, conv=REFERENCE_CONV):
+    with use_kernels(ssd=REFERENCE_SSD, conv=REFERENCE_CONV):
         yield
     torch._dynamo.reset()

@@ -1,6 +1,6 @@
 """The real kernels on a GPU: mamba-ssm's Triton SSD and causal-conv1d against the torch
 path, under compile, through ``auto``. Skipped without CUDA or without the kernels
-(``torchtitan_nemotron3.kernels.ssd_kernels()`` / ``conv_kernels()`` say why).
+(``torchtitan_nemotron3.ops.loader.ssd_kernels()`` / ``conv_kernels()`` say why).
 
 Tolerances: the kernels run fp32 inputs through TF32 tensor-core dots and
 accumulate bf16 in fp32, so they are compared to the exact torch path in norm."""
@@ -11,11 +11,11 @@ import pytest
 import torch
 from _kernel_helpers import build, mamba_args, mamba_inputs, packed_positions
 
-from torchtitan_nemotron3.kernels import conv_kernels, ssd_kernels
-from torchtitan_nemotron3.kernels.conv_op import causal_conv1d_silu
-from torchtitan_nemotron3.kernels.ops import CudaMambaOps
-from torchtitan_nemotron3.kernels.ssd_op import mamba_ssd
-from torchtitan_nemotron3.model.mamba_ops import TorchMambaOps
+from torchtitan_nemotron3.ops.loader import conv_kernels, ssd_kernels
+from torchtitan_nemotron3.ops.conv_kernel import causal_conv1d_silu
+from torchtitan_nemotron3.ops.kernel_ops import CudaMambaOps
+from torchtitan_nemotron3.ops.ssd_kernel import mamba_ssd
+from torchtitan_nemotron3.ops import TorchMambaOps
 
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
@@ -76,11 +76,11 @@ def test_conv_kernel_matches_torch(dtype, packed):
     for ops in (CudaMambaOps(), TorchMambaOps()):
         t = {
             n: inp[n].detach().clone().requires_grad_()
-            for n in ("xBC_BLC", "weight_CK", "bias_C")
+            for n in ("xBC_BLX", "weight_XK", "bias_X")
         }
-        y = ops.conv(t["xBC_BLC"], t["weight_CK"], t["bias_C"], inp["seq_idx_BL"])
+        y = ops.conv(t["xBC_BLX"], t["weight_XK"], t["bias_X"], inp["seq_idx_BL"])
         y.float().pow(2).sum().backward()
-        results.append([y, t["xBC_BLC"].grad, t["weight_CK"].grad, t["bias_C"].grad])
+        results.append([y, t["xBC_BLX"].grad, t["weight_XK"].grad, t["bias_X"].grad])
     for a, b in zip(*results):
         assert a.dtype == b.dtype and rel(a, b) <= TOL[dtype]
 
@@ -95,7 +95,7 @@ def test_opcheck_on_cuda():
     ]
     torch.library.opcheck(mamba_ssd, (*ssd_args, seq_idx, 32, 0.0, float("inf")))
     conv_args = [
-        inp[n].detach().requires_grad_() for n in ("xBC_BLC", "weight_CK", "bias_C")
+        inp[n].detach().requires_grad_() for n in ("xBC_BLX", "weight_XK", "bias_X")
     ]
     torch.library.opcheck(causal_conv1d_silu, (*conv_args, seq_idx))
 

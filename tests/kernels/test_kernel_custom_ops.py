@@ -7,19 +7,19 @@ import pytest
 import torch
 from _kernel_helpers import build, mamba_args, mamba_inputs, packed_positions
 
-from torchtitan_nemotron3.kernels import override_kernels
-from torchtitan_nemotron3.kernels.conv_op import (
+
+from torchtitan_nemotron3.ops.conv_kernel import (
     causal_conv1d_silu,
     causal_conv1d_silu_backward,
 )
-from torchtitan_nemotron3.kernels.ops import CudaMambaOps
-from torchtitan_nemotron3.kernels.reference import REFERENCE_CONV, REFERENCE_SSD
-from torchtitan_nemotron3.kernels.ssd_op import mamba_ssd, mamba_ssd_backward
-from torchtitan_nemotron3.model.mamba_ops import TorchMambaOps
+from torchtitan_nemotron3.ops.kernel_ops import CudaMambaOps
+from reference_kernels import REFERENCE_CONV, REFERENCE_SSD, use_kernels
+from torchtitan_nemotron3.ops.ssd_kernel import mamba_ssd, mamba_ssd_backward
+from torchtitan_nemotron3.ops import TorchMambaOps
 
 SCAN_ARGS = ("x_BLHP", "dt_BLH", "A_H", "B_BLGN", "C_BLGN")
 SCAN_KWARGS = ("D_H", "dt_bias_H")
-CONV_ARGS = ("xBC_BLC", "weight_CK", "bias_C")
+CONV_ARGS = ("xBC_BLX", "weight_XK", "bias_X")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
@@ -44,9 +44,9 @@ def run_scan(ops, inputs, dt_limit):
 def run_conv(ops, inputs, bias=True):
     t = leaves(inputs, CONV_ARGS)
     y = ops.conv(
-        t["xBC_BLC"],
-        t["weight_CK"],
-        t["bias_C"] if bias else None,
+        t["xBC_BLX"],
+        t["weight_XK"],
+        t["bias_X"] if bias else None,
         inputs["seq_idx_BL"],
     )
     y.float().pow(2).sum().backward()
@@ -102,7 +102,7 @@ def test_the_custom_ops_really_run(reference_kernels):
             kernels, fwd=wrap(kernels.fwd, "fwd"), bwd=wrap(kernels.bwd, "bwd")
         )
 
-    with override_kernels(
+    with use_kernels(
         ssd=counted(REFERENCE_SSD, "ssd"), conv=counted(REFERENCE_CONV, "conv")
     ):
         inputs = mamba_inputs()

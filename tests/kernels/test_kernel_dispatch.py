@@ -10,11 +10,11 @@ import torch
 from _kernel_helpers import build, mamba_args, mamba_inputs, packed_positions
 
 from torchtitan_nemotron3 import model_registry
-from torchtitan_nemotron3.kernels import AutoMambaOps, CudaMambaOps, override_kernels
-from torchtitan_nemotron3.kernels.ops import conv_ineligible, ssd_ineligible
-from torchtitan_nemotron3.kernels.reference import REFERENCE_CONV, REFERENCE_SSD
+from torchtitan_nemotron3.ops import AutoMambaOps, CudaMambaOps, mamba_ops
+from torchtitan_nemotron3.ops.kernel_ops import conv_ineligible, ssd_ineligible
+from reference_kernels import REFERENCE_CONV, REFERENCE_SSD, use_kernels
 from torchtitan_nemotron3.model import build_model_config
-from torchtitan_nemotron3.model.mamba_ops import get_mamba_ops
+
 from torchtitan_nemotron3.model.pattern import MAMBA
 
 EXTENSIONS = ("selective_scan_cuda", "causal_conv1d_cuda")
@@ -66,7 +66,7 @@ def test_auto_logs_its_choice_once(caplog):
     args = mamba_args()
     model = build(args)
     tokens = torch.randint(0, args.vocab_size, (1, 20))
-    with override_kernels(), caplog.at_level(logging.INFO):  # (forgets earlier plans)
+    with use_kernels(), caplog.at_level(logging.INFO):  # (forgets earlier log lines)
         for _ in range(3):
             model(tokens)
     lines = [
@@ -92,12 +92,12 @@ def test_auto_falls_back_per_op_and_per_call(caplog):
         return REFERENCE_SSD.fwd(*args, **kwargs)
 
     ssd = dataclasses.replace(REFERENCE_SSD, fwd=counted_fwd)
-    auto = get_mamba_ops("auto")
-    with override_kernels(ssd=ssd, conv=None), caplog.at_level(logging.INFO):
+    auto = mamba_ops("auto")
+    with use_kernels(ssd=ssd, conv=None), caplog.at_level(logging.INFO):
         for dtype in (torch.float32, torch.float64):
             inp = mamba_inputs(dtype=dtype)
             auto.conv(
-                inp["xBC_BLC"], inp["weight_CK"], inp["bias_C"], inp["seq_idx_BL"]
+                inp["xBC_BLX"], inp["weight_XK"], inp["bias_X"], inp["seq_idx_BL"]
             )
             auto.scan(
                 inp["x_BLHP"],
@@ -119,8 +119,8 @@ def test_auto_falls_back_per_op_and_per_call(caplog):
     ]
     assert lines == [
         (
-            "Mamba2 ops (kernel_backend='auto', cpu): conv -> torch (disabled by override); "
-            "SSD -> kernel (reference SSD: torch stand-in (kernels/reference.py))"
+            "Mamba2 ops (kernel_backend='auto', cpu): conv -> torch (disabled by test); "
+            "SSD -> kernel (reference SSD: torch stand-in (tests/kernels/reference_kernels.py))"
         ),
         "Mamba2 ssd (kernel_backend='auto', cpu): torch for dtype torch.float64",
     ]
@@ -137,22 +137,24 @@ def test_the_cuda_backend_is_strict():
         "seq_idx_BL": None,
     }
     scan_args = [inp[n] for n in ("x_BLHP", "dt_BLH", "A_H", "B_BLGN", "C_BLGN")]
-    with override_kernels(ssd=None, conv=None):
+    with use_kernels(ssd=None, conv=None):
         with pytest.raises(RuntimeError, match="the causal conv kernel is not usable"):
-            cuda.conv(inp["xBC_BLC"], inp["weight_CK"], inp["bias_C"], None)
+            cuda.conv(inp["xBC_BLX"], inp["weight_XK"], inp["bias_X"], None)
         with pytest.raises(RuntimeError, match="the SSD kernel is not usable"):
             cuda.scan(*scan_args, **scan_kwargs)
-    with override_kernels(ssd=REFERENCE_SSD, conv=REFERENCE_CONV):
+    with use_kernels(ssd=REFERENCE_SSD, conv=REFERENCE_CONV):
         with pytest.raises(ValueError, match="12 conv channels, not a multiple of 8"):
-            cuda.conv(inp["xBC_BLC"][..., :12], inp["weight_CK"][:12], None, None)
+            cuda.conv(inp["xBC_BLX"][..., :12], inp["weight_XK"][:12], None, None)
         with pytest.raises(ValueError, match="dtype torch.float64"):
             cuda.scan(*[a.double() for a in scan_args], **scan_kwargs)
 
 
 def test_backend_names():
-    assert get_mamba_ops("cuda").name == "cuda"
-    with pytest.raises(ValueError, match=r"\['auto', 'cuda', 'torch'\]"):
-        get_mamba_ops("triton")
+    assert mamba_ops("cuda").name == "cuda"
+    with pytest.raises(ValueError, match=r"kernel_backend='triton': choose one of"):
+        mamba_ops("triton")
+    with pytest.raises(ValueError, match="Mamba2Mixer kernel_backend='triton'"):
+        build_model_config(mamba_args(), kernel_backend="triton")
 
 
 def nano_mixer_views(Bsz: int, L: int):

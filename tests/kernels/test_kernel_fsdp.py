@@ -11,8 +11,8 @@ from _kernel_helpers import build, mamba_args, mamba_inputs
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from torchtitan_nemotron3.kernels import override_kernels
-from torchtitan_nemotron3.kernels.reference import REFERENCE_CONV, REFERENCE_SSD
+
+from reference_kernels import REFERENCE_CONV, REFERENCE_SSD, use_kernels
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_fsdp2_block_with_kernel_ops(one_rank):
     seq_idx_BL = mamba_inputs(L=40)["seq_idx_BL"]
     h_BLD = torch.randn(2, 40, 32)
     reference = sharded_step("torch", h_BLD, seq_idx_BL)
-    with override_kernels(ssd=ssd, conv=conv):
+    with use_kernels(ssd=ssd, conv=conv):
         ours = sharded_step("cuda", h_BLD, seq_idx_BL)
 
     # conv fwd gets (x, weight, ...), the SSD fwd (x, dt, ...): no DTensor, bf16

@@ -7,7 +7,7 @@ extension)."""
 import sys
 import textwrap
 
-from torchtitan_nemotron3.kernels import loader
+from torchtitan_nemotron3.ops import loader
 
 FAKE_EXTENSION = "nemotron3_test_selective_scan_cuda"
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from torchtitan_nemotron3.model.grouped_mm import grouped_mm
+from torchtitan_nemotron3.ops.grouped_mm import grouped_mm
 
 
 def per_expert_reference(x_RD, w_EDF, counts):

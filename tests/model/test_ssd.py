@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from torchtitan_nemotron3.model.conv import causal_conv1d
-from torchtitan_nemotron3.model.ssd import ssd_chunked, ssd_sequential
+from torchtitan_nemotron3.ops.conv import causal_conv1d
+from torchtitan_nemotron3.ops.ssd import ssd_chunked, ssd_sequential
 
 
 def random_inputs(Bsz, L, H, P, G, N, dtype=torch.float64, seed=0):

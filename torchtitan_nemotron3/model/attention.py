@@ -45,19 +45,19 @@ class Attention(Module):
         self, x_BLD: torch.Tensor, seq_idx_BL: torch.Tensor | None = None
     ) -> torch.Tensor:
         Bsz, L, _ = x_BLD.shape
-        q_BHLK = self.q_proj(x_BLD).view(Bsz, L, -1, self.head_dim).transpose(1, 2)
-        k_BHLK = self.k_proj(x_BLD).view(Bsz, L, -1, self.head_dim).transpose(1, 2)
-        v_BHLK = self.v_proj(x_BLD).view(Bsz, L, -1, self.head_dim).transpose(1, 2)
+        q_BHLP = self.q_proj(x_BLD).view(Bsz, L, -1, self.head_dim).transpose(1, 2)
+        k_BHLP = self.k_proj(x_BLD).view(Bsz, L, -1, self.head_dim).transpose(1, 2)
+        v_BHLP = self.v_proj(x_BLD).view(Bsz, L, -1, self.head_dim).transpose(1, 2)
         if seq_idx_BL is None:
-            out_BHLK = F.scaled_dot_product_attention(
-                q_BHLK, k_BHLK, v_BHLK, is_causal=True, enable_gqa=True
+            out_BHLP = F.scaled_dot_product_attention(
+                q_BHLP, k_BHLP, v_BHLP, is_causal=True, enable_gqa=True
             )
         else:
-            out_BHLK = F.scaled_dot_product_attention(
-                q_BHLK,
-                k_BHLK,
-                v_BHLK,
+            out_BHLP = F.scaled_dot_product_attention(
+                q_BHLP,
+                k_BHLP,
+                v_BHLP,
                 attn_mask=document_causal_mask(seq_idx_BL),
                 enable_gqa=True,
             )
-        return self.o_proj(out_BHLK.transpose(1, 2).reshape(Bsz, L, -1))
+        return self.o_proj(out_BHLP.transpose(1, 2).reshape(Bsz, L, -1))

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from torchtitan.models.common.embedding import Embedding
 from torchtitan.models.common.linear import Linear
-from torchtitan.models.common.moe import RoutedExperts, TokenChoiceTopKRouter
+from torchtitan.models.common.moe import RoutedExperts
 from torchtitan.models.common.nn_modules import Conv1d, RMSNorm
 from torchtitan.models.common.token_dispatcher import LocalTokenDispatcher
 
@@ -25,8 +25,9 @@ from .attention import Attention
 from .mamba2 import GatedGroupRMSNorm, Mamba2Mixer
 from .mlp import ReluSquaredMLP
 from .model import NemotronHBlock, NemotronHModel
-from .moe import Float32Linear, NemotronHMoE, ReluSquaredGroupedExperts
+from .moe import NemotronHMoE, ReluSquaredGroupedExperts
 from .pattern import ATTENTION, MAMBA, MLP, MOE
+from .router import router_config
 
 _ONES = {"weight": nn.init.ones_}
 
@@ -98,21 +99,9 @@ def _mlp(D: int, hidden: int, std: float, out_std: float, bias: bool):
 
 def _moe(args: NemotronHArgs, std: float, out_std: float) -> NemotronHMoE.Config:
     D, E = args.hidden_size, args.n_routed_experts
-    grouped = args.n_group > 1
     return NemotronHMoE.Config(
         num_experts=E,
-        router=TokenChoiceTopKRouter.Config(
-            num_experts=E,
-            gate=Float32Linear.Config(
-                in_features=D, out_features=E, param_init={"weight": _normal(std)}
-            ),
-            num_expert_groups=args.n_group if grouped else None,
-            num_limited_groups=args.topk_group if grouped else None,
-            top_k=args.num_experts_per_tok,
-            score_func="sigmoid",
-            route_norm=args.norm_topk_prob,
-            route_scale=args.routed_scaling_factor,
-        ),
+        router=router_config(args, _normal(std)),
         routed_experts=RoutedExperts.Config(
             inner_experts=ReluSquaredGroupedExperts.Config(
                 dim=D,
@@ -136,7 +125,7 @@ def build_model_config(
 ) -> NemotronHModel.Config:
     """The module-config tree for ``args``: one block config per pattern symbol.
 
-    ``kernel_backend`` picks the Mamba2 conv/scan ops (``model/mamba_ops.py``): "auto"
+    ``kernel_backend`` picks the Mamba2 conv/scan ops (``ops.mamba_ops``): "auto"
     uses mamba-ssm / causal-conv1d kernels on CUDA tensors when installed and is
     exactly the torch path otherwise; "torch" and "cuda" force one side."""
     D, std = args.hidden_size, args.initializer_range
@@ -229,26 +218,3 @@ def flavor_args(flavor: str) -> NemotronHArgs:
     if flavor not in FLAVORS:
         raise ValueError(f"unknown NemotronH flavor {flavor!r}; choose from {sorted(FLAVORS)}")
     return FLAVORS[flavor]
-
-
-def update_model_config_from_trainer(model_config: NemotronHModel.Config, config) -> None:
-    """TorchTitan's hook before building: reject parallelisms this model does not
-    implement yet, and pass the debug load-balance override to every router."""
-    p = config.parallelism
-    unsupported = {
-        "tensor_parallel_degree": p.tensor_parallel_degree,
-        "context_parallel_degree": p.context_parallel_degree,
-        "pipeline_parallel_degree": p.pipeline_parallel_degree,
-        "expert_parallel_degree": p.expert_parallel_degree,
-    }
-    for name, degree in unsupported.items():
-        if degree > 1:
-            raise NotImplementedError(
-                f"parallelism.{name}={degree}: NemotronH supports FSDP (data "
-                "parallel shard/replicate) only for now"
-            )
-    debug = getattr(config, "debug", None)
-    if debug is not None:
-        for layer in model_config.layers:
-            if layer.layer_type == MOE:
-                layer.mixer.router._debug_force_load_balance = debug.moe_force_load_balance

@@ -11,7 +11,7 @@ from torchtitan.models.common.linear import Linear
 from torchtitan.models.common.nn_modules import Conv1d
 from torchtitan.protocols.module import Module
 
-from .mamba_ops import get_mamba_ops
+from ..ops import KERNEL_BACKENDS, mamba_ops
 
 
 class GatedGroupRMSNorm(Module):
@@ -36,9 +36,9 @@ class GatedGroupRMSNorm(Module):
     def forward(self, y_BLI: torch.Tensor, z_BLI: torch.Tensor) -> torch.Tensor:
         in_dtype = y_BLI.dtype
         h_BLI = y_BLI.float() * F.silu(z_BLI.float())
-        h_BLGI = h_BLI.unflatten(-1, (self.n_groups, -1))
-        h_BLGI = h_BLGI * torch.rsqrt(h_BLGI.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h_BLGI.flatten(-2).to(in_dtype)
+        h_BLGW = h_BLI.unflatten(-1, (self.n_groups, -1))
+        h_BLGW = h_BLGW * torch.rsqrt(h_BLGW.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h_BLGW.flatten(-2).to(in_dtype)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -49,7 +49,7 @@ class Mamba2Mixer(Module):
     ``D`` skip; gated group RMSNorm with z; out_proj.
 
     ``A_log``, ``D`` and ``dt_bias`` are per-head parameters owned here; the conv and the
-    scan go through ``mamba_ops`` so a kernel can replace them.
+    scan are the ``ops`` package's (torch or GPU kernels, by ``kernel_backend``).
     """
 
     @dataclass(kw_only=True, slots=True)
@@ -69,7 +69,16 @@ class Mamba2Mixer(Module):
         time_step_min: float = 1e-3
         time_step_max: float = 0.1
         time_step_floor: float = 1e-4
-        kernel_backend: str = "torch"
+        # The conv + scan implementation (``ops.mamba_ops``): "auto" runs the GPU
+        # kernels on CUDA tensors where installed and the exact torch ops otherwise.
+        kernel_backend: str = "auto"
+
+        def __post_init__(self):
+            if self.kernel_backend not in KERNEL_BACKENDS:
+                raise ValueError(
+                    f"Mamba2Mixer kernel_backend={self.kernel_backend!r}: choose one "
+                    f"of {KERNEL_BACKENDS}"
+                )
 
     def __init__(self, config: Config):
         super().__init__()
@@ -91,20 +100,20 @@ class Mamba2Mixer(Module):
         self.A_log = nn.Parameter(torch.empty(config.num_heads))
         self.D = nn.Parameter(torch.empty(config.num_heads))
         self.dt_bias = nn.Parameter(torch.empty(config.num_heads))
-        self.ops = get_mamba_ops(config.kernel_backend)
+        self.ops = mamba_ops(config.kernel_backend)
 
     def forward(
         self, x_BLD: torch.Tensor, seq_idx_BL: torch.Tensor | None = None
     ) -> torch.Tensor:
         Bsz, L, _ = x_BLD.shape
         GN = self.n_groups * self.state_size
-        z_BLI, xBC_BLC, dt_BLH = self.in_proj(x_BLD).split(
+        z_BLI, xBC_BLX, dt_BLH = self.in_proj(x_BLD).split(
             [self.d_inner, self.d_inner + 2 * GN, self.num_heads], dim=-1
         )
-        xBC_BLC = self.ops.conv(
-            xBC_BLC, self.conv1d.weight[:, 0, :], self.conv1d.bias, seq_idx_BL
+        xBC_BLX = self.ops.conv(
+            xBC_BLX, self.conv1d.weight[:, 0, :], self.conv1d.bias, seq_idx_BL
         )
-        x_BLI, B_BLG, C_BLG = xBC_BLC.split([self.d_inner, GN, GN], dim=-1)
+        x_BLI, B_BLG, C_BLG = xBC_BLX.split([self.d_inner, GN, GN], dim=-1)
         y_BLHP = self.ops.scan(
             x_BLI.unflatten(-1, (self.num_heads, self.head_dim)),
             dt_BLH,

@@ -14,6 +14,7 @@ from .attention import Attention
 from .mamba2 import Mamba2Mixer
 from .mlp import ReluSquaredMLP
 from .moe import NemotronHMoE
+from ..sharding import check_parallelism
 from .pattern import ATTENTION, MAMBA, MOE
 
 
@@ -82,9 +83,15 @@ class NemotronHModel(BaseModel):
             return "".join(layer.layer_type for layer in self.layers)
 
         def update_from_config(self, *, config, **kwargs) -> None:
-            from .flavors import update_model_config_from_trainer
-
-            update_model_config_from_trainer(self, config)
+            """TorchTitan's hook before building: refuse layouts NemotronH does not
+            implement, and pass the debug load-balance override to every router."""
+            check_parallelism(config.parallelism)
+            debug = getattr(config, "debug", None)
+            if debug is not None:
+                for layer in self.layers:
+                    if layer.layer_type == MOE:
+                        router = layer.mixer.router
+                        router._debug_force_load_balance = debug.moe_force_load_balance
 
         def get_nparams_and_flops(self, model, seq_len: int) -> tuple[int, int]:
             from .flops import nparams_and_flops

@@ -1,10 +1,7 @@
 """NemotronH's MoE (``E`` layers) on TorchTitan's MoE machinery.
 
-Routing is TorchTitan's ``TokenChoiceTopKRouter`` as configured by ``flavors``:
-sigmoid scores in fp32, the aux-loss-free ``expert_bias_E`` (HF's
-``e_score_correction_bias``) added for *selection* only, group-limited top-k,
-weights renormalised and scaled by ``routed_scaling_factor``. Token dispatch,
-load counting and the bias update are TorchTitan's too. What NemotronH changes is
+Routing is ``router.py``'s (TorchTitan's router, fp32 gate). Token dispatch, load
+counting and the aux-loss-free bias update are TorchTitan's too. What NemotronH changes is
 the expert: relu², not gated, so two matrices per expert instead of SwiGLU's three,
 plus a relu² shared expert.
 """
@@ -13,32 +10,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from torchtitan.models.common.linear import Linear
 from torchtitan.models.common.moe import GroupedExperts, MoE
 from torchtitan.protocols.module import Module
 
-from .grouped_mm import grouped_mm
+from ..ops.grouped_mm import grouped_mm
 from .mlp import ReluSquaredMLP, relu2
-
-
-class Float32Linear(Linear):
-    """The router gate: logits always in fp32, whatever the parameter dtype.
-
-    TorchTitan's router asks for this with ``torch.autocast(dtype=float32)``, which
-    CPU autocast ignores; computing in fp32 explicitly holds on every device and
-    under FSDP's bf16 parameters, and is what the released model does.
-    """
-
-    @dataclass(kw_only=True, slots=True)
-    class Config(Linear.Config):
-        pass
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.float()
-        return F.linear(x.float(), self.weight.float(), bias)
 
 
 class ReluSquaredGroupedExperts(GroupedExperts):
@@ -65,19 +43,19 @@ class ReluSquaredGroupedExperts(GroupedExperts):
         )
 
     def forward(
-        self, x_RD: torch.Tensor, num_tokens_per_expert_E: torch.Tensor
+        self, x_TD: torch.Tensor, num_tokens_per_expert_E: torch.Tensor
     ) -> torch.Tensor:
         w1_EFD, w2_EDF = self.w1_EFD, self.w2_EDF
         if isinstance(w1_EFD, DTensor):
             # Dynamic token counts (EP) cannot be expressed as DTensors.
             w1_EFD, w2_EDF = w1_EFD.to_local(), w2_EDF.to_local()
         offsets_E = torch.cumsum(num_tokens_per_expert_E, dim=0, dtype=torch.int32)
-        dtype = x_RD.dtype
-        h_RF = relu2(
-            self._grouped_mm(A=x_RD, B_t=w1_EFD.to(dtype).transpose(-2, -1), offs=offsets_E)
+        dtype = x_TD.dtype
+        h_TF = relu2(
+            self._grouped_mm(A=x_TD, B_t=w1_EFD.to(dtype).transpose(-2, -1), offs=offsets_E)
         )
         return self._grouped_mm(
-            A=h_RF, B_t=w2_EDF.to(dtype).transpose(-2, -1), offs=offsets_E
+            A=h_TF, B_t=w2_EDF.to(dtype).transpose(-2, -1), offs=offsets_E
         )
 
     def _grouped_mm(

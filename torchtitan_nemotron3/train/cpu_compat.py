@@ -16,7 +16,6 @@ The docstring of each shim names the error it prevents.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import platform
@@ -197,35 +196,6 @@ def applied() -> list[str]:
 # ------------------------------------------------------------ config adjustments
 
 
-def _force_sum_reduction(parallelize_fn):
-    """Wrap a ``parallelize_fn`` so FSDP reduce-scatters use plain SUM.
-
-    TorchTitan disables FSDP's gradient division (``set_gradient_divide_factor(
-    1.0)``: the loss is already normalized by the global token count), which
-    makes FSDP2 reduce-scatter with ``ReduceOp.PREMUL_SUM(1.0)``. Gloo has no
-    PREMUL_SUM: the first backward with 2+ ranks fails with ``RuntimeError:
-    ... Cannot use ReduceOp.PREMUL_SUM with Gloo``. With a divide factor of 1 the
-    public ``set_force_sum_reduction_for_comms(True)`` gives identical results.
-    """
-    if getattr(parallelize_fn, "_cpu_compat_force_sum", False):
-        return parallelize_fn
-
-    from torch.distributed.fsdp import FSDPModule
-
-    @functools.wraps(parallelize_fn)
-    def wrapped(model, *args, **kwargs):
-        model = parallelize_fn(model, *args, **kwargs)
-        for module in model.modules():
-            if isinstance(module, FSDPModule) and hasattr(
-                module, "set_force_sum_reduction_for_comms"
-            ):
-                module.set_force_sum_reduction_for_comms(True)
-        return model
-
-    wrapped._cpu_compat_force_sum = True
-    return wrapped
-
-
 def adjust_config_for_cpu(config, world_size: int | None = None) -> list[str]:
     """Adjust a ``Trainer.Config`` in place for CPU/gloo; return what was changed.
 
@@ -237,8 +207,6 @@ def adjust_config_for_cpu(config, world_size: int | None = None) -> list[str]:
     * ``parallelism.spmd_backend = "partial_dtensor"`` when it is ``"spmd_types"``
       and ``world_size > 1``: the ``spmd_types`` path fails inside FSDP with 2 gloo
       ranks. (``full_dtensor`` is avoided: it logged about twice the expected loss.)
-    * ``model_spec.parallelize_fn`` wrapped to force SUM reductions in FSDP (gloo
-      has no PREMUL_SUM; see ``_force_sum_reduction``) when ``world_size > 1``.
     """
     if not _no_accelerator():
         return []
@@ -252,14 +220,6 @@ def adjust_config_for_cpu(config, world_size: int | None = None) -> list[str]:
         if config.parallelism.spmd_backend == "spmd_types":
             config.parallelism.spmd_backend = "partial_dtensor"
             changes.append("parallelism.spmd_backend='partial_dtensor'")
-        spec = config.model_spec
-        if spec is not None and not getattr(
-            spec.parallelize_fn, "_cpu_compat_force_sum", False
-        ):
-            config.model_spec = dataclasses.replace(
-                spec, parallelize_fn=_force_sum_reduction(spec.parallelize_fn)
-            )
-            changes.append("model_spec.parallelize_fn: FSDP force_sum_reduction")
     for change in changes:
         logger.info(f"[cpu_compat] config: {change}")
     return changes

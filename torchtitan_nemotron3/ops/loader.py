@@ -19,18 +19,16 @@ Nothing is loaded when this module is imported: ``ssd_kernels()`` / ``conv_kerne
 load on first use (the ``auto`` backend asks only once a tensor is on CUDA) and
 cache the outcome, available or the reason why not.
 
-``override_kernels`` swaps in other implementations with the kernels' signatures
-(the torch references of ``reference.py``): the tests use it to run the kernel path,
-custom ops and all, on CPU.
+What was found is cached in ``LOADED``; the tests seed it with torch stand-ins of
+the same signatures to run the kernel path, custom ops and all, on CPU.
 """
 
-import contextlib
 import importlib
 import importlib.machinery
 import importlib.metadata
 import importlib.util
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -78,7 +76,7 @@ class SSDKernels:
 
 @dataclass(frozen=True)
 class ConvKernels:
-    """causal-conv1d's functions, with their exact signatures (``x`` is (B, C, L)):
+    """causal-conv1d's functions, with their exact signatures (``x`` is (B, X, L)):
 
     ``fwd(x, weight, bias, seq_idx, initial_states, final_states_out, silu_activation)``
     → ``out``; ``bwd(x, weight, bias, dout, seq_idx, initial_states, dfinal_states, dx,
@@ -228,66 +226,21 @@ def _load_conv(
     return ConvKernels(fwd=fwd, bwd=bwd, status=status), status
 
 
-_LOADED: dict[str, tuple] = {}
-_OVERRIDES: dict[str, SSDKernels | ConvKernels | None] = {}
-# Called with no arguments whenever what ``ssd_kernels``/``conv_kernels`` return may
-# have changed (the dispatcher forgets its cached plan).
-_ON_CHANGE: list[Callable[[], None]] = []
-
-
-def _kernels(kind: str, label: str, load: Callable[[], tuple]) -> tuple:
-    """The override for ``kind`` if one is set, else ``load()``'s result, cached."""
-    if kind in _OVERRIDES:
-        k = _OVERRIDES[kind]
-        return k, k.status if k else KernelStatus(label, False, "disabled by override")
-    if kind not in _LOADED:
-        _LOADED[kind] = load()
-    return _LOADED[kind]
+# What ``ssd_kernels``/``conv_kernels`` found, by kind ("ssd", "conv"): a
+# ``(kernels or None, KernelStatus)`` pair, filled on first use. Tests put torch
+# stand-ins here to run the kernel path on CPU (``tests/kernels/reference_kernels.py``).
+LOADED: dict[str, tuple] = {}
 
 
 def ssd_kernels() -> tuple[SSDKernels | None, KernelStatus]:
-    """mamba-ssm's SSD (or the override), loaded on first call and cached."""
-    return _kernels("ssd", "SSD", _load_ssd)
+    """mamba-ssm's SSD, loaded on first call and cached."""
+    if "ssd" not in LOADED:
+        LOADED["ssd"] = _load_ssd()
+    return LOADED["ssd"]
 
 
 def conv_kernels() -> tuple[ConvKernels | None, KernelStatus]:
-    """causal-conv1d's conv (or the override), loaded on first call and cached."""
-    return _kernels("conv", "conv", _load_conv)
-
-
-def overridden(kind: str) -> bool:
-    """Whether ``override_kernels`` set the "ssd" or "conv" kernels."""
-    return kind in _OVERRIDES
-
-
-def _changed() -> None:
-    for callback in _ON_CHANGE:
-        callback()
-
-
-_UNSET = object()
-
-
-@contextlib.contextmanager
-def override_kernels(ssd=_UNSET, conv=_UNSET) -> Iterator[None]:
-    """Use other kernels (``SSDKernels``/``ConvKernels``, or ``None`` for "unavailable")
-    inside the block. Compiled graphs keep the choice they were traced with: call
-    ``torch._dynamo.reset()`` around compiled code that should see the change."""
-    saved = dict(_OVERRIDES)
-    if ssd is not _UNSET:
-        _OVERRIDES["ssd"] = ssd
-    if conv is not _UNSET:
-        _OVERRIDES["conv"] = conv
-    _changed()
-    try:
-        yield
-    finally:
-        _OVERRIDES.clear()
-        _OVERRIDES.update(saved)
-        _changed()
-
-
-def forget_loaded_kernels() -> None:
-    """Drop the cached load outcomes (tests that fake packages on ``sys.path``)."""
-    _LOADED.clear()
-    _changed()
+    """causal-conv1d's conv, loaded on first call and cached."""
+    if "conv" not in LOADED:
+        LOADED["conv"] = _load_conv()
+    return LOADED["conv"]

@@ -1,23 +1,25 @@
-"""Torch stand-ins with the exact signatures of the kernels ``loader.py`` finds.
+"""Torch stand-ins with the exact signatures of the kernels ``ops/loader.py`` finds.
 
 ``REFERENCE_SSD`` / ``REFERENCE_CONV`` compute what mamba-ssm's
 ``_mamba_chunk_scan_combined_fwd/_bwd`` and causal-conv1d's
 ``causal_conv1d_fwd/bwd_function`` compute, through the model's own exact torch ops
-(``model/ssd.py``, ``model/conv.py``), backward by autograd. Put in place with
-``loader.override_kernels``, they let the whole kernel path (argument mapping, custom
+(``ops/ssd.py``, ``ops/conv.py``), backward by autograd. Put in place with
+``use_kernels``, they let the whole kernel path (argument mapping, custom
 ops, fake tensors, autograd, compile) run and be checked on CPU, where the real
 kernels cannot. Only the arguments the mixer uses are implemented; the others must
 keep their defaults.
 """
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from ..model.conv import causal_conv1d
-from ..model.ssd import ssd_chunked
-from .loader import ConvKernels, KernelStatus, SSDKernels
+from torchtitan_nemotron3.ops import kernel_ops, loader
+from torchtitan_nemotron3.ops.conv import causal_conv1d
+from torchtitan_nemotron3.ops.loader import ConvKernels, KernelStatus, SSDKernels
+from torchtitan_nemotron3.ops.ssd import ssd_chunked
 
 
 def _unused(**kwargs) -> None:
@@ -116,17 +118,17 @@ def ssd_bwd_reference(
     return dx, ddt, dA.float(), dB, dC, dD, None, ddt_bias.float(), None
 
 
-def _conv(x_BCL, weight, bias, seq_idx, silu):
+def _conv(x_BXL, weight, bias, seq_idx, silu):
     # The kernel accumulates in fp32 and writes the input dtype.
-    y_BLC = causal_conv1d(
-        x_BCL.transpose(1, 2).float(),
+    y_BLX = causal_conv1d(
+        x_BXL.transpose(1, 2).float(),
         weight.float(),
         None if bias is None else bias.float(),
         seq_idx,
     )
     if silu:
-        y_BLC = F.silu(y_BLC)
-    return y_BLC.to(x_BCL.dtype).transpose(1, 2)
+        y_BLX = F.silu(y_BLX)
+    return y_BLX.to(x_BXL.dtype).transpose(1, 2)
 
 
 def conv_fwd_reference(
@@ -172,14 +174,36 @@ _ANY_DEVICE = frozenset({"cpu", "cuda"})
 REFERENCE_SSD = SSDKernels(
     fwd=ssd_fwd_reference,
     bwd=ssd_bwd_reference,
-    status=KernelStatus("reference SSD", True, "torch stand-in (kernels/reference.py)"),
+    status=KernelStatus("reference SSD", True, "torch stand-in (tests/kernels/reference_kernels.py)"),
     devices=_ANY_DEVICE,
 )
 REFERENCE_CONV = ConvKernels(
     fwd=conv_fwd_reference,
     bwd=conv_bwd_reference,
     status=KernelStatus(
-        "reference conv", True, "torch stand-in (kernels/reference.py)"
+        "reference conv", True, "torch stand-in (tests/kernels/reference_kernels.py)"
     ),
     devices=_ANY_DEVICE,
 )
+
+
+_UNSET = object()
+
+
+@contextlib.contextmanager
+def use_kernels(ssd=_UNSET, conv=_UNSET) -> Iterator[None]:
+    """Inside the block the loader reports these kernels (``SSDKernels``/``ConvKernels``,
+    or ``None`` for "unavailable") as what it found. Compiled graphs keep the choice
+    they were traced with: reset Dynamo around compiled code that should see it."""
+    saved = dict(loader.LOADED)
+    for kind, kernels in (("ssd", ssd), ("conv", conv)):
+        if kernels is not _UNSET:
+            status = kernels.status if kernels else KernelStatus(kind, False, "disabled by test")
+            loader.LOADED[kind] = (kernels, status)
+    kernel_ops._LOGGED.clear()
+    try:
+        yield
+    finally:
+        loader.LOADED.clear()
+        loader.LOADED.update(saved)
+        kernel_ops._LOGGED.clear()

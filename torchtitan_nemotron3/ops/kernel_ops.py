@@ -1,7 +1,7 @@
 """``MambaOps`` backends on the GPU kernels: ``cuda`` (kernels or an error) and ``auto``.
 
 ``CudaMambaOps`` maps the mixer's ``conv``/``scan`` onto the custom ops of
-``conv_op.py``/``ssd_op.py`` with ``TorchMambaOps``' semantics (``seq_idx`` for packed
+``conv_kernel.py``/``ssd_kernel.py`` with ``TorchMambaOps``' semantics (``seq_idx`` for packed
 documents, ``dt_limit``, ``D`` skip, output in the input dtype). It is strict: a
 missing kernel or a shape the kernel cannot take is an error, so a benchmark or a
 run that asked for the kernels gets them.
@@ -20,10 +20,10 @@ import machinery, so ``fullgraph=True`` holds.
 import torch
 from torchtitan.tools.logging import logger
 
-from ..model.mamba_ops import TorchMambaOps
 from . import loader
-from .conv_op import causal_conv1d_silu
-from .ssd_op import mamba_ssd
+from .conv_kernel import causal_conv1d_silu
+from .ssd_kernel import mamba_ssd
+from .torch_ops import TorchMambaOps
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Both packages compute some element offsets in 32 bits (causal-conv1d's strides are
@@ -44,17 +44,17 @@ def _too_large(largest: int) -> str:
     return ""
 
 
-def conv_ineligible(xBC_BLC: torch.Tensor, weight_CK: torch.Tensor) -> str:
+def conv_ineligible(xBC_BLX: torch.Tensor, weight_XK: torch.Tensor) -> str:
     """Why causal-conv1d cannot take this call ("" if it can)."""
-    C, K = weight_CK.shape
+    C, K = weight_XK.shape
     if not 2 <= K <= 4:
         return f"conv width {K} (causal-conv1d takes 2 to 4)"
     if C % 8:
         return f"{C} conv channels, not a multiple of 8"
-    for t in (xBC_BLC, weight_CK):
+    for t in (xBC_BLX, weight_XK):
         if t.dtype not in _KERNEL_DTYPES:
             return f"dtype {t.dtype}"
-    return _too_large(max(_last_offset(xBC_BLC), xBC_BLC.numel()))
+    return _too_large(max(_last_offset(xBC_BLX), xBC_BLX.numel()))
 
 
 def ssd_ineligible(
@@ -89,14 +89,14 @@ class CudaMambaOps:
 
     name = "cuda"
 
-    def conv(self, xBC_BLC, weight_CK, bias_C, seq_idx_BL):
-        why = conv_ineligible(xBC_BLC, weight_CK)
+    def conv(self, xBC_BLX, weight_XK, bias_X, seq_idx_BL):
+        why = conv_ineligible(xBC_BLX, weight_XK)
         if why:
             raise ValueError(f"kernel_backend='cuda': causal-conv1d cannot take {why}")
-        if bias_C is None:
-            bias_C = weight_CK.new_zeros(weight_CK.shape[0])
+        if bias_X is None:
+            bias_X = weight_XK.new_zeros(weight_XK.shape[0])
         return causal_conv1d_silu(
-            xBC_BLC, weight_CK, bias_C.to(weight_CK.dtype), _seq_idx_i32(seq_idx_BL)
+            xBC_BLX, weight_XK, bias_X.to(weight_XK.dtype), _seq_idx_i32(seq_idx_BL)
         )
 
     def scan(
@@ -132,8 +132,6 @@ class CudaMambaOps:
         )
 
 
-# device type -> op ("conv"/"ssd") -> (use the kernel, why)
-_PLANS: dict[str, dict[str, tuple[bool, str]]] = {}
 _LOGGED: set[str] = set()
 
 
@@ -143,54 +141,36 @@ def _log_once(message: str) -> None:
         logger.info(message)
 
 
-def _forget_plans() -> None:
-    _PLANS.clear()
-    _LOGGED.clear()
+def _kernel_for(op: str, device_type: str) -> tuple[bool, str]:
+    """Whether ``op`` ("conv"/"ssd") has a kernel for this device, and why (not).
 
-
-loader._ON_CHANGE.append(_forget_plans)
-
-
-def _plan(device_type: str) -> dict[str, tuple[bool, str]]:
-    """Which ops use a kernel on this device, and why; logged when first made."""
-    if device_type not in _PLANS:
-        plan = {}
-        for op, load in (("conv", loader.conv_kernels), ("ssd", loader.ssd_kernels)):
-            if device_type != "cuda" and not loader.overridden(op):
-                # Nothing to load: the real kernels run on CUDA only.
-                plan[op] = (False, f"tensors on {device_type}")
-                continue
-            kernels, status = load()
-            if kernels is None:
-                plan[op] = (False, status.detail)
-            elif device_type not in kernels.devices:
-                plan[op] = (
-                    False,
-                    f"{status.name} runs on {'/'.join(sorted(kernels.devices))}",
-                )
-            else:
-                plan[op] = (True, f"{status.name}: {status.detail}")
-        _PLANS[device_type] = plan
-        (conv, conv_why), (ssd, ssd_why) = plan["conv"], plan["ssd"]
-        _log_once(
-            f"Mamba2 ops (kernel_backend='auto', {device_type}): "
-            f"conv -> {'kernel' if conv else 'torch'} ({conv_why}); "
-            f"SSD -> {'kernel' if ssd else 'torch'} ({ssd_why})"
-        )
-    return _PLANS[device_type]
+    Off CUDA nothing is loaded: only kernels already found (e.g. stand-ins a test
+    put in ``loader.LOADED``) are considered."""
+    if device_type != "cuda" and op not in loader.LOADED:
+        return False, f"tensors on {device_type}"
+    kernels, status = loader.conv_kernels() if op == "conv" else loader.ssd_kernels()
+    if kernels is None:
+        return False, status.detail
+    if device_type not in kernels.devices:
+        return False, f"{status.name} runs on {'/'.join(sorted(kernels.devices))}"
+    return True, f"{status.name}: {status.detail}"
 
 
 def auto_plan(device_type: str) -> str:
     """What ``auto`` does on this device, in words (loads the kernels if on CUDA)."""
-    plan = _plan(device_type)
     return "; ".join(
-        f"{op} -> {'kernel' if use else 'torch'} ({why})" for op, (use, why) in plan.items()
+        f"{label} -> {'kernel' if use else 'torch'} ({why})"
+        for label, (use, why) in (
+            ("conv", _kernel_for("conv", device_type)),
+            ("SSD", _kernel_for("ssd", device_type)),
+        )
     )
 
 
 @torch.compiler.assume_constant_result
 def _use_kernel(op: str, device_type: str, ineligible: str) -> bool:
-    use, _ = _plan(device_type)[op]
+    _log_once(f"Mamba2 ops (kernel_backend='auto', {device_type}): {auto_plan(device_type)}")
+    use, _ = _kernel_for(op, device_type)
     if use and ineligible:
         _log_once(
             f"Mamba2 {op} (kernel_backend='auto', {device_type}): torch for {ineligible}"
@@ -209,11 +189,11 @@ class AutoMambaOps:
         self.torch_ops = TorchMambaOps()
         self.kernel_ops = CudaMambaOps()
 
-    def conv(self, xBC_BLC, weight_CK, bias_C, seq_idx_BL):
-        why = conv_ineligible(xBC_BLC, weight_CK)
-        if _use_kernel("conv", xBC_BLC.device.type, why):
-            return self.kernel_ops.conv(xBC_BLC, weight_CK, bias_C, seq_idx_BL)
-        return self.torch_ops.conv(xBC_BLC, weight_CK, bias_C, seq_idx_BL)
+    def conv(self, xBC_BLX, weight_XK, bias_X, seq_idx_BL):
+        why = conv_ineligible(xBC_BLX, weight_XK)
+        if _use_kernel("conv", xBC_BLX.device.type, why):
+            return self.kernel_ops.conv(xBC_BLX, weight_XK, bias_X, seq_idx_BL)
+        return self.torch_ops.conv(xBC_BLX, weight_XK, bias_X, seq_idx_BL)
 
     def scan(self, x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, **kwargs):
         why = ssd_ineligible(x_BLHP, dt_BLH, B_BLGN, C_BLGN, kwargs["chunk_size"])

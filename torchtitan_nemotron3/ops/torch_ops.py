@@ -1,9 +1,8 @@
-"""The two sequence ops of the Mamba2 mixer, behind one small interface.
+"""The two sequence ops of the Mamba2 mixer: the interface, and its exact torch backend.
 
-The mixer never calls a kernel directly: it asks ``get_mamba_ops(name)`` for an
-object with ``conv`` and ``scan``. The plain-torch implementation here is exact and
-runs anywhere; a fused CUDA implementation (mamba-ssm's Triton SSD, causal-conv1d)
-registers under another name with the same signatures and the same semantics,
+The mixer never calls a kernel directly: it holds an object with ``conv`` and
+``scan`` (``ops.mamba_ops(backend)``). ``TorchMambaOps`` is exact and runs anywhere;
+the kernel backends (``kernel_ops.py``) have the same signatures and semantics,
 including ``seq_idx`` for packed documents.
 """
 
@@ -21,9 +20,9 @@ class MambaOps(Protocol):
 
     def conv(
         self,
-        xBC_BLC: torch.Tensor,
-        weight_CK: torch.Tensor,
-        bias_C: torch.Tensor | None,
+        xBC_BLX: torch.Tensor,
+        weight_XK: torch.Tensor,
+        bias_X: torch.Tensor | None,
         seq_idx_BL: torch.Tensor | None,
     ) -> torch.Tensor:
         """``silu(causal depthwise conv1d(xBC))``, documents kept apart."""
@@ -53,8 +52,8 @@ class TorchMambaOps:
 
     name = "torch"
 
-    def conv(self, xBC_BLC, weight_CK, bias_C, seq_idx_BL):
-        return F.silu(causal_conv1d(xBC_BLC, weight_CK, bias_C, seq_idx_BL))
+    def conv(self, xBC_BLX, weight_XK, bias_X, seq_idx_BL):
+        return F.silu(causal_conv1d(xBC_BLX, weight_XK, bias_X, seq_idx_BL))
 
     def scan(
         self,
@@ -78,26 +77,3 @@ class TorchMambaOps:
         y_BLHP = ssd_chunked(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, seq_idx_BL)
         y_BLHP = y_BLHP + D_H.to(compute_dtype)[:, None] * x_BLHP.to(compute_dtype)
         return y_BLHP.to(x_BLHP.dtype)
-
-
-_REGISTRY: dict[str, MambaOps] = {"torch": TorchMambaOps()}
-# Registered by ``torchtitan_nemotron3.kernels`` when first asked for: importing it
-# defines custom ops but imports no kernel package (those load on first CUDA use).
-_KERNEL_BACKENDS = ("cuda", "auto")
-
-
-def register_mamba_ops(ops: MambaOps) -> None:
-    _REGISTRY[ops.name] = ops
-
-
-def get_mamba_ops(name: str) -> MambaOps:
-    """The backend called ``name``: "torch" (exact, any device), "cuda" (mamba-ssm's
-    Triton SSD + causal-conv1d, or an error), "auto" (kernels on CUDA where available,
-    torch otherwise), or one registered with ``register_mamba_ops``."""
-    if name in _KERNEL_BACKENDS and name not in _REGISTRY:
-        import torchtitan_nemotron3.kernels  # noqa: F401  (registers them)
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"unknown Mamba2 kernel backend {name!r}; available: {sorted(_REGISTRY)}"
-        )
-    return _REGISTRY[name]

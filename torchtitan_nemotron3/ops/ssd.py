@@ -16,26 +16,26 @@ Packed documents: a new document at position t sets ``a_t = -inf``, so
 ``exp(a_t) = 0`` wipes the carried state and every decay spanning the boundary is
 exactly zero: no information crosses it, in the chunk or between chunks.
 
-Shape suffixes: B batch, L length, H heads, P head dim, G groups (of B/C),
-R heads per group, N state size, C chunks, Q chunk length (S: source position).
+Shape suffixes as in the package docstring (``torchtitan_nemotron3/__init__.py``);
+here also S, a source position within a chunk, and Z, a destination chunk.
 """
 
 import torch
 import torch.nn.functional as F
 
 
-def segsum(a_TQ: torch.Tensor) -> torch.Tensor:
+def segsum(a_Q: torch.Tensor) -> torch.Tensor:
     """``out[..., i, j] = a[j+1] + ... + a[i]`` for j <= i, -inf above the diagonal.
 
     Built by a cumsum over a strictly-lower-masked copy, never by subtraction.
     """
-    Q = a_TQ.size(-1)
+    Q = a_Q.size(-1)
     strict_QQ = torch.tril(
-        torch.ones(Q, Q, dtype=torch.bool, device=a_TQ.device), diagonal=-1
+        torch.ones(Q, Q, dtype=torch.bool, device=a_Q.device), diagonal=-1
     )
-    a_QQ = a_TQ[..., :, None].expand(*a_TQ.shape, Q).masked_fill(~strict_QQ, 0.0)
+    a_QQ = a_Q[..., :, None].expand(*a_Q.shape, Q).masked_fill(~strict_QQ, 0.0)
     out_QQ = torch.cumsum(a_QQ, dim=-2)
-    causal_QQ = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=a_TQ.device))
+    causal_QQ = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=a_Q.device))
     return out_QQ.masked_fill(~causal_QQ, float("-inf"))
 
 

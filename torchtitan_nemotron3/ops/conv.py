@@ -5,9 +5,9 @@ import torch.nn.functional as F
 
 
 def causal_conv1d(
-    x_BLC: torch.Tensor,
-    weight_CK: torch.Tensor,
-    bias_C: torch.Tensor | None,
+    x_BLX: torch.Tensor,
+    weight_XK: torch.Tensor,
+    bias_X: torch.Tensor | None,
     seq_idx_BL: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y_t = bias + sum_k weight[:, k] * x_{t-(K-1)+k}``, each channel on its own.
@@ -16,19 +16,19 @@ def causal_conv1d(
     summed explicitly and a tap reading a token of an earlier document is dropped,
     exactly as if each document had been convolved alone (zero left padding).
     """
-    L, C = x_BLC.shape[1:]
-    K = weight_CK.size(-1)
+    L, X = x_BLX.shape[1:]
+    K = weight_XK.size(-1)
     if seq_idx_BL is None:
-        y_BCL = F.conv1d(
-            x_BLC.transpose(1, 2), weight_CK[:, None, :], bias_C, padding=K - 1, groups=C
+        y_BXL = F.conv1d(
+            x_BLX.transpose(1, 2), weight_XK[:, None, :], bias_X, padding=K - 1, groups=X
         )
-        return y_BCL[..., :L].transpose(1, 2)
+        return y_BXL[..., :L].transpose(1, 2)
 
-    x_pad_BLC = F.pad(x_BLC, (0, 0, K - 1, 0))
+    x_pad_BLX = F.pad(x_BLX, (0, 0, K - 1, 0))
     seq_pad_BL = F.pad(seq_idx_BL, (K - 1, 0), value=-1)
-    y_BLC = torch.zeros_like(x_BLC) if bias_C is None else bias_C.expand_as(x_BLC)
+    y_BLX = torch.zeros_like(x_BLX) if bias_X is None else bias_X.expand_as(x_BLX)
     for k in range(K):
         same_doc_BL1 = (seq_pad_BL[:, k : k + L] == seq_idx_BL)[..., None]
-        tap_BLC = x_pad_BLC[:, k : k + L] * weight_CK[:, k]
-        y_BLC = y_BLC + torch.where(same_doc_BL1, tap_BLC, 0.0)
-    return y_BLC
+        tap_BLX = x_pad_BLX[:, k : k + L] * weight_XK[:, k]
+        y_BLX = y_BLX + torch.where(same_doc_BL1, tap_BLX, 0.0)
+    return y_BLX

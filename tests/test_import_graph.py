@@ -1,0 +1,115 @@
+"""The package's import graph, read with ``ast``: no cycles, and the ops layer stays below the model.
+
+Every ``import`` counts, at module level or inside a function (a lazy import is
+still a dependency). Parent packages that Python imports implicitly are not
+edges; ``from pkg import name`` is an edge to ``pkg.name`` when that is a module,
+else to ``pkg`` itself.
+"""
+
+import ast
+from pathlib import Path
+
+import torchtitan_nemotron3
+
+ROOT = Path(torchtitan_nemotron3.__file__).parent
+PACKAGE = "torchtitan_nemotron3"
+
+
+def _module_names() -> dict[str, Path]:
+    names = {}
+    for path in ROOT.rglob("*.py"):
+        parts = [PACKAGE, *path.relative_to(ROOT).with_suffix("").parts]
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        names[".".join(parts)] = path
+    return names
+
+
+def _is_package(name: str, modules: dict[str, Path]) -> bool:
+    return modules[name].name == "__init__.py"
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _module_names()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if _is_package(name, modules) else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")
+                    base = base[: len(base) - node.level + 1]
+                    source = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    source = node.module or ""
+                targets = [
+                    f"{source}.{alias.name}" if f"{source}.{alias.name}" in modules else source
+                    for alias in node.names
+                ]
+            else:
+                continue
+            edges.update(t for t in targets if t in modules and t != name)
+        graph[name] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the DFS stack, 2 = done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_the_checker_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle():
+    graph = import_graph()
+    assert f"{PACKAGE}.model.mamba2" in graph and graph[f"{PACKAGE}.model.mamba2"]
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_ops_never_reach_the_model():
+    graph = import_graph()
+    ops = [m for m in graph if m == f"{PACKAGE}.ops" or m.startswith(f"{PACKAGE}.ops.")]
+    assert len(ops) > 5
+    for module in ops:
+        above = {m for m in reachable(graph, module) if not m.startswith(f"{PACKAGE}.ops")}
+        assert not above, f"{module} imports {sorted(above)}"
+
+
+def test_model_imports_nothing_that_imports_the_model():
+    graph = import_graph()
+    model = {m for m in graph if m.startswith(f"{PACKAGE}.model")}
+    for module in sorted(model):
+        for dep in graph[module] - model:
+            assert not (reachable(graph, dep) & model), f"{module} -> {dep} -> model"
