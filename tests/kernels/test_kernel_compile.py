@@ -10,6 +10,8 @@ from _kernel_helpers import build, mamba_args, mamba_inputs
 
 from torchtitan_nemotron3.model.pattern import MAMBA
 
+pytestmark = pytest.mark.integration  # compiles
+
 
 def mamba_block(backend: str, seed: int = 0):
     model = build(mamba_args(hybrid_override_pattern="M"), backend, seed=seed)
