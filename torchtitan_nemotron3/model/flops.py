@@ -1,4 +1,4 @@
-"""Parameters and training FLOPs per token, counted as ``shared/docs/performance.md`` says.
+"""Parameters and training FLOPs per token: the count we report MFU with, stated in full.
 
 Training FLOPs per token = 6 x (matmul parameters one token touches: Mamba in/out
 projections, attention q/k/v/o, MLP up/down, router + top-k experts + shared expert,
