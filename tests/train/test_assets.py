@@ -1,16 +1,34 @@
-"""Offline debug assets: deterministic corpus + tokenizer usable by TorchTitan."""
+"""Offline debug assets: deterministic, cached, atomic, and usable by TorchTitan."""
 
+import hashlib
 import json
+import threading
+from pathlib import Path
 
 import pytest
 
 from torchtitan_nemotron3.train import assets
 
+NAME = "v1-docs3000-vocab2048-seed1234"
+# The debug run's losses depend on these bytes: a change needs a new ASSETS_VERSION.
+SHA256 = {
+    "dataset/train.jsonl": "f8c6ffaee7d3cbfaa66ad2cccd444286fe91ce12fcc5d1576b67d46dcbe32110",
+    "tokenizer/tokenizer.json": "d32b5d766c45dcf9b01a3f2f97276b43d694f46f09a280f8edaa863e656fbe02",
+    "tokenizer/tokenizer_config.json": "1b230bb02f10981a885defdfa14a97bf7cd7b151faf80a29bab637859f81e628",
+}
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file()
+    }
+
 
 def test_corpus_is_deterministic_english():
     a = assets.generate_corpus(num_docs=200, seed=3)
-    b = assets.generate_corpus(num_docs=200, seed=3)
-    assert a == b
+    assert assets.generate_corpus(num_docs=200, seed=3) == a
     assert assets.generate_corpus(num_docs=200, seed=4) != a
     text = " ".join(a)
     assert text.isascii()
@@ -20,35 +38,45 @@ def test_corpus_is_deterministic_english():
 
 @pytest.fixture(scope="module")
 def debug_assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
+    root = tmp_path_factory.mktemp("assets").resolve()
     return root, assets.ensure_debug_assets(root)
 
 
-def test_layout_and_idempotence(debug_assets):
+def test_assets_are_the_known_bytes(debug_assets):
     root, (tok_dir, data_dir) = debug_assets
-    files = sorted(p.name for p in root.rglob("*") if p.is_file())
-    assert files == ["tokenizer.json", "tokenizer_config.json", "train.jsonl"]
-    before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
-    assert assets.ensure_debug_assets(root) == (tok_dir, data_dir)
-    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before
-    # no temporary directories left behind
-    name = (
-        f"v{assets.ASSETS_VERSION}-docs{assets.DEFAULT_NUM_DOCS}"
-        f"-vocab{assets.DEFAULT_VOCAB_SIZE}-seed{assets.DEFAULT_SEED}"
-    )
-    assert [p.name for p in root.iterdir()] == [name]
+    assert (tok_dir, data_dir) == (f"{root}/{NAME}/tokenizer", f"{root}/{NAME}/dataset")
+    digests = {
+        name.removeprefix(f"{NAME}/"): hashlib.sha256(data).hexdigest()
+        for name, data in files(root).items()
+    }
+    assert digests == SHA256
 
 
-def test_generation_is_byte_identical(debug_assets, tmp_path):
-    _, (tok_dir, data_dir) = debug_assets
-    tok2, data2 = assets.ensure_debug_assets(tmp_path)
-    for a, b in (
-        (f"{tok_dir}/tokenizer.json", f"{tok2}/tokenizer.json"),
-        (f"{tok_dir}/tokenizer_config.json", f"{tok2}/tokenizer_config.json"),
-        (f"{data_dir}/train.jsonl", f"{data2}/train.jsonl"),
-    ):
-        with open(a, "rb") as fa, open(b, "rb") as fb:
-            assert fa.read() == fb.read(), a
+def test_cached_assets_are_reused_untouched(debug_assets):
+    root, dirs = debug_assets
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    assert assets.ensure_debug_assets(root) == dirs
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
+
+
+def test_concurrent_writers_leave_one_complete_directory(debug_assets, tmp_path):
+    """Writers racing on an empty root each build in a temporary directory; every
+    one returns the same paths, and only the finished directory remains."""
+    root, _ = debug_assets
+    start, results = threading.Barrier(3), []
+
+    def writer():
+        start.wait()
+        results.append(assets.ensure_debug_assets(tmp_path))
+
+    threads = [threading.Thread(target=writer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(results)) == 1 and len(results) == 3
+    assert [p.name for p in tmp_path.iterdir()] == [NAME]
+    assert files(tmp_path) == files(root)
 
 
 def test_torchtitan_tokenizer_round_trip(debug_assets):
@@ -56,14 +84,14 @@ def test_torchtitan_tokenizer_round_trip(debug_assets):
 
     _, (tok_dir, data_dir) = debug_assets
     tok = HuggingFaceTokenizer(tokenizer_path=tok_dir)
-    assert tok.get_vocab_size() == assets.DEFAULT_VOCAB_SIZE
+    assert tok.get_vocab_size() == assets.VOCAB_SIZE
     assert (tok.bos_id, tok.eos_id) == (0, 1)
     with open(f"{data_dir}/train.jsonl") as f:
         doc = json.loads(f.readline())["text"]
     for text in (doc, "Unseen words: Zürich, naïve café, 3.14159 & emoji-free tabs\t!"):
         ids = tok.encode(text, add_bos=True, add_eos=True)
         assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
-        assert all(0 <= i < assets.DEFAULT_VOCAB_SIZE for i in ids)
+        assert all(0 <= i < assets.VOCAB_SIZE for i in ids)
         assert tok.decode(ids[1:-1]) == text
     # the BPE learned the corpus: far fewer tokens than bytes
     assert len(tok.encode(doc)) < len(doc.encode()) / 3
@@ -75,7 +103,7 @@ def test_dataset_loads_as_torchtitan_c4_test(debug_assets):
     _, (_, data_dir) = debug_assets
     path, loader, text_of = _validate_dataset("c4_test", data_dir)
     ds = loader(path)
-    assert len(ds) == assets.DEFAULT_NUM_DOCS
+    assert len(ds) == assets.NUM_DOCS
     assert text_of(ds[0]) == assets.generate_corpus(num_docs=1)[0]
 
 

@@ -1,31 +1,26 @@
 """Offline assets for debug training runs: a small English corpus and a BPE tokenizer.
 
-The TorchTitan wheel ships no test assets (no ``tests/assets/tokenizer``, no
-``c4_test``), and CI machines have no network. A debug run therefore needs a corpus
-and a tokenizer it can build itself. Both are generated here, deterministically:
+TorchTitan's wheel ships no test tokenizer or ``c4_test`` data, and CI machines have
+no network, so the debug run uses assets generated here on first use:
 
-* the corpus is produced by a small hand-written grammar (word lists and sentence
-  templates written for this file; no third-party text), so it is real English with
-  enough regularity that a tiny model's loss visibly drops within a few steps;
-* the tokenizer is a byte-level BPE trained in-process with ``tokenizers`` on that
-  corpus, saved as ``tokenizer.json`` + ``tokenizer_config.json`` so TorchTitan's
-  ``HuggingFaceTokenizer`` (and ``transformers.AutoTokenizer``) load it from a dir.
+* the corpus: 3000 documents from a small hand-written grammar (word lists and
+  templates written for this file, no third-party text), regular enough that a tiny
+  model's loss drops within a few steps;
+* the tokenizer: a 2048-token byte-level BPE trained on it with ``tokenizers``,
+  saved as ``tokenizer.json`` + ``tokenizer_config.json`` (what TorchTitan's
+  ``HuggingFaceTokenizer`` and ``transformers.AutoTokenizer`` load).
 
-Wiring into ``Trainer.Config`` (see :func:`use_debug_assets`):
+Both are deterministic (seeded) and cached in ``<root>/v1-docs3000-vocab2048-seed1234/``
+(``{tokenizer,dataset}/``); the root is ``$TORCHTITAN_NEMOTRON3_ASSETS``, else
+``assets/debug`` in a source checkout, else ``~/.cache/torchtitan_nemotron3/debug``.
+They are built in a temporary sibling directory renamed into place, so concurrent
+ranks never see a half-written one. Changing the output means bumping
+``ASSETS_VERSION`` (the debug run's losses depend on these bytes).
 
-* ``hf_assets_path = <tokenizer_dir>``;
-* ``dataloader = HuggingFaceTextDataLoader.Config(dataset="c4_test",
-  dataset_path=<dataset_dir>)``. TorchTitan's ``c4_test`` entry loads its path with
-  ``datasets.load_dataset(path, split="train")`` and reads ``sample["text"]``; for a
-  local directory holding ``train.jsonl`` that is exactly the JSON builder, so no
-  dataset registration (a mutation of TorchTitan's global ``DATASETS``) is needed.
-
-Assets are generated on first use into a cache directory, built in a temporary
-sibling directory and renamed into place, so concurrent ranks (each calling
-:func:`ensure_debug_assets`) never observe a half-written directory.
+The dataset is TorchTitan's ``c4_test`` entry pointed at the local directory: it
+loads ``datasets.load_dataset(<dir>, split="train")`` (the JSON builder, for
+``train.jsonl``) and reads ``sample["text"]``; nothing is registered.
 """
-
-from __future__ import annotations
 
 import json
 import os
@@ -34,27 +29,19 @@ import shutil
 import tempfile
 from pathlib import Path
 
-# Bump when the generator or tokenizer recipe changes: cached assets live in a
-# versioned sub-directory, so a stale cache is never silently reused.
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
 ASSETS_VERSION = 1
-
-DEFAULT_SEED = 1234
-DEFAULT_NUM_DOCS = 3000
-DEFAULT_VOCAB_SIZE = 2048
-
-BOS_TOKEN = "<|begin_of_text|>"
-EOS_TOKEN = "<|end_of_text|>"
-PAD_TOKEN = "<|pad|>"
-
+NUM_DOCS = 3000
+VOCAB_SIZE = 2048
+SEED = 1234
 ASSETS_ENV_VAR = "TORCHTITAN_NEMOTRON3_ASSETS"
-
-TOKENIZER_SUBDIR = "tokenizer"
-DATASET_SUBDIR = "dataset"
-DATASET_FILE = "train.jsonl"
+# bos, eos, pad: the first ids (0, 1, 2)
+SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>")
 
 # --------------------------------------------------------------------------- corpus
-# Word lists written for this module. Verbs carry (present 3rd person, past) forms so
-# the generator can keep tense consistent within a story.
+# The draws below, their order included, fix the corpus bytes: change nothing here
+# without bumping ASSETS_VERSION.
 
 # fmt: off
 _NAMES = [
@@ -123,8 +110,15 @@ _MONTHS = [
     "January", "February", "March", "April", "May", "June", "July", "August",
     "September", "October", "November", "December",
 ]
-
-
+# (goods, unit, plural unit)
+_GOODS = [
+    ("apples", "kilo", "kilos"), ("flour", "bag", "bags"), ("candles", "box", "boxes"),
+    ("nails", "pack", "packs"), ("cheese", "wheel", "wheels"), ("rope", "meter", "meters"),
+    ("ink", "bottle", "bottles"), ("soap", "bar", "bars"), ("tea", "tin", "tins"),
+    ("wool", "ball", "balls"), ("salt", "jar", "jars"), ("paper", "sheet", "sheets"),
+    ("buttons", "dozen", "dozen"), ("coffee", "pound", "pounds"),
+    ("thread", "spool", "spools"), ("oats", "sack", "sacks"),
+]
 # fmt: on
 
 
@@ -206,21 +200,6 @@ def _calendar(rng: random.Random) -> str:
     )
 
 
-# fmt: off
-# (goods, unit, plural unit)
-_GOODS = [
-    ("apples", "kilo", "kilos"), ("flour", "bag", "bags"), ("candles", "box", "boxes"),
-    ("nails", "pack", "packs"), ("cheese", "wheel", "wheels"), ("rope", "meter", "meters"),
-    ("ink", "bottle", "bottles"), ("soap", "bar", "bars"), ("tea", "tin", "tins"),
-    ("wool", "ball", "balls"), ("salt", "jar", "jars"), ("paper", "sheet", "sheets"),
-    ("buttons", "dozen", "dozen"), ("coffee", "pound", "pounds"),
-    ("thread", "spool", "spools"), ("oats", "sack", "sacks"),
-]
-
-
-# fmt: on
-
-
 def _ledger(rng: random.Random) -> str:
     """A shop ledger with digits and prices: gives the BPE numbers to merge."""
     shop = rng.choice(_NAMES)
@@ -258,66 +237,44 @@ def _timetable(rng: random.Random) -> str:
     return " ".join(lines)
 
 
-_GENERATORS = [
-    (_story, 0.45),
-    (_habits, 0.15),
-    (_arithmetic, 0.1),
-    (_calendar, 0.1),
-    (_ledger, 0.1),
-    (_timetable, 0.1),
-]
+_GENERATORS = [_story, _habits, _arithmetic, _calendar, _ledger, _timetable]
+_WEIGHTS = [0.45, 0.15, 0.1, 0.1, 0.1, 0.1]
 
 
-def generate_corpus(
-    num_docs: int = DEFAULT_NUM_DOCS, seed: int = DEFAULT_SEED
-) -> list[str]:
-    """Return ``num_docs`` English documents; identical for identical arguments."""
+def generate_corpus(num_docs: int = NUM_DOCS, seed: int = SEED) -> list[str]:
+    """``num_docs`` documents of 1-3 parts each; identical for identical arguments."""
     rng = random.Random(seed)
-    fns = [g for g, _ in _GENERATORS]
-    weights = [w for _, w in _GENERATORS]
     docs = []
     for _ in range(num_docs):
-        parts = [f(rng) for f in rng.choices(fns, weights, k=rng.randint(1, 3))]
-        docs.append(" ".join(parts))
+        parts = rng.choices(_GENERATORS, _WEIGHTS, k=rng.randint(1, 3))
+        docs.append(" ".join(f(rng) for f in parts))
     return docs
 
 
 # ------------------------------------------------------------------------ tokenizer
 
 
-def train_tokenizer(docs: list[str], vocab_size: int = DEFAULT_VOCAB_SIZE):
-    """Train a byte-level BPE (GPT-2 style pre-tokenization) on ``docs``.
-
-    The special tokens take the first ids (bos=0, eos=1, pad=2); every id is below
-    ``vocab_size``, so any model whose embedding has at least ``vocab_size`` rows can
-    consume its output. Byte-level with the full 256-byte initial alphabet means any
-    text (not only the training corpus) round-trips through encode/decode.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
+def train_tokenizer(docs: list[str]) -> Tokenizer:
+    """A byte-level BPE (GPT-2 pre-tokenization) of ``VOCAB_SIZE`` ids, the special
+    tokens first. The full 256-byte alphabet makes any text round-trip."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[BOS_TOKEN, EOS_TOKEN, PAD_TOKEN],
+        vocab_size=VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(docs, trainer=trainer, length=len(docs))
+    tokenizer.train_from_iterator(docs, trainer=trainer)
     return tokenizer
 
 
-def _tokenizer_config(tokenizer) -> dict:
-    """tokenizer_config.json content: what TorchTitan reads to find bos/eos.
-
-    ``HuggingFaceTokenizer`` takes ``bos_token``/``eos_token`` from here and the
-    ``add_*_token`` defaults; the dataloader passes ``add_bos=True, add_eos=True``
-    explicitly, so documents are framed as ``<bos> text <eos>`` either way.
-    """
-    added = {}
-    for tok in (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN):
-        added[str(tokenizer.token_to_id(tok))] = {
+def _tokenizer_config(tokenizer: Tokenizer) -> dict:
+    """What TorchTitan reads for bos/eos (the dataloader adds both itself)."""
+    bos, eos, pad = SPECIAL_TOKENS
+    added = {
+        str(tokenizer.token_to_id(tok)): {
             "content": tok,
             "lstrip": False,
             "normalized": False,
@@ -325,11 +282,13 @@ def _tokenizer_config(tokenizer) -> dict:
             "single_word": False,
             "special": True,
         }
+        for tok in SPECIAL_TOKENS
+    }
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS_TOKEN,
-        "eos_token": EOS_TOKEN,
-        "pad_token": PAD_TOKEN,
+        "bos_token": bos,
+        "eos_token": eos,
+        "pad_token": pad,
         "add_bos_token": False,
         "add_eos_token": False,
         "added_tokens_decoder": added,
@@ -342,11 +301,6 @@ def _tokenizer_config(tokenizer) -> dict:
 
 
 def default_assets_root() -> Path:
-    """``$TORCHTITAN_NEMOTRON3_ASSETS``, else ``<repo>/assets/debug`` (gitignored).
-
-    When the package is installed outside a source checkout (no ``pyproject.toml``
-    next to the package), fall back to ``~/.cache/torchtitan_nemotron3/debug``.
-    """
     env = os.environ.get(ASSETS_ENV_VAR)
     if env:
         return Path(env)
@@ -356,74 +310,50 @@ def default_assets_root() -> Path:
     return Path.home() / ".cache" / "torchtitan_nemotron3" / "debug"
 
 
-def _write_assets(out: Path, num_docs: int, vocab_size: int, seed: int) -> None:
-    docs = generate_corpus(num_docs=num_docs, seed=seed)
-    data_dir = out / DATASET_SUBDIR
-    data_dir.mkdir(parents=True)
-    with open(data_dir / DATASET_FILE, "w", encoding="utf-8") as f:
-        f.writelines(
-            json.dumps({"text": doc}, ensure_ascii=False) + "\n" for doc in docs
-        )
-
-    tok_dir = out / TOKENIZER_SUBDIR
-    tok_dir.mkdir(parents=True)
-    tokenizer = train_tokenizer(docs, vocab_size=vocab_size)
-    tokenizer.save(str(tok_dir / "tokenizer.json"))
-    with open(tok_dir / "tokenizer_config.json", "w", encoding="utf-8") as f:
+def _write_assets(out: Path) -> None:
+    docs = generate_corpus()
+    (out / "dataset").mkdir()
+    with open(out / "dataset" / "train.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
+    (out / "tokenizer").mkdir()
+    tokenizer = train_tokenizer(docs)
+    tokenizer.save(str(out / "tokenizer" / "tokenizer.json"))
+    with open(out / "tokenizer" / "tokenizer_config.json", "w", encoding="utf-8") as f:
         json.dump(_tokenizer_config(tokenizer), f, indent=2, sort_keys=True)
         f.write("\n")
 
 
-def ensure_debug_assets(
-    root: str | os.PathLike | None = None,
-    *,
-    num_docs: int = DEFAULT_NUM_DOCS,
-    vocab_size: int = DEFAULT_VOCAB_SIZE,
-    seed: int = DEFAULT_SEED,
-) -> tuple[str, str]:
-    """Create (once) and return ``(tokenizer_dir, dataset_dir)`` as absolute paths.
-
-    ``root`` defaults to :func:`default_assets_root`. Assets for each recipe live in
-    ``<root>/v<version>-docs<n>-vocab<v>-seed<s>/``; an existing directory is
-    reused as is. Generation happens in a temporary directory next to the target
-    that is renamed into place: if another process wins the race, its result is
-    kept and ours is discarded (both are identical by construction).
-    """
+def ensure_debug_assets(root: str | os.PathLike | None = None) -> tuple[str, str]:
+    """``(tokenizer_dir, dataset_dir)``, absolute, generated once under ``root``
+    (default :func:`default_assets_root`). Racing writers each build in their own
+    temporary directory; the first rename wins, the others discard theirs."""
     root = Path(root) if root is not None else default_assets_root()
-    name = f"v{ASSETS_VERSION}-docs{num_docs}-vocab{vocab_size}-seed{seed}"
+    name = f"v{ASSETS_VERSION}-docs{NUM_DOCS}-vocab{VOCAB_SIZE}-seed{SEED}"
     final = (root / name).resolve()
-    tok_dir, data_dir = final / TOKENIZER_SUBDIR, final / DATASET_SUBDIR
     if not final.exists():
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
         try:
-            _write_assets(tmp, num_docs=num_docs, vocab_size=vocab_size, seed=seed)
+            _write_assets(tmp)
             try:
                 os.rename(tmp, final)
             except OSError:
-                # Lost the race to a concurrent writer: theirs is complete.
-                if not final.exists():
+                if not final.exists():  # not a lost race
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return str(tok_dir), str(data_dir)
+    return str(final / "tokenizer"), str(final / "dataset")
 
 
 def use_debug_assets(config, root: str | os.PathLike | None = None) -> None:
-    """Point a ``Trainer.Config`` at the generated debug tokenizer and corpus.
-
-    Sets ``hf_assets_path`` and replaces ``dataloader`` by a
-    ``HuggingFaceTextDataLoader.Config`` reading the local JSONL directory (other
-    dataloader settings such as ``infinite`` and ``num_workers`` are kept when the
-    current dataloader already is one).
-    """
+    """Point a ``Trainer.Config`` at the debug tokenizer (``hf_assets_path``) and
+    corpus (``dataloader``: TorchTitan's ``c4_test`` on the local JSONL directory;
+    other settings of a ``HuggingFaceTextDataLoader.Config`` are kept)."""
     from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
 
     tokenizer_dir, dataset_dir = ensure_debug_assets(root)
     config.hf_assets_path = tokenizer_dir
     if not isinstance(config.dataloader, HuggingFaceTextDataLoader.Config):
         config.dataloader = HuggingFaceTextDataLoader.Config()
-    # "c4_test" = load_dataset(<dir>, split="train") + sample["text"]: a plain
-    # local JSON loader under TorchTitan's registered name.
     config.dataloader.dataset = "c4_test"
     config.dataloader.dataset_path = dataset_dir
