@@ -1,0 +1,89 @@
+"""Test-only: the NemotronH debug run with NaN/inf injected at chosen steps.
+
+``torchrun -m torchtitan.train --module tests.train.nonfinite_config --config
+nemotron3_debug_nonfinite [--inject.loss_steps 3] [--inject.grad_steps 4]
+[--nonfinite.action skip]`` (repo root on ``PYTHONPATH``). The injection is a
+test-only subclass of the real :class:`NemotronHTrainer` (a NaN added to the loss
+function's result, an inf written into a gradient after the backward), so the
+guard under test runs unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from torchtitan_nemotron3.config_registry import nemotron3_debugmodel
+from torchtitan_nemotron3.train.trainer import NemotronHTrainer
+
+
+@dataclass(kw_only=True, slots=True)
+class InjectConfig:
+    loss_steps: list[int] = field(default_factory=list)
+    """Steps whose loss becomes NaN (its gradients stay finite)."""
+
+    grad_steps: list[int] = field(default_factory=list)
+    """Steps where one gradient element becomes inf (the loss stays finite)."""
+
+    rank: int = -1
+    """Only this rank injects (-1: every rank)."""
+
+
+class NaNInjectingTrainer(NemotronHTrainer):
+    @dataclass(kw_only=True, slots=True)
+    class Config(NemotronHTrainer.Config):
+        inject: InjectConfig = field(default_factory=InjectConfig)
+
+    def __init__(self, config):
+        super().__init__(config)
+        loss_fn = self.loss_fn
+
+        def loss_fn_with_nan(*args, **kwargs):
+            # + NaN: the loss is NaN, its gradients stay finite (d(l + c)/dl = 1).
+            loss, extra = loss_fn(*args, **kwargs)
+            if self._injects() and self.step in self.config.inject.loss_steps:
+                loss = loss + float("nan")
+            return loss, extra
+
+        self.loss_fn = loss_fn_with_nan
+
+    def _injects(self) -> bool:
+        rank = self.config.inject.rank
+        return rank < 0 or dist.get_rank() == rank
+
+    def forward_backward_step(self, **kwargs) -> torch.Tensor:
+        loss = super().forward_backward_step(**kwargs)
+        if self._injects() and self.step in self.config.inject.grad_steps:
+            with torch.no_grad():
+                for model_part in self.model_parts:
+                    for p in model_part.parameters():
+                        grad = p.grad
+                        if isinstance(grad, DTensor):
+                            grad = grad.to_local()
+                        if grad is not None and grad.numel() > 0:
+                            grad.view(-1)[0] = float("inf")
+                            break
+        return loss
+
+
+def nemotron3_debug_nonfinite() -> NaNInjectingTrainer.Config:
+    """``nemotron3_debugmodel`` shrunk to a few fast steps, fp32, a checkpoint
+    (with optimizer state) after every step, nothing injected by default."""
+    base = nemotron3_debugmodel()
+    config = NaNInjectingTrainer.Config(
+        **{f.name: getattr(base, f.name) for f in fields(base)}
+    )
+    config.training.local_batch_size = 2
+    config.training.seq_len = 64
+    config.training.steps = 4
+    config.training.mixed_precision_param = "float32"
+    config.metrics.log_freq = 1
+    config.checkpoint.enable = True
+    config.checkpoint.interval = 1
+    config.checkpoint.keep_latest_k = 0
+    config.checkpoint.last_save_model_only = False
+    config.debug.seed = 0
+    return config
