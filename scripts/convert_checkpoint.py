@@ -1,27 +1,37 @@
 #!/usr/bin/env python
 """Convert NemotronH checkpoints between TorchTitan DCP and Hugging Face safetensors.
 
-DCP → HF (a training checkpoint to a directory transformers loads)::
+DCP → HF: a training checkpoint (``<dump_folder>/checkpoint/step-N``, written every
+``checkpoint.interval`` steps) to a directory transformers loads. The debug config
+saves none unless ``--checkpoint.enable`` is given::
 
-    python scripts/convert_checkpoint.py dcp-to-hf outputs/checkpoint/step-20 out/hf \\
-        --flavor debugmodel [--dtype bfloat16] [--max_shard_size 5GB]
+    ./run_train.sh --checkpoint.enable      # outputs/debug/checkpoint/step-{10,20}
+    TOKENIZER=$(python -c "from torchtitan_nemotron3.train.assets import ensure_debug_assets as a; print(a()[0])")
+    python scripts/convert_checkpoint.py dcp-to-hf outputs/debug/checkpoint/step-20 out/hf \\
+        --flavor debugmodel --assets_dir "$TOKENIZER"
+
+    python scripts/convert_checkpoint.py dcp-to-hf outputs/nano-30B/checkpoint/step-500 out/hf \\
+        --flavor nano-30B --dtype bfloat16 \\
+        --assets_dir assets/hf/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16
 
 A DCP checkpoint records no architecture: give ``--flavor`` (a name from
 ``torchtitan_nemotron3.model.FLAVORS``) or ``--config_json`` (an HF config.json, or
-a directory holding one).
+a directory holding one). ``--assets_dir`` (a directory or Hub repo id) supplies
+the tokenizer, chat template and generation_config.json, copied where present.
+
+HF export of the last step: with ``checkpoint.last_save_in_hf`` (the Nano config)
+the final step (``step-1000``) is already safetensors, without config.json or
+tokenizer; ``hf-config`` checks the tensors and adds them::
+
+    python scripts/convert_checkpoint.py hf-config outputs/nano-30B/checkpoint/step-1000 \\
+        --flavor nano-30B --assets_dir assets/hf/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16
 
 HF → DCP (for ``checkpoint.initial_load_path`` without ``initial_load_in_hf``)::
 
     python scripts/convert_checkpoint.py hf-to-dcp path/to/hf_dir out/dcp [--dtype float32]
 
-Both directions write into a temporary sibling and rename it into place, so an
-interrupted conversion never leaves a directory that looks complete.
-
-config.json for an HF export written by TorchTitan (``checkpoint.last_save_in_hf``
-writes safetensors only)::
-
-    python scripts/convert_checkpoint.py hf-config outputs/checkpoint/step-1000 \
-        --flavor nano-30B [--dtype bfloat16]
+dcp-to-hf and hf-to-dcp write into a temporary sibling and rename it into place,
+so an interrupted conversion never leaves a directory that looks complete.
 """
 
 import argparse
@@ -43,29 +53,27 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
     )
     sub = parser.add_subparsers(dest="direction", required=True)
 
     to_hf = sub.add_parser(
         "dcp-to-hf", help="TorchTitan DCP checkpoint → HF safetensors"
     )
-    to_hf.add_argument("dcp_dir", help="e.g. outputs/checkpoint/step-20")
+    to_hf.add_argument("dcp_dir", help="e.g. outputs/debug/checkpoint/step-20")
     to_hf.add_argument("out_dir")
-    arch = to_hf.add_mutually_exclusive_group(required=True)
-    arch.add_argument("--flavor", help="model flavor the checkpoint was trained with")
-    arch.add_argument("--config_json", help="HF config.json (file or its directory)")
     to_hf.add_argument(
         "--dtype",
         type=_dtype,
         default=None,
-        help="cast floating tensors (default: as stored)",
+        help="cast floating tensors (default: as stored; the router stays fp32)",
     )
     to_hf.add_argument("--max_shard_size", default="5GB")
 
     to_dcp = sub.add_parser(
         "hf-to-dcp", help="HF safetensors → TorchTitan DCP checkpoint"
     )
-    to_dcp.add_argument("hf_dir")
+    to_dcp.add_argument("hf_dir", help="a directory or a Hub repo id")
     to_dcp.add_argument("out_dir")
     to_dcp.add_argument(
         "--dtype",
@@ -73,21 +81,33 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="cast floating tensors (default: as stored)",
     )
-
     for p in (to_hf, to_dcp):
         p.add_argument("--no_progress", action="store_true", help="no progress bar")
 
-    config = sub.add_parser("hf-config", help="write config.json into an HF export")
+    config = sub.add_parser(
+        "hf-config",
+        help="add config.json and tokenizer files to a TorchTitan HF export",
+    )
     config.add_argument("hf_dir")
-    arch = config.add_mutually_exclusive_group(required=True)
-    arch.add_argument("--flavor")
-    arch.add_argument("--config_json")
     config.add_argument(
         "--dtype",
         type=_dtype,
         default=None,
         help="dtype recorded in config.json (default: lm_head's)",
     )
+    for p in (to_hf, config):
+        arch = p.add_mutually_exclusive_group(required=True)
+        arch.add_argument(
+            "--flavor", help="model flavor the checkpoint was trained with"
+        )
+        arch.add_argument(
+            "--config_json", help="HF config.json (file or its directory)"
+        )
+        p.add_argument(
+            "--assets_dir",
+            help="directory or Hub repo id with tokenizer / chat template / "
+            "generation_config.json files to copy",
+        )
     return parser
 
 
@@ -109,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         else args_from_hf_config(opts.config_json)
     )
     if opts.direction == "hf-config":
-        add_hf_config(opts.hf_dir, args, opts.dtype)
+        add_hf_config(opts.hf_dir, args, opts.dtype, assets_dir=opts.assets_dir)
         print(f"wrote {opts.hf_dir}/config.json")
         return 0
     dcp_to_hf(
@@ -119,10 +139,17 @@ def main(argv: list[str] | None = None) -> int:
         dtype=opts.dtype,
         max_shard_size=opts.max_shard_size,
         progress=not opts.no_progress,
+        assets_dir=opts.assets_dir,
     )
     print(f"wrote {opts.out_dir}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        # Bad paths, configs and checkpoints (our errors are ValueErrors): one
+        # line naming the file, not a traceback.
+        print(f"convert_checkpoint.py: error: {e}", file=sys.stderr)
+        sys.exit(1)

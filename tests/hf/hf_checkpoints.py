@@ -4,11 +4,14 @@ transformers is the independent writer: its ``save_pretrained`` output is what t
 hub holds, so our reader is tested against it and our writer is compared with it.
 """
 
+import json
 import os
 
 import torch
 from nemotron_testing import hf_reference, random_args, randomize_
 from safetensors import safe_open
+
+from torchtitan_nemotron3.hf.naming import keep_fp32
 
 
 def transformers_model(args, seed: int = 0):
@@ -55,6 +58,65 @@ def assert_same_tensors(got: dict, want: dict) -> None:
         assert got[name].dtype == t.dtype, (name, got[name].dtype, t.dtype)
         assert got[name].shape == t.shape, (name, got[name].shape, t.shape)
         assert torch.equal(got[name], t), name
+
+
+def assert_like_transformers(ours: dict, theirs: dict, values: bool = True) -> None:
+    """Our export against transformers' ``save_pretrained`` of the same model: the
+    same names and shapes, and the same dtypes, except that the router (which we
+    always write in fp32) may be fp32 where the installed transformers writes bf16
+    (<= 5.23 keeps only the correction bias in fp32, 5.24 the gate too). With
+    ``values``, equal bits once ours is cast to transformers' dtype."""
+    assert sorted(ours) == sorted(theirs), sorted(set(ours) ^ set(theirs))
+    for name, want in theirs.items():
+        got = ours[name]
+        assert got.shape == want.shape, (name, got.shape, want.shape)
+        if got.dtype != want.dtype:
+            assert keep_fp32(name) and got.dtype == torch.float32, (
+                name,
+                got.dtype,
+                want.dtype,
+            )
+        if values:
+            assert torch.equal(got.to(want.dtype), want), name
+
+
+def write_tiny_assets(path) -> str:
+    """A tokenizer (word-level, 6 words, built with ``tokenizers``), its config,
+    a chat template and a generation config, as a hub repo holds them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    path = os.fspath(path)
+    os.makedirs(path)
+    words = ["<unk>", "<s>", "</s>", "hello", "mamba", "world", "user", "assistant"]
+    tokenizer = Tokenizer(
+        models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>")
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(os.path.join(path, "tokenizer.json"))
+    files = {
+        "tokenizer_config.json": {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            "pad_token": "<unk>",
+        },
+        "special_tokens_map.json": {"bos_token": "<s>", "eos_token": "</s>"},
+        "generation_config.json": {
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 0,
+            "max_new_tokens": 7,
+        },
+    }
+    for name, content in files.items():
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(content, f)
+    with open(os.path.join(path, "chat_template.jinja"), "w") as f:
+        f.write(
+            "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+        )
+    return path
 
 
 def tiny_args(seed: int = 0, **changes):

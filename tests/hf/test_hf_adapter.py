@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 
 from nemotron_testing import build_model  # noqa: E402
 from hf_checkpoints import (  # noqa: E402
+    assert_like_transformers,
     assert_same_tensors,
     read_tensors,
     save_transformers_checkpoint,
@@ -39,6 +40,16 @@ def checkpoint(tmp_path_factory):
         root / "prefixed", args, seed=3, save_original_format=False
     )
     return args, hub, prefixed
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(checkpoint, tmp_path_factory):
+    """transformers' bf16 save of the same model (its router dtypes, its call)."""
+    args = checkpoint[0]
+    root = tmp_path_factory.mktemp("bf16")
+    return save_transformers_checkpoint(
+        root / "hub", args, seed=3, dtype=torch.bfloat16
+    )
 
 
 def adapter_for(model, hf_assets_path=None) -> NemotronHStateDictAdapter:
@@ -106,17 +117,14 @@ def test_missing_or_extra_expert_is_an_error(checkpoint):
         adapter.to_hf({"layers.0.attention.wq.weight": torch.zeros(1)})
 
 
-def test_correction_bias_is_fp32_in_hf_names(checkpoint):
-    args, _, _ = checkpoint
-    model = build_model(args, dtype=torch.bfloat16)  # .to() also casts the buffer
+def test_to_hf_dtypes_of_a_bf16_model_are_transformers(checkpoint, bf16_checkpoint):
+    """What last_save_in_hf writes from a bf16 state dict has the dtypes of
+    transformers' own bf16 save of the same architecture (the router in fp32)."""
+    model = build_model(
+        checkpoint[0], dtype=torch.bfloat16
+    )  # .to() casts the router too
     hf = adapter_for(model).to_hf(model.state_dict())
-    for name, t in hf.items():
-        want = (
-            torch.float32
-            if name.endswith("e_score_correction_bias")
-            else torch.bfloat16
-        )
-        assert t.dtype == want, name
+    assert_like_transformers(hf, read_tensors(bf16_checkpoint), values=False)
 
 
 def test_storage_reader_serves_both_spellings(checkpoint):
@@ -157,6 +165,21 @@ def test_torchtitan_initial_load_in_hf(checkpoint, spelling):
         from_quantized=False,
     )
     assert_same_tensors(model.state_dict(), from_pretrained(hub).state_dict())
+
+
+def test_torchtitan_initial_load_of_a_bf16_checkpoint(checkpoint, bf16_checkpoint):
+    """Into fp32 training weights, whichever dtype the file gives the router."""
+    model = build_model(checkpoint[0], seed=11)
+    mgr = manager(adapter_for(model), model)
+    CheckpointManager.dcp_load(
+        mgr,
+        mgr.states["model"].state_dict(),
+        checkpoint_id=bf16_checkpoint,
+        from_hf=True,
+        from_quantized=False,
+    )
+    want = from_pretrained(bf16_checkpoint, dtype=torch.float32)
+    assert_same_tensors(model.state_dict(), want.state_dict())
 
 
 @pytest.mark.parametrize("with_index", [False, True])

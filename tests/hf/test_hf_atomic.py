@@ -78,6 +78,7 @@ def test_crash_on_first_save_leaves_nothing(tmp_path, models, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.integration
 def test_killed_process_leaves_no_complete_looking_directory(tmp_path, models):
     """A hard kill (no cleanup runs) mid-write: the old checkpoint is intact and the
     leftover is a hidden temporary directory without config.json."""

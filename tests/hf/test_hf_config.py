@@ -54,9 +54,6 @@ def test_config_written_by_transformers(tmp_path):
     """transformers 5.x writes layers_block_type and {"__float__": "Infinity"}."""
     args = tiny_args(0, time_step_limit=(0.0, math.inf))
     transformers_model(args).config.save_pretrained(tmp_path)
-    written = json.loads((tmp_path / "config.json").read_text())
-    assert "hybrid_override_pattern" not in written
-    assert written["time_step_limit"] == [0.0, {"__float__": "Infinity"}]
     assert args_from_hf_config(tmp_path) == args  # a directory
     assert args_from_hf_config(tmp_path / "config.json") == args  # the file
 

@@ -1,5 +1,6 @@
 """scripts/convert_checkpoint.py: TorchTitan DCP → HF → DCP gives back every tensor;
-hf-config completes a TorchTitan HF export with a checked config.json."""
+hf-config completes a TorchTitan HF export with a checked config.json and the
+tokenizer files."""
 
 import importlib.util
 import json
@@ -11,17 +12,22 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
 from hf_checkpoints import (  # noqa: E402
+    assert_like_transformers,
     assert_same_tensors,
     read_tensors,
     save_transformers_checkpoint,
     tiny_args,
+    write_tiny_assets,
 )
 
-from torchtitan_nemotron3 import from_pretrained  # noqa: E402
-from torchtitan_nemotron3.hf import CheckpointMismatchError  # noqa: E402
+from torchtitan_nemotron3 import from_pretrained, save_pretrained  # noqa: E402
+from torchtitan_nemotron3.hf import (  # noqa: E402
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+)
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "convert_checkpoint.py"
 
@@ -83,13 +89,17 @@ def test_dcp_to_hf_to_dcp(trained, tmp_path):
     ]  # no temporary leftovers
 
 
-def test_dcp_to_hf_in_bf16_with_a_flavor(tmp_path):
+def test_dcp_to_hf_in_bf16_with_a_flavor_and_assets(tmp_path):
+    """A bf16 export of a debugmodel training checkpoint equals transformers' own
+    bf16 save of the same weights (router dtypes as transformers keeps them, or
+    fp32), and carries the tokenizer files."""
     from nemotron_testing import build_model
 
     from torchtitan_nemotron3.model import flavor_args
 
     model = build_model(flavor_args("debugmodel"), seed=1)
     dcp.save(model.state_dict(), checkpoint_id=str(tmp_path / "step-1"), no_dist=True)
+    assets = write_tiny_assets(tmp_path / "assets")
     convert(
         "dcp-to-hf",
         tmp_path / "step-1",
@@ -98,15 +108,34 @@ def test_dcp_to_hf_in_bf16_with_a_flavor(tmp_path):
         "debugmodel",
         "--dtype",
         "bfloat16",
+        "--assets_dir",
+        assets,
     )
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["dtype"] == "bfloat16"
-    for name, t in read_tensors(tmp_path / "hf").items():
-        assert t.dtype == (torch.float32 if "e_score" in name else torch.bfloat16), name
-    loaded = from_pretrained(tmp_path / "hf", dtype=torch.float32)
-    for name, t in model.state_dict().items():
-        want = t if name.endswith("expert_bias_E") else t.to(torch.bfloat16).float()
-        assert torch.equal(loaded.state_dict()[name], want), name
+    assert sorted(os.listdir(assets)) == sorted(
+        set(os.listdir(tmp_path / "hf")) - {"config.json", "model.safetensors"}
+    )
+
+    save_pretrained(model, tmp_path / "fp32")
+    transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "fp32", dtype=torch.bfloat16
+    ).save_pretrained(tmp_path / "theirs")
+    assert_like_transformers(
+        read_tensors(tmp_path / "hf"), read_tensors(tmp_path / "theirs")
+    )
+
+
+def test_dcp_to_hf_refuses_non_finite_weights(trained, tmp_path):
+    """A diverged run's NaN is named, not exported."""
+    _, _, hub, model = trained
+    state = dict(model.state_dict())
+    state["norm.weight"] = state["norm.weight"].clone()
+    state["norm.weight"][0] = float("inf")
+    dcp.save(state, checkpoint_id=str(tmp_path / "step-9"), no_dist=True)
+    with pytest.raises(CorruptCheckpointError, match="norm.weight holds non-finite"):
+        convert("dcp-to-hf", tmp_path / "step-9", tmp_path / "hf", "--config_json", hub)
+    assert not (tmp_path / "hf").exists()
 
 
 def test_wrong_architecture_is_named(trained, tmp_path):
@@ -134,11 +163,13 @@ def test_hf_config_for_a_torchtitan_export(trained, tmp_path):
         convert("hf-config", export, "--flavor", "debugmodel")
     assert not (export / "config.json").exists()
 
-    convert("hf-config", export, "--config_json", tmp_path / "cfg")
-    assert sorted(os.listdir(export)) == [
-        "config.json",
-        "model-00001-of-00001.safetensors",
-    ]
+    assets = write_tiny_assets(tmp_path / "assets")
+    convert(
+        "hf-config", export, "--config_json", tmp_path / "cfg", "--assets_dir", assets
+    )
+    assert sorted(os.listdir(export)) == sorted(
+        ["config.json", "model-00001-of-00001.safetensors", *os.listdir(assets)]
+    )
     assert json.loads((export / "config.json").read_text())["dtype"] == "float32"
     assert_same_tensors(
         from_pretrained(export).state_dict(), from_pretrained(hub).state_dict()

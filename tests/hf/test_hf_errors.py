@@ -1,7 +1,10 @@
-"""A bad checkpoint fails before any data is read, with a message naming the problem."""
+"""A bad checkpoint fails with one line naming the problem: the file, and the
+tensor where one is at fault. Mismatches and unreadable files are found before any
+tensor data is read."""
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -11,8 +14,12 @@ pytest.importorskip("transformers")
 
 from hf_checkpoints import read_tensors, save_transformers_checkpoint, tiny_args  # noqa: E402
 
-from torchtitan_nemotron3 import from_pretrained  # noqa: E402
-from torchtitan_nemotron3.hf import CheckpointMismatchError  # noqa: E402
+from torchtitan_nemotron3 import from_pretrained, save_pretrained  # noqa: E402
+from torchtitan_nemotron3.hf import (  # noqa: E402
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    NemotronHStateDictAdapter,
+)
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +135,90 @@ def test_index_naming_a_missing_shard(good, tmp_path):
     (tmp_path / "c" / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(FileNotFoundError, match="model-00001-of-00002.safetensors"):
         from_pretrained(tmp_path / "c")
+
+
+def one_line(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message, message
+    return message
+
+
+@pytest.fixture(scope="module")
+def sharded(good, tmp_path_factory):
+    src, _ = good
+    out = tmp_path_factory.mktemp("sharded") / "hf"
+    save_pretrained(from_pretrained(src), out, max_shard_size="40KB")
+    return out
+
+
+def copy_checkpoint(src, dst) -> str:
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_truncated_shard_names_file_and_tensors(sharded, tmp_path):
+    """A shard cut short (an interrupted copy): the file and the tensors it lost."""
+    path = copy_checkpoint(sharded, tmp_path / "c")
+    index = json.loads((tmp_path / "c" / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["lm_head.weight"]
+    in_shard = [k for k, f in index["weight_map"].items() if f == shard]
+    with open(os.path.join(path, shard), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(path, shard)) - 10)
+    with pytest.raises(CorruptCheckpointError) as excinfo:
+        from_pretrained(path)
+    message = one_line(excinfo)
+    assert f"{shard}: truncated" in message
+    cut = message.split("tensors cut off: ")[1].split(", ")
+    assert cut and set(cut) <= set(in_shard), message
+
+
+def test_corrupt_header_names_the_file(sharded, tmp_path):
+    path = copy_checkpoint(sharded, tmp_path / "c")
+    shard = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))[1]
+    with open(os.path.join(path, shard), "r+b") as f:
+        f.seek(8)
+        f.write(b"\xff" * 16)
+    with pytest.raises(
+        CorruptCheckpointError, match=f"{shard}: not a readable safetensors"
+    ):
+        from_pretrained(path)
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_malformed_json_names_the_file(sharded, tmp_path, name):
+    path = copy_checkpoint(sharded, tmp_path / "c")
+    text = (tmp_path / "c" / name).read_text()
+    (tmp_path / "c" / name).write_text(text[: len(text) // 2])
+    with pytest.raises(CorruptCheckpointError) as excinfo:
+        from_pretrained(path)
+    assert f"{os.path.join(path, name)}: not valid JSON" in one_line(excinfo)
+
+
+def test_non_finite_weight_is_named(good, tmp_path):
+    """NaN/inf in a weight: from_pretrained refuses (unless allowed), and so does
+    TorchTitan's initial_load_in_hf through our storage reader."""
+    src, args = good
+    key = next(k for k in read_tensors(src) if k.endswith("mixer.D"))
+
+    def poison(tensors, config):
+        tensors[key] = tensors[key].clone()
+        tensors[key][-1] = float("nan")
+
+    path = rewrite(src, tmp_path / "c", poison)
+    with pytest.raises(CorruptCheckpointError) as excinfo:
+        from_pretrained(path)
+    assert f"{key} holds non-finite values" in one_line(excinfo)
+    assert from_pretrained(path, allow_non_finite=True) is not None
+
+    import torch.distributed.checkpoint as dcp
+    from nemotron_testing import build_model
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    model = build_model(args)
+    adapter = NemotronHStateDictAdapter(model.config, None)
+    hf = adapter.to_hf(model.state_dict())
+    with pytest.raises(CheckpointException) as excinfo:  # DCP's wrapper, per rank
+        dcp.load(hf, storage_reader=adapter.get_hf_storage_reader(path), no_dist=True)
+    error, _ = excinfo.value.failures[0]
+    assert isinstance(error, CorruptCheckpointError)
+    assert f"{key} holds non-finite values" in str(error)

@@ -15,6 +15,8 @@ model sharded by ``apply_fsdp_to_decoder``) must give exactly the tensors of the
 import pytest
 import torch.multiprocessing as mp
 
+pytestmark = pytest.mark.integration  # spawns 2 processes
+
 pytest.importorskip("transformers")
 
 from fsdp_worker import worker  # noqa: E402

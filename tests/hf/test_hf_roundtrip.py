@@ -14,14 +14,17 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from hf_checkpoints import (  # noqa: E402
+    assert_like_transformers,
     assert_same_tensors,
     read_tensors,
     save_transformers_checkpoint,
     tiny_args,
 )
+from safetensors.torch import save_file  # noqa: E402
 
 import torchtitan_nemotron3  # noqa: E402
 from torchtitan_nemotron3 import from_pretrained, save_pretrained  # noqa: E402
+from torchtitan_nemotron3.hf.naming import keep_fp32  # noqa: E402
 
 RTOL = 1e-5
 
@@ -49,41 +52,51 @@ def test_fp32_round_trip_bitwise_and_logits(tmp_path, seed):
         assert rel_err(model(tokens), hf(tokens).logits) <= RTOL
 
 
-def test_bf16_round_trip_keeps_the_bias_fp32(tmp_path):
+def test_bf16_exports_match_transformers(tmp_path):
+    """transformers' own bf16 checkpoint of a model (what it keeps in fp32 is its
+    call) against ours: re-saving it, and saving the fp32 model with dtype=bf16."""
     args = tiny_args(2)
-    src = save_transformers_checkpoint(tmp_path / "hf", args, 2, dtype=torch.bfloat16)
-    stored = read_tensors(src)
-    bias = [k for k in stored if k.endswith("e_score_correction_bias")]
-    assert bias and all(stored[k].dtype == torch.float32 for k in bias)
+    fp32 = save_transformers_checkpoint(tmp_path / "fp32", args, 2)
+    src = save_transformers_checkpoint(tmp_path / "bf16", args, 2, dtype=torch.bfloat16)
+    theirs = read_tensors(src)
 
-    model = from_pretrained(src)  # dtype from the checkpoint
+    model = from_pretrained(src)  # dtype from the checkpoint, router in fp32
     assert model.lm_head.weight.dtype == torch.bfloat16
-    for name, buf in model.named_buffers():
-        if name.endswith("expert_bias_E"):
-            assert buf.dtype == torch.float32, name
-    save_pretrained(model, tmp_path / "ours")
-    assert_same_tensors(read_tensors(tmp_path / "ours"), stored)
-    config = json.loads((tmp_path / "ours" / "config.json").read_text())
-    assert config["dtype"] == "bfloat16"
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "ours", dtype="auto"
-    )
-    assert hf.lm_head.weight.dtype == torch.bfloat16
-
-
-def test_save_casts_but_not_the_bias(tmp_path):
-    args = tiny_args(0)
-    model = from_pretrained(save_transformers_checkpoint(tmp_path / "hf", args))
-    save_pretrained(model, tmp_path / "bf16", dtype=torch.bfloat16)
-    for name, t in read_tensors(tmp_path / "bf16").items():
-        want = (
-            torch.float32
-            if name.endswith("e_score_correction_bias")
-            else torch.bfloat16
+    for name, t in model.state_dict().items():
+        assert t.dtype == (torch.float32 if keep_fp32(name) else torch.bfloat16), name
+    save_pretrained(model, tmp_path / "resaved")
+    save_pretrained(from_pretrained(fp32), tmp_path / "cast", dtype=torch.bfloat16)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    for out in ("resaved", "cast"):
+        assert_like_transformers(read_tensors(tmp_path / out), theirs)
+        config = json.loads((tmp_path / out / "config.json").read_text())
+        assert config["dtype"] == "bfloat16"
+        # transformers sees the model it saved, bit for bit
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / out, dtype="auto"
         )
-        assert t.dtype == want, name
-    loaded = from_pretrained(tmp_path / "bf16", dtype=torch.float32)
-    assert loaded.lm_head.weight.dtype == torch.float32
+        assert_same_tensors(hf.state_dict(), reference.state_dict())
+
+
+def test_router_loads_from_bf16_or_fp32(tmp_path):
+    """The hub's checkpoints (and transformers <= 5.23) store the gate in bf16,
+    transformers 5.24 in fp32: both load, into an fp32 gate, exactly."""
+    args = tiny_args(3)
+    src = save_transformers_checkpoint(tmp_path / "hf", args, 3, dtype=torch.bfloat16)
+    tensors = read_tensors(src)
+    gates = [k for k in tensors if k.endswith("mixer.gate.weight")]
+    assert gates
+    for dtype in (torch.bfloat16, torch.float32):
+        out = tmp_path / str(dtype)
+        out.mkdir()
+        (out / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+        stored = {k: t.to(dtype) if k in gates else t for k, t in tensors.items()}
+        save_file(stored, out / "model.safetensors")
+        state = from_pretrained(out).state_dict()
+        for gate in gates:
+            ours = gate.removeprefix("backbone.").replace(".gate.", ".router.gate.")
+            assert state[ours].dtype == torch.float32, ours
+            assert torch.equal(state[ours], stored[gate].float()), gate
 
 
 def test_model_prefixed_3d_expert_variant_loads(tmp_path):
@@ -120,11 +133,10 @@ def test_sharded_save_writes_an_index_and_reloads(tmp_path):
     assert index["metadata"]["total_size"] == sum(
         t.numel() * t.element_size() for t in tensors.values()
     )
-    for name in files:  # within the limit, unless one tensor (or expert set) exceeds it
+    for name in files:  # within the limit, unless one tensor alone exceeds it
         held = [k for k, f in index["weight_map"].items() if f == name]
         size = sum(tensors[k].numel() * tensors[k].element_size() for k in held)
-        one_group = len(held) == 1 or len({k.split(".experts.")[0] for k in held}) == 1
-        assert size <= 40_000 or one_group, (name, size, held)
+        assert size <= 40_000 or len(held) == 1, (name, size, held)
     assert_same_tensors(tensors, read_tensors(src))
     assert_same_tensors(from_pretrained(out).state_dict(), model.state_dict())
     hf = transformers.AutoModelForCausalLM.from_pretrained(out)

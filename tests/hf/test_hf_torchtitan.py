@@ -5,11 +5,13 @@ A debug run starts from a transformers-written checkpoint of the debug flavor
 ``checkpoint.last_save_in_hf``. Its first-step loss must equal transformers' loss
 on the same batch (TorchTitan packs documents and our model keeps them apart, so
 transformers runs each document separately), and the export, with a config.json
-added by ``convert_checkpoint.py hf-config`` (TorchTitan writes none), must load into transformers with the weights it
-started from; only the MoE correction bias moves (aux-loss-free update, rate 1e-3).
+and tokenizer added by ``convert_checkpoint.py hf-config`` (TorchTitan writes
+neither), must load into transformers with the weights it started from; only the
+MoE correction bias moves (aux-loss-free update, rate 1e-3).
 """
 
 import importlib.util
+import itertools
 import math
 import subprocess
 import sys
@@ -19,13 +21,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.integration  # torchrun through run_train.sh
 
-import itertools
+transformers = pytest.importorskip("transformers")
 
 from hf_checkpoints import read_tensors, save_transformers_checkpoint  # noqa: E402
 
 from torchtitan_nemotron3.model import flavor_args  # noqa: E402
+from torchtitan_nemotron3.train.assets import ensure_debug_assets  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 HARNESS = REPO / "tests" / "train" / "_harness.py"
@@ -68,8 +71,6 @@ def first_batch():
     """The batch TorchTitan's dataloader gives the single rank first."""
     from torchtitan.components.tokenizer import HuggingFaceTokenizer
     from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
-
-    from torchtitan_nemotron3.train.assets import ensure_debug_assets
 
     tokenizer_dir, dataset_dir = ensure_debug_assets()
     loader = HuggingFaceTextDataLoader(
@@ -131,6 +132,7 @@ def test_initial_load_in_hf_and_last_save_in_hf(tmp_path):
     assert losses[0] == pytest.approx(reference, abs=2e-5)  # the log prints 5 decimals
 
     export = dump / "checkpoint" / "step-1"
+    tokenizer_dir, _ = ensure_debug_assets()  # the run's hf_assets_path
     subprocess.run(
         [
             sys.executable,
@@ -139,8 +141,14 @@ def test_initial_load_in_hf_and_last_save_in_hf(tmp_path):
             str(export),
             "--flavor",
             "debugmodel",
+            "--assets_dir",
+            tokenizer_dir,
         ],
         check=True,
+    )
+    text = "The cat sat on the mat."
+    assert transformers.AutoTokenizer.from_pretrained(export)(text) == (
+        transformers.AutoTokenizer.from_pretrained(tokenizer_dir)(text)
     )
     _, info = transformers.AutoModelForCausalLM.from_pretrained(
         export, output_loading_info=True

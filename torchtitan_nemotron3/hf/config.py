@@ -37,6 +37,8 @@ from torchtitan_nemotron3.model.pattern import (
     to_hf_block_types,
 )
 
+from .errors import read_json
+
 MODEL_TYPE = "nemotron_h"
 ARCHITECTURE = "NemotronHForCausalLM"
 CONFIG_NAME = "config.json"
@@ -143,7 +145,8 @@ def _encode_float(value: float) -> Any:
 
 
 def load_hf_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The parsed ``config.json`` of a checkpoint directory (or the file itself)."""
+    """The parsed ``config.json`` of a checkpoint directory (or the file itself);
+    ``CorruptCheckpointError`` naming the file if it is not a JSON object."""
     path = os.fspath(path)
     file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
     if not os.path.isfile(file):
@@ -151,8 +154,7 @@ def load_hf_config(path: str | os.PathLike) -> dict[str, Any]:
             f"no {CONFIG_NAME} at {file}: a NemotronH checkpoint directory needs one "
             "to know the architecture"
         )
-    with open(file, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(file)
 
 
 def args_from_hf_config(

@@ -21,18 +21,14 @@ from torch.distributed.checkpoint import FileSystemReader
 from torchtitan_nemotron3.model import NemotronHArgs
 
 from .config import hf_config_from_args, write_hf_config
-from .files import scan_checkpoint
-from .io import (
-    CheckpointMismatchError,
-    _build_on_meta,
-    check_checkpoint,
-    from_pretrained,
-)
+from .errors import CheckpointMismatchError
+from .files import check_finite, scan_checkpoint
+from .io import _build_on_meta, check_checkpoint, from_pretrained
 from .naming import keep_fp32
 from .writer import (
     DEFAULT_MAX_SHARD_SIZE,
-    TensorGroup,
     atomic_directory,
+    copy_assets,
     write_hf_checkpoint,
 )
 
@@ -48,12 +44,15 @@ def dcp_to_hf(
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     progress: bool = False,
+    assets_dir: str | os.PathLike | None = None,
 ) -> None:
     """Write the model of a DCP checkpoint as a hub-format directory.
 
-    ``dtype`` casts floating tensors (default: as stored; the correction bias
-    stays fp32). Raises ``CheckpointMismatchError`` naming model tensors the
-    checkpoint lacks or stores with another shape.
+    ``dtype`` casts floating tensors (default: as stored; the router stays fp32).
+    ``assets_dir`` supplies tokenizer / chat template / generation config files.
+    Raises ``CheckpointMismatchError`` naming model tensors the checkpoint lacks
+    or stores with another shape, ``CorruptCheckpointError`` naming a tensor
+    holding NaN/inf (a diverged run).
     """
     dcp_dir = os.fspath(dcp_dir)
     metadata = FileSystemReader(dcp_dir).read_metadata().state_dict_metadata
@@ -79,36 +78,37 @@ def dcp_to_hf(
             else stored_dtype
         )
 
-    groups = []
+    owner, hub_meta = {}, {}
     for name, meta in meta_state.items():
-        itemsize = torch.empty((), dtype=out_dtype(name)).element_size()
-        hub = adapter.to_hf({name: meta})
-        groups.append(
-            TensorGroup(name, {h: t.numel() * itemsize for h, t in hub.items()})
-        )
+        for hub, t in adapter.to_hf({name: meta}).items():
+            owner[hub] = name
+            hub_meta[hub] = torch.empty(t.shape, dtype=out_dtype(name), device="meta")
 
-    def fetch(shard: list[TensorGroup]) -> dict[str, torch.Tensor]:
+    def fetch(names: list[str]) -> dict[str, torch.Tensor]:
+        """Load the DCP tensors behind ``names`` (only those) and convert them."""
+        wanted = set(names)
         state = {
-            g.key: torch.empty(
-                metadata[g.key].size, dtype=metadata[g.key].properties.dtype
-            )
-            for g in shard
+            key: torch.empty(metadata[key].size, dtype=metadata[key].properties.dtype)
+            for key in dict.fromkeys(owner[n] for n in names)
         }
         dcp.load(state, storage_reader=FileSystemReader(dcp_dir), no_dist=True)
         out = {}
         for name, value in state.items():
+            check_finite(value, name, dcp_dir)
             for hub, tensor in adapter.to_hf({name: value.to(out_dtype(name))}).items():
-                out[hub] = tensor.contiguous()
+                if hub in wanted:
+                    out[hub] = tensor.contiguous()
         return out
 
     config_dtype = dtype or metadata["lm_head.weight"].properties.dtype
     write_hf_checkpoint(
         out_dir,
         hf_config_from_args(args, config_dtype),
-        groups,
+        hub_meta,
         fetch,
         max_shard_size=max_shard_size,
         progress=progress,
+        assets_dir=assets_dir,
     )
 
 
@@ -118,26 +118,34 @@ def hf_to_dcp(
     dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> None:
-    """Write a hub-format directory as a model-only DCP checkpoint under our names
-    (what ``checkpoint.initial_load_path`` loads without ``initial_load_in_hf``).
-    ``dtype`` defaults to the checkpoint's; the correction bias stays fp32."""
+    """Write a hub-format directory (or Hub repo id) as a model-only DCP checkpoint
+    under our names (what ``checkpoint.initial_load_path`` loads without
+    ``initial_load_in_hf``). ``dtype`` defaults to the checkpoint's; the router
+    stays fp32."""
     model = from_pretrained(hf_dir, dtype=dtype, progress=progress)
     with atomic_directory(out_dir) as tmp:
         dcp.save(model.state_dict(), checkpoint_id=tmp, no_dist=True)
 
 
 def add_hf_config(
-    hf_dir: str | os.PathLike, args: NemotronHArgs, dtype: torch.dtype | None = None
+    hf_dir: str | os.PathLike,
+    args: NemotronHArgs,
+    dtype: torch.dtype | None = None,
+    assets_dir: str | os.PathLike | None = None,
 ) -> str:
-    """Add ``config.json`` to safetensors written without one (TorchTitan's
-    ``checkpoint.last_save_in_hf``), after checking the tensors fit ``args``.
-    ``dtype`` defaults to that of ``lm_head.weight``. Returns the file's path."""
+    """Complete safetensors written without config.json (TorchTitan's
+    ``checkpoint.last_save_in_hf``): check the tensors fit ``args``, copy the
+    tokenizer files of ``assets_dir`` if given, then write ``config.json`` (last,
+    so the directory only looks complete once it is). ``dtype`` defaults to that of
+    ``lm_head.weight``. Returns the config's path."""
     stored = scan_checkpoint(hf_dir)
     model, adapter = _build_on_meta(args)
     expected = {n: t.shape for n, t in adapter.to_hf(model.state_dict()).items()}
     check_checkpoint(
         expected, {n: s.shape for n, s in stored.items()}, os.fspath(hf_dir)
     )
+    if assets_dir is not None:
+        copy_assets(assets_dir, hf_dir)
     return write_hf_config(hf_dir, args, dtype or stored["lm_head.weight"].dtype)
 
 

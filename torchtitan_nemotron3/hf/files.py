@@ -9,10 +9,12 @@ safetensors are read: pickled ``*.bin`` checkpoints can run code when loaded.
 
 import json
 import os
+import struct
 from dataclasses import dataclass
 
 import torch
 
+from .errors import CorruptCheckpointError, listing, read_json
 from .naming import hub_names_on_disk
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -54,10 +56,9 @@ def safetensors_files(path: str | os.PathLike) -> list[str]:
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     index = os.path.join(path, SAFETENSORS_INDEX)
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index} has no weight_map")
+            raise CorruptCheckpointError(f"{index}: no weight_map")
         files = sorted(set(weight_map.values()))
         missing = [
             name for name in files if not os.path.isfile(os.path.join(path, name))
@@ -81,13 +82,46 @@ def safetensors_files(path: str | os.PathLike) -> list[str]:
     raise FileNotFoundError(f"no safetensors files in {path}{hint}")
 
 
+def _unreadable(file: str, error: Exception) -> CorruptCheckpointError:
+    """The error for a file safetensors refuses: for a truncated file whose header
+    survives, it names the tensors cut off."""
+    size = os.path.getsize(file)
+    try:
+        with open(file, "rb") as f:
+            (header_size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_size))
+        data_size = size - 8 - header_size
+        cut = [
+            key
+            for key, info in header.items()
+            if key != "__metadata__" and info["data_offsets"][1] > data_size
+        ]
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        cut = []
+    if cut:
+        return CorruptCheckpointError(
+            f"{file}: truncated ({size} bytes); tensors cut off: {listing(cut)}"
+        )
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return CorruptCheckpointError(f"{file}: not a readable safetensors file ({reason})")
+
+
+def open_safetensors(file: str):
+    """``safe_open(file)``, with ``CorruptCheckpointError`` naming the file (and
+    the tensors cut off) instead of a bare ``SafetensorError``."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(file, framework="pt")
+    except SafetensorError as e:
+        raise _unreadable(file, e) from None
+
+
 def scan_checkpoint(path: str | os.PathLike) -> dict[str, StoredTensor]:
     """Every tensor of the checkpoint by hub name (headers only)."""
-    from safetensors import safe_open
-
     found: dict[str, StoredTensor] = {}
     for file in safetensors_files(path):
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 view = f.get_slice(key)
                 shape = tuple(view.get_shape())
@@ -118,10 +152,26 @@ def read_stored(
     f, stored: StoredTensor, slices: tuple[slice, ...] = ()
 ) -> torch.Tensor:
     """Read ``stored`` (optionally a sub-block) from an open ``safe_open`` handle."""
-    if stored.expert is None and not slices:
-        return f.get_tensor(stored.key)
-    view = f.get_slice(stored.key)
-    if stored.expert is None:
-        return view[slices]
-    block = (slice(stored.expert, stored.expert + 1), *slices)
-    return view[block][0]
+    from safetensors import SafetensorError
+
+    try:
+        if stored.expert is None and not slices:
+            return f.get_tensor(stored.key)
+        view = f.get_slice(stored.key)
+        if stored.expert is None:
+            return view[slices]
+        block = (slice(stored.expert, stored.expert + 1), *slices)
+        return view[block][0]
+    except SafetensorError as e:
+        raise CorruptCheckpointError(
+            f"{stored.file}: cannot read {stored.key} ({e})"
+        ) from None
+
+
+def check_finite(tensor: torch.Tensor, name: str, file: str) -> None:
+    """``CorruptCheckpointError`` naming the tensor when it holds NaN or inf: a
+    diverged or damaged checkpoint would otherwise only show as a NaN loss later."""
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise CorruptCheckpointError(
+            f"{file}: {name} holds non-finite values (NaN or inf)"
+        )

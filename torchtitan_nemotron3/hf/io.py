@@ -5,7 +5,8 @@ Loading checks the whole checkpoint against the architecture in its
 headers), builds the model on the meta device, allocates it once on ``device`` and
 reads each tensor straight into its parameter (experts row by row), so peak memory
 is one model. Saving writes what transformers' ``save_pretrained`` writes: hub
-names, one 2-D tensor per expert, the correction bias in fp32, ``config.json``.
+names, one 2-D tensor per expert, the router in fp32, ``config.json``, plus the
+tokenizer files of ``assets_dir``.
 """
 
 import os
@@ -18,21 +19,12 @@ from torchtitan.protocols.module import Module
 from torchtitan_nemotron3.model import NemotronHModel, build_model_config
 
 from .config import args_from_hf_config, hf_config_from_args, load_hf_config
-from .files import read_stored, scan_checkpoint
+from .errors import CheckpointMismatchError, listing
+from .files import check_finite, open_safetensors, read_stored, scan_checkpoint
+from .hub import MODEL_FILES, local_dir
 from .naming import keep_fp32
 from .state_dict_adapter import NemotronHStateDictAdapter
-from .writer import DEFAULT_MAX_SHARD_SIZE, TensorGroup, write_hf_checkpoint
-
-_SHOWN = 8  # names listed per kind of mismatch in an error message
-
-
-class CheckpointMismatchError(ValueError):
-    """The tensors of a checkpoint do not fit the architecture of its config.json."""
-
-
-def _listing(names: list[str]) -> str:
-    more = f" … and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
-    return ", ".join(names[:_SHOWN]) + more
+from .writer import DEFAULT_MAX_SHARD_SIZE, write_hf_checkpoint
 
 
 def check_checkpoint(
@@ -50,13 +42,13 @@ def check_checkpoint(
     ]
     problems = []
     if missing:
-        problems.append(f"missing tensors ({len(missing)}): {_listing(missing)}")
+        problems.append(f"missing tensors ({len(missing)}): {listing(missing)}")
     if unexpected:
         problems.append(
-            f"unexpected tensors ({len(unexpected)}): {_listing(unexpected)}"
+            f"unexpected tensors ({len(unexpected)}): {listing(unexpected)}"
         )
     if mismatched:
-        problems.append(f"shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
+        problems.append(f"shape mismatches ({len(mismatched)}): {listing(mismatched)}")
     if problems:
         raise CheckpointMismatchError(
             f"checkpoint {path} does not match the architecture of its config.json: "
@@ -76,21 +68,25 @@ def from_pretrained(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    allow_non_finite: bool = False,
 ) -> NemotronHModel:
     """Our ``NemotronHModel`` from a hub-format directory (``config.json`` plus
     ``model.safetensors`` or shards with ``model.safetensors.index.json``; the
-    ``model.``-prefixed spelling with 3-D experts is accepted too).
+    ``model.``-prefixed spelling with 3-D experts is accepted too), or from a Hub
+    repo id (``owner/name``, through the Hugging Face cache).
 
-    ``dtype`` defaults to the checkpoint's (that of ``lm_head.weight``); the MoE
-    correction bias stays fp32 either way. Returned in eval mode, like transformers.
+    ``dtype`` defaults to the checkpoint's (that of ``lm_head.weight``); the router
+    (gate weight and correction bias) is kept in fp32 either way, as transformers
+    (5.24+) keeps it, whether stored in fp32 or bf16. Returned in eval mode, like
+    transformers.
 
-    Raises ``FileNotFoundError`` (no directory / config.json / safetensors),
-    ``ValueError`` (config.json of another model type or an unsupported value) and
-    ``CheckpointMismatchError`` (missing / unexpected tensors, shape mismatches).
+    Raises ``FileNotFoundError`` (no directory / config.json / safetensors, repo
+    not available), ``ValueError`` (config.json of another model type or an
+    unsupported value), ``CheckpointMismatchError`` (missing / unexpected tensors,
+    shape mismatches) and ``CorruptCheckpointError`` (unreadable or truncated
+    file, malformed JSON, NaN/inf in a weight unless ``allow_non_finite``).
     """
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    path = local_dir(path, MODEL_FILES)
     args = args_from_hf_config(load_hf_config(path))
     stored = scan_checkpoint(path)
     model, adapter = _build_on_meta(args)
@@ -101,6 +97,11 @@ def from_pretrained(
         dtype = stored["lm_head.weight"].dtype
     model.to_empty(device=device)
     model.to(dtype)
+    router_gates = {
+        n.rpartition(".")[0] for n, _ in model.named_parameters() if keep_fp32(n)
+    }
+    for name in router_gates:
+        model.get_submodule(name).float()
     with torch.no_grad():
         # Non-persistent buffers (MoE token counters) are not in the checkpoint;
         # this also recreates the correction bias in fp32 before it is loaded.
@@ -112,7 +113,6 @@ def from_pretrained(
         by_file = defaultdict(list)
         for name, entry in stored.items():
             by_file[entry.file].append(name)
-        from safetensors import safe_open
 
         bar = None
         if progress:
@@ -120,32 +120,17 @@ def from_pretrained(
 
             bar = tqdm(total=len(stored), unit="tensor", desc="loading safetensors")
         for file, names in by_file.items():
-            with safe_open(file, framework="pt") as f:
+            with open_safetensors(file) as f:
                 for name in names:
                     targets[name].copy_(read_stored(f, stored[name]))
+                    if not allow_non_finite:
+                        check_finite(targets[name], name, file)
                     if bar is not None:
                         bar.update(1)
         if bar is not None:
             bar.close()
     model.eval()
     return model
-
-
-def _state_dict_groups(state_dict, adapter, dtype):
-    """One TensorGroup per tensor of ours, with the bytes of its hub tensors."""
-    groups = []
-    for name, value in state_dict.items():
-        hub = adapter.to_hf({name: value.to("meta")})
-        out_dtype = value.dtype
-        if keep_fp32(name):
-            out_dtype = torch.float32
-        elif dtype is not None and value.is_floating_point():
-            out_dtype = dtype
-        itemsize = torch.empty((), dtype=out_dtype).element_size()
-        groups.append(
-            TensorGroup(name, {h: t.numel() * itemsize for h, t in hub.items()})
-        )
-    return groups
 
 
 def save_pretrained(
@@ -155,14 +140,17 @@ def save_pretrained(
     dtype: torch.dtype | None = None,
     args=None,
     progress: bool = False,
+    assets_dir: str | os.PathLike | None = None,
 ) -> None:
     """Write ``model`` as a hub-format checkpoint transformers loads
     (``AutoModelForCausalLM.from_pretrained(out_dir)``), atomically.
 
     ``max_shard_size`` (bytes or ``"5GB"``-style) splits the weights into
     ``model-0000i-of-0000N.safetensors`` files plus an index; ``dtype`` casts
-    floating tensors (the correction bias stays fp32); ``args`` (NemotronHArgs)
-    defaults to what the model's config tree records.
+    floating tensors (the router stays fp32); ``args`` (NemotronHArgs) defaults to
+    what the model's config tree records. ``assets_dir`` (a directory or Hub repo
+    id, typically the checkpoint the model came from) supplies the tokenizer, chat
+    template and generation config files, copied where present.
     """
     from .config import args_from_model_config
 
@@ -176,26 +164,33 @@ def save_pretrained(
     if args is None:
         args = args_from_model_config(model.config)
     adapter = NemotronHStateDictAdapter(model.config, None)
-    config_dtype = dtype or state_dict["lm_head.weight"].dtype
 
-    def fetch(groups: list[TensorGroup]) -> dict[str, torch.Tensor]:
-        out = {}
-        for group in groups:
-            for hub, value in adapter.to_hf({group.key: state_dict[group.key]}).items():
-                if (
-                    dtype is not None
-                    and value.is_floating_point()
-                    and not keep_fp32(hub)
-                ):
-                    value = value.to(dtype)
-                out[hub] = value.detach().to("cpu").contiguous()
+    def out_dtype(hub: str, value: torch.Tensor) -> torch.dtype:
+        if keep_fp32(hub):
+            return torch.float32
+        return dtype if dtype is not None and value.is_floating_point() else value.dtype
+
+    owner, hub_meta = {}, {}
+    for key, value in state_dict.items():
+        for hub, t in adapter.to_hf({key: value.to("meta")}).items():
+            owner[hub] = key
+            hub_meta[hub] = torch.empty(t.shape, dtype=out_dtype(hub, t), device="meta")
+
+    def fetch(names: list[str]) -> dict[str, torch.Tensor]:
+        wanted, out = set(names), {}
+        for key in dict.fromkeys(owner[n] for n in names):
+            for hub, value in adapter.to_hf({key: state_dict[key]}).items():
+                if hub in wanted:
+                    value = value.detach().to("cpu", out_dtype(hub, value))
+                    out[hub] = value.contiguous()
         return out
 
     write_hf_checkpoint(
         out_dir,
-        hf_config_from_args(args, config_dtype),
-        _state_dict_groups(state_dict, adapter, dtype),
+        hf_config_from_args(args, dtype or state_dict["lm_head.weight"].dtype),
+        hub_meta,
         fetch,
         max_shard_size=max_shard_size,
         progress=progress,
+        assets_dir=assets_dir,
     )

@@ -38,9 +38,16 @@ EXPERT_WEIGHTS = {
 }
 _EXPERT_WEIGHTS_FROM_HUB = {v: k for k, v in EXPERT_WEIGHTS.items()}
 
-# Hub names of fp32 tensors: the router's correction bias is selection-critical
-# (top-k of sigmoid + bias) and stays fp32 in any export dtype, as on the hub.
-FP32_SUFFIXES = ("gate.e_score_correction_bias", "expert_bias_E")
+# The router (gate weight and correction bias) stays fp32 in any checkpoint dtype:
+# it decides which experts run (top-k of sigmoid + bias), so rounding changes the
+# routing. transformers keeps both in fp32 (the gate from 5.24 on) and writes them
+# so; a checkpoint holding a bf16 gate (the hub's, transformers <= 5.23) loads too.
+FP32_SUFFIXES = (
+    ".mixer.gate.weight",
+    ".mixer.gate.e_score_correction_bias",
+    ".mixer.router.gate.weight",
+    ".mixer.expert_bias_E",
+)
 
 _OURS_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _HUB_LAYER = re.compile(r"^backbone\.layers\.(\d+)\.(.+)$")
@@ -56,7 +63,8 @@ def is_expert_weight(ours: str) -> bool:
 
 
 def keep_fp32(name: str) -> bool:
-    """True for tensors that stay fp32 whatever the checkpoint dtype (either naming)."""
+    """True for the router tensors, which stay fp32 whatever the checkpoint dtype
+    (our names or the hub's)."""
     return name.endswith(FP32_SUFFIXES)
 
 

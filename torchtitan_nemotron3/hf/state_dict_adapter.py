@@ -7,7 +7,12 @@ TorchTitan calls it in three places (components/checkpointer/dcp.py):
   place), ``from_hf`` turns them back into our names for ``load_state_dict``;
 * ``last_save_in_hf``: ``to_hf`` of the (export-dtype) state dict, written by DCP's
   ``HuggingFaceStorageWriter``, into the files of ``fqn_to_index_mapping`` (the
-  hub index found in ``hf_assets_path``) or one file.
+  hub index found in ``hf_assets_path``) or one file. TorchTitan gives the adapter
+  no output path and writes safetensors only: ``scripts/convert_checkpoint.py
+  hf-config`` adds config.json and the tokenizer files. It also casts the state
+  dict to ``export_dtype`` before ``to_hf``, so the fp32 router is exact only in a
+  float32 export (``convert_checkpoint.py dcp-to-hf --dtype bfloat16`` keeps it
+  exact in a bf16 one).
 
 The live state dict is FSDP-sharded: every tensor may be a DTensor. Renames pass
 DTensors through untouched; 3-D expert weights are split per expert without
@@ -64,7 +69,8 @@ class NemotronHStateDictAdapter(StateDictAdapter):
 
     def to_hf(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Our names → hub names; 3-D experts → this rank's per-expert tensors
-        (views, so DCP can load into them); the correction bias → fp32."""
+        (views, so DCP can load into them); the router (gate weight, correction
+        bias) → fp32, as transformers writes it."""
         hf_state_dict = {}
         for name, value in state_dict.items():
             hub = ours_to_hub(name)

@@ -7,6 +7,11 @@ with transformers' in-memory names (``model.`` prefix, 3-D experts) would fail w
 missing keys. This reader offers hub names instead (see ``files.scan_checkpoint``)
 and serves a read of expert ``k`` from row ``k`` of the stacked tensor. Reads of
 sub-blocks (FSDP shards) touch only those bytes.
+
+Every block read is checked for NaN/inf, as ``from_pretrained`` does: a damaged
+initial checkpoint stops the run at load, naming the tensor and file, rather than
+after the first steps as a NaN loss on every rank. The check reads bytes already in
+memory, a small cost beside the read itself.
 """
 
 from dataclasses import dataclass
@@ -23,7 +28,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from .files import StoredTensor, read_stored, scan_checkpoint
+from .files import StoredTensor, check_finite, read_stored, scan_checkpoint
 
 
 @dataclass
@@ -70,6 +75,7 @@ class NemotronHStorageReader(HuggingFaceStorageReader):
             for offset, length in zip(req.storage_offsets, req.lengths)
         )
         tensor = read_stored(f, stored, slices)
+        check_finite(tensor, req.storage_index.fqn, stored.file)
         target = planner.resolve_tensor(req).detach()
         if target.size() != tensor.size():
             raise ValueError(

@@ -17,78 +17,55 @@ import contextlib
 import ctypes
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 
 from .config import CONFIG_NAME
-from .files import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
+from .files import SAFETENSORS_INDEX
+from .hub import local_dir
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
+# What a hub checkpoint carries besides weights and config.json, copied into an
+# export when the source has it, so AutoTokenizer and generate() work on the export.
+ASSET_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+ASSET_DIRS = ("additional_chat_templates",)
 
 
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string such as ``"5GB"``, ``"500MiB"``, ``"10KB"``."""
-    if isinstance(size, int):
-        value = size
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", size)
-        if match is None or match.group(2).upper() not in _UNITS:
-            raise ValueError(
-                f"max_shard_size={size!r}: expected e.g. 5GB, 500MB or bytes"
-            )
-        value = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
-    if value <= 0:
-        raise ValueError(f"max_shard_size={size!r} must be positive")
-    return value
+def resolve_assets(assets_dir: str | os.PathLike) -> str:
+    """A local directory for ``assets_dir``: itself, or a Hub repo id's assets."""
+    patterns = [*ASSET_FILES, *(f"{d}/*" for d in ASSET_DIRS)]
+    return local_dir(assets_dir, patterns, what="assets directory")
 
 
-@dataclass
-class TensorGroup:
-    """Hub tensors that come from one of our tensors (a 3-D expert weight gives
-    E of them); a group is never split across shard files."""
-
-    key: str
-    hub_nbytes: dict[str, int]  # hub name → bytes as written
-
-    @property
-    def nbytes(self) -> int:
-        return sum(self.hub_nbytes.values())
-
-
-def plan_shards(
-    groups: list[TensorGroup], max_shard_size: int
-) -> list[list[TensorGroup]]:
-    """Greedy, in order: a new shard starts when the next group would overflow the
-    current one. A group larger than the limit gets a shard of its own."""
-    shards: list[list[TensorGroup]] = []
-    current, size = [], 0
-    for group in groups:
-        if current and size + group.nbytes > max_shard_size:
-            shards.append(current)
-            current, size = [], 0
-        current.append(group)
-        size += group.nbytes
-    if current:
-        shards.append(current)
-    return shards
+def copy_assets(assets_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """Copy the tokenizer / chat template / generation config files that
+    ``assets_dir`` (a directory or Hub repo id) has into ``out_dir``."""
+    assets_dir = resolve_assets(assets_dir)
+    for name in ASSET_FILES + ASSET_DIRS:
+        src, dst = os.path.join(assets_dir, name), os.path.join(out_dir, name)
+        if not os.path.exists(src) or (
+            os.path.exists(dst) and os.path.samefile(src, dst)  # assets_dir is out_dir
+        ):
+            continue
+        if os.path.isdir(src):
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+        else:
+            shutil.copyfile(src, dst)
 
 
 def _fsync_path(path: str) -> None:
@@ -159,65 +136,67 @@ def _save_file(tensors: dict[str, torch.Tensor], path: str) -> None:
 def write_hf_checkpoint(
     out_dir: str | os.PathLike,
     hf_config: dict,
-    groups: list[TensorGroup],
-    fetch: Callable[[list[TensorGroup]], dict[str, torch.Tensor]],
+    hub_meta: dict[str, torch.Tensor],
+    fetch: Callable[[list[str]], dict[str, torch.Tensor]],
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     progress: bool = False,
-    extra_files: dict[str, str] | None = None,
+    assets_dir: str | os.PathLike | None = None,
 ) -> None:
-    """Write ``config.json`` and the safetensors files of ``groups`` into
-    ``out_dir`` atomically: ``model.safetensors`` if one shard suffices, else
-    ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``.
+    """Write ``config.json`` and the tensors of ``hub_meta`` into ``out_dir``
+    atomically: ``model.safetensors`` if one shard suffices, else
+    ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``,
+    split as ``huggingface_hub`` splits (in order, a new file before the limit
+    would be crossed, a tensor over the limit alone).
 
-    ``fetch(shard_groups)`` returns the hub-named CPU tensors of those groups;
-    ``extra_files`` (name → text) are written too (e.g. generation_config.json).
+    ``hub_meta`` gives each hub tensor's shape and dtype as written (meta tensors:
+    nothing is materialised to plan); ``fetch(names)`` returns those tensors on the
+    CPU, one file's worth at a time. ``assets_dir``: see ``copy_assets``.
     """
-    shards = plan_shards(groups, parse_size(max_shard_size))
-    if not shards:
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    if not hub_meta:
         raise ValueError("nothing to save: the state dict is empty")
-    names = (
-        [SAFETENSORS_SINGLE]
-        if len(shards) == 1
-        else [
-            f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            for i in range(1, len(shards) + 1)
-        ]
-    )
+    if assets_dir is not None:
+        assets_dir = resolve_assets(assets_dir)  # before writing gigabytes
+    split = split_torch_state_dict_into_shards(hub_meta, max_shard_size=max_shard_size)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(
-            total=sum(g.nbytes for g in groups),
+            total=split.metadata["total_size"],
             unit="B",
             unit_scale=True,
             desc="writing safetensors",
         )
-    weight_map = {}
     with atomic_directory(out_dir) as tmp:
-        for name, shard in zip(names, shards):
-            tensors = fetch(shard)
-            expected = [hub for group in shard for hub in group.hub_nbytes]
-            if sorted(tensors) != sorted(expected):
+        for file_name, names in split.filename_to_tensors.items():
+            tensors = fetch(names)
+            if sorted(tensors) != sorted(names):
                 raise RuntimeError(
-                    f"fetch returned {sorted(tensors)}, expected {sorted(expected)}"
+                    f"fetch returned {sorted(tensors)}, expected {names}"
                 )
-            _save_file({k: tensors[k] for k in expected}, os.path.join(tmp, name))
-            weight_map.update(dict.fromkeys(expected, name))
+            for name in names:
+                got, want = tensors[name], hub_meta[name]
+                if got.dtype != want.dtype or got.shape != want.shape:
+                    raise RuntimeError(
+                        f"{name}: fetched {got.dtype} {tuple(got.shape)}, "
+                        f"planned {want.dtype} {tuple(want.shape)}"
+                    )
+            _save_file({k: tensors[k] for k in names}, os.path.join(tmp, file_name))
             del tensors
             if bar is not None:
-                bar.update(sum(g.nbytes for g in shard))
-        if len(shards) > 1:
+                bar.update(sum(hub_meta[n].nbytes for n in names))
+        if split.is_sharded:
             index = {
-                "metadata": {"total_size": sum(g.nbytes for g in groups)},
-                "weight_map": dict(sorted(weight_map.items())),
+                "metadata": split.metadata,
+                "weight_map": dict(sorted(split.tensor_to_filename.items())),
             }
             with open(os.path.join(tmp, SAFETENSORS_INDEX), "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2)
                 f.write("\n")
-        for file_name, text in (extra_files or {}).items():
-            with open(os.path.join(tmp, file_name), "w", encoding="utf-8") as f:
-                f.write(text)
+        if assets_dir is not None:
+            copy_assets(assets_dir, tmp)
         # Last: a directory without config.json is not mistaken for a checkpoint.
         config_path = os.path.join(tmp, CONFIG_NAME)
         with open(config_path, "w", encoding="utf-8") as f:
