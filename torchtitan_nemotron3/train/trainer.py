@@ -1,4 +1,10 @@
-"""NemotronH's Trainer: TorchTitan 0.3.0's ``Trainer`` plus a non-finite step guard.
+"""NemotronH's Trainer: TorchTitan 0.3.0's ``Trainer`` plus a non-finite step guard
+and a complete HF export.
+
+``checkpoint.last_save_in_hf`` makes TorchTitan write the last step as safetensors
+only; ``NemotronHTrainer`` then adds ``config.json`` and, from ``hf_assets_path``,
+the tokenizer files, chat template and ``generation_config.json``, so the folder
+loads with ``AutoModelForCausalLM`` and ``AutoTokenizer`` as it is.
 
 A NaN or infinite loss or gradient norm must never reach the weights, hence never a
 checkpoint. TorchTitan 0.3.0 raises on a non-finite loss only on *logging* steps and
@@ -24,6 +30,7 @@ decides the same: the flags are all-reduced (MAX), one small all-reduce and one
 device-to-host copy per step.
 """
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -32,6 +39,9 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
+
+from ..hf.config import args_from_model_config
+from ..hf.dcp_convert import add_hf_config
 
 
 @dataclass(kw_only=True, slots=True)
@@ -81,6 +91,30 @@ class NemotronHTrainer(Trainer):
         # Before TorchTitan's MoE load-balancing hook: a refused step must not move
         # the routing bias either.
         self.optimizers._optimizer_step_pre_hooks.move_to_end(handle.id, last=False)
+
+    def train(self) -> None:
+        super().train()
+        checkpoint = self.config.checkpoint
+        if checkpoint.enable and checkpoint.last_save_in_hf:
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                self._complete_hf_export(checkpoint)
+            if dist.is_initialized():
+                dist.barrier()
+
+    def _complete_hf_export(self, checkpoint) -> None:
+        export_dir = os.path.join(self.checkpointer.folder, f"step-{self.step}")
+        if not os.path.isdir(export_dir) or os.path.exists(
+            os.path.join(export_dir, "config.json")
+        ):
+            return
+        assets = self.config.hf_assets_path
+        config_path = add_hf_config(
+            export_dir,
+            args_from_model_config(self.config.model_spec.model),
+            dtype=checkpoint.export_dtype,
+            assets_dir=assets if assets and os.path.isdir(assets) else None,
+        )
+        logger.info(f"HF export complete: {config_path} (+ tokenizer files if any)")
 
     def forward_backward_step(self, **kwargs) -> torch.Tensor:
         loss = super().forward_backward_step(**kwargs)
