@@ -13,8 +13,11 @@
 #     NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   static rendezvous
 #     RDZV_ENDPOINT [, RDZV_ID, RDZV_BACKEND=c10d]  dynamic (elastic) rendezvous
 #   TORCHRUN     launcher command                               default torchrun
-# Extra arguments are passed to `python -m torchtitan_nemotron3.train` as
-# --section.field overrides.
+# Extra arguments are passed to `python -m torchtitan_nemotron3.train`: TorchTitan's
+# own --section.field VALUE flags (the same as `torchrun -m torchtitan.train`'s),
+# applied after the file's. `--help` lists them and `--print_config` prints the
+# resolved config; both run one plain process, without torchrun. Relative paths
+# resolve against the directory you run this from.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -35,6 +38,13 @@ fi
 
 # Import this checkout's package (and test configs) without requiring an install.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+for arg in "$@"; do
+    case "$arg" in
+        -h|--help|--print_config)
+            exec "${PYTHON:-python}" -m torchtitan_nemotron3.train --config_file "$CONFIG_FILE" "$@" ;;
+    esac
+done
 
 if [[ -n "${RDZV_ENDPOINT:-}" ]]; then
     RDZV_ARGS=(--nnodes "$NNODES" --rdzv_backend "${RDZV_BACKEND:-c10d}"

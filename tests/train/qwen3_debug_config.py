@@ -10,6 +10,7 @@ from torchtitan.components.loss import CrossEntropyLoss
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
 from torchtitan.config import TrainingConfig
+from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
 from torchtitan.models import qwen3
 from torchtitan.models.common.attention import (
     FlexAttention,
@@ -21,7 +22,8 @@ from torchtitan.trainer import Trainer
 def qwen3_tiny() -> Trainer.Config:
     """2-layer qwen3 debug model, seq 128, batch 4.
 
-    Tokenizer and data come from the TOML (``[job] debug_assets = true``).
+    Tokenizer and data come from the TOML (``[job] debug_assets = true``), which
+    points this HuggingFaceTextDataLoader at the generated offline corpus.
 
     FlexAttention has no CPU backward, so its inner attention is swapped for SDPA
     (causal over the packed sequence; fine for an infrastructure test).
@@ -35,6 +37,7 @@ def qwen3_tiny() -> Trainer.Config:
         model_spec=model_spec,
         loss=CrossEntropyLoss.Config(global_vocab_size=model.vocab_size),
         metrics=MetricsProcessor.Config(log_freq=1),
+        dataloader=HuggingFaceTextDataLoader.Config(),
         optimizer=default_adamw(lr=3e-3),
         lr_scheduler=LRSchedulersContainer.Config(warmup_steps=2),
         training=TrainingConfig(local_batch_size=4, seq_len=128, steps=10),

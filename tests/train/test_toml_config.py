@@ -1,360 +1,280 @@
-"""TOML job files and --section.field overrides -> Trainer.Config.
+"""TOML job files -> TorchTitan's own command line -> Trainer.Config.
 
-The base config is the test-only ``qwen3_tiny`` (no NemotronH dependency); no
-training happens here, only config construction.
+In-process tests use the test-only ``qwen3_tiny`` base (no NemotronH dependency) and
+only build configs; the ``integration`` ones run the entry point as a subprocess.
 """
 
+import json
+import re
+import subprocess
+import sys
 import textwrap
 
 import pytest
+from _harness import REPO_ROOT
+from torchtitan.config import ConfigManager
 from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
 
-from torchtitan_nemotron3.train.toml_config import (
-    ConfigError,
-    load_toml_config,
-    parse_overrides,
-)
+from torchtitan_nemotron3.train.__main__ import check_config
+from torchtitan_nemotron3.train.toml_config import ConfigError, load_job
 
-JOB = """\
-[job]
-module = "tests.train.qwen3_debug_config"
-config = "qwen3_tiny"
+QWEN3 = ["--module", "tests.train.qwen3_debug_config", "--config", "qwen3_tiny"]
+JOB = '[job]\nmodule = "tests.train.qwen3_debug_config"\nconfig = "qwen3_tiny"\n'
+
+SETTINGS = """
+[training]
+steps = 7
+max_norm = 0.5
+dtype = "bfloat16"
+[compile]
+enable = true
+components = ["model", "loss"]
+[metrics]
+enable_tensorboard = false
+[parallelism]
+module_fqns_per_model_part = [["tok_embeddings", "layers.0"], ["layers.1", "norm"]]
+[lr_scheduler]
+decay_ratio = "None"
+[activation_checkpoint]
+mode = "full"
+debug = true
+[[optimizer.param_groups]]
+pattern = ".*"
+optimizer_kwargs = { lr = 1e-3, betas = [0.8, 0.9] }
 """
+# The same job in TorchTitan's (tyro's) spelling; the subcommand comes last.
+SETTINGS_CLI = [
+    "--training.steps", "7", "--training.max-norm", "0.5", "--training.dtype", "bfloat16",
+    "--compile.enable", "--compile.components", "model,loss",
+    "--metrics.no-enable-tensorboard",
+    "--parallelism.module-fqns-per-model-part", "tok_embeddings,layers.0", "layers.1,norm",
+    "--lr-scheduler.decay-ratio", "None",
+    "--optimizer.param-groups.0.pattern", ".*",
+    "--optimizer.param-groups.0.optimizer-kwargs.lr", "0.001",
+    "--optimizer.param-groups.0.optimizer-kwargs.betas", "0.8", "0.9",
+    "activation-checkpoint:full", "--activation-checkpoint.debug",
+]  # fmt: skip
 
 
-def write(tmp_path, body: str, name: str = "job.toml", job: str = JOB):
-    path = tmp_path / name
-    path.write_text(job + textwrap.dedent(body))
+def write(tmp_path, body: str, top: str = "", job: str = JOB):
+    path = tmp_path / "job.toml"
+    path.write_text(top + job + textwrap.dedent(body))
     return path
 
 
-# ----------------------------------------------------------------- applied values
-
-
-def test_toml_values_override_base(tmp_path):
-    path = write(
-        tmp_path,
-        """
-        [training]
-        steps = 20
-        max_norm = 2
-        dtype = "bfloat16"
-
-        [parallelism]
-        data_parallel_shard_degree = -1
-        spmd_backend = "partial_dtensor"
-
-        [checkpoint]
-        initial_load_path = "/abs/ckpt"
-
-        [compile]
-        components = ["model"]
-
-        [lr_scheduler]
-        decay_ratio = "None"
-
-        [[optimizer.param_groups]]
-        pattern = ".*"
-        optimizer_name = "AdamW"
-        optimizer_kwargs = { lr = 1e-3 }
-        """,
-        job="dump_folder = '/tmp/somewhere'\n" + JOB,
+def resolved(config) -> str:  # (functions in the model config differ only by address)
+    return re.sub(
+        r" at 0x\w+", "", json.dumps(config.to_dict(), sort_keys=True, default=str)
     )
-    config = load_toml_config(path)
-    assert config.dump_folder == "/tmp/somewhere"
-    assert config.training.steps == 20
-    assert config.training.max_norm == 2 and isinstance(config.training.max_norm, int)
-    assert config.training.dtype == "bfloat16"
-    assert config.training.seq_len == 128  # untouched: base config value
-    assert config.parallelism.data_parallel_shard_degree == -1
-    assert config.parallelism.spmd_backend == "partial_dtensor"
-    assert config.checkpoint.initial_load_path == "/abs/ckpt"
-    assert config.compile.components == ["model"]
+
+
+def error_of(path, argv=(), check=False) -> str:
+    with pytest.raises(ConfigError) as info:
+        config, source_of = load_job(path and str(path), list(argv))
+        if check:
+            check_config(config, source_of)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_toml_values_reach_config(tmp_path):
+    config, source_of = load_job(str(write(tmp_path, SETTINGS)), [])
+    assert config.training.steps == 7 and config.training.dtype == "bfloat16"
+    assert config.compile.enable and config.compile.components == ["model", "loss"]
+    assert config.parallelism.module_fqns_per_model_part[1] == ["layers.1", "norm"]
     assert config.lr_scheduler.decay_ratio is None
-    (group,) = config.optimizer.param_groups
-    assert (group.pattern, group.optimizer_name) == (".*", "AdamW")
-    assert group.optimizer_kwargs == {"lr": 1e-3}
-
-
-def test_union_section_mode_selects_variant(tmp_path):
-    path = write(tmp_path, '[activation_checkpoint]\nmode = "full"\ndebug = true\n')
-    config = load_toml_config(path)
     assert type(config.activation_checkpoint) is FullAC.Config
     assert config.activation_checkpoint.debug is True
+    (group,) = config.optimizer.param_groups
+    assert (
+        group.optimizer_kwargs["lr"] == 1e-3 and group.optimizer_kwargs["eps"] == 1e-8
+    )
+    assert config.training.seq_len == 128  # untouched: the base function's value
+    assert source_of("training.steps") == str(tmp_path / "job.toml")
+    assert (
+        source_of("training.seq_len") == "tests.train.qwen3_debug_config:qwen3_tiny()"
+    )
 
-    config = load_toml_config(path, ["--activation_checkpoint.mode", "none"])
+
+def test_toml_equals_command_line_equals_torchtitan(tmp_path):
+    from_toml, _ = load_job(str(write(tmp_path, SETTINGS)), [])
+    from_cli, _ = load_job(None, [*QWEN3, *SETTINGS_CLI])
+    from_torchtitan = ConfigManager().parse_args([*QWEN3, *SETTINGS_CLI])
+    assert resolved(from_toml) == resolved(from_cli) == resolved(from_torchtitan)
+
+
+def test_command_line_wins_and_mode_alias(tmp_path):
+    path = write(tmp_path, SETTINGS)
+    config, source_of = load_job(
+        str(path), ["--training.steps", "3", "--compile.no_enable"]
+    )
+    assert config.training.steps == 3 and config.compile.enable is False
+    assert source_of("training.steps") == "command line"
+    # A new variant starts from its defaults: the file's `debug = true` is dropped.
+    config, _ = load_job(str(path), ["--activation_checkpoint.mode", "selective"])
+    assert type(config.activation_checkpoint) is SelectiveAC.Config
+    assert config.activation_checkpoint.debug is False
+    config, _ = load_job(str(path), ["activation-checkpoint:none"])
     assert config.activation_checkpoint is None
 
-    # Same variant as the base: fields are set in place, others keep base values.
-    path = write(tmp_path, "[activation_checkpoint]\ndebug = true\n", name="b.toml")
-    config = load_toml_config(path)
-    assert type(config.activation_checkpoint) is SelectiveAC.Config
-    assert config.activation_checkpoint.debug is True
 
-
-def test_overrides_applied_on_top_of_file(tmp_path):
-    path = write(tmp_path, "[training]\nsteps = 20\n")
-    config = load_toml_config(
-        path,
-        [
-            "--training.steps", "5",
-            "--training.seq_len=64",
-            "--training.max_norm", "0.5",
-            "--training.dtype", "bfloat16",
-            "--parallelism.data_parallel_shard_degree", "-1",
-            "--compile.enable",
-            "--compile.components", "model,loss",
-            "--metrics.no-enable_tensorboard",
-            "--debug.seed", "7",
-            "--checkpoint.initial_load_path", "None",
-            "--activation_checkpoint.preserve_rng_state", "false",
-            "--dump_folder", "/tmp/x",
-        ],
-    )  # fmt: skip
-    assert config.training.steps == 5
-    assert config.training.seq_len == 64
-    assert config.training.max_norm == 0.5
-    assert config.training.dtype == "bfloat16"
-    assert config.parallelism.data_parallel_shard_degree == -1
-    assert config.compile.enable is True
-    assert config.compile.components == ["model", "loss"]
-    assert config.metrics.enable_tensorboard is False
-    assert config.debug.seed == 7
-    assert config.checkpoint.initial_load_path is None
-    assert config.activation_checkpoint.preserve_rng_state is False
-    assert config.dump_folder == "/tmp/x"
-
-
-def test_job_overrides_select_base(tmp_path):
-    path = write(tmp_path, "", job='[job]\nconfig = "does_not_exist"\n')
-    config = load_toml_config(
-        path,
-        [
-            "--job.module",
-            "tests.train.qwen3_debug_config",
-            "--job.config",
-            "qwen3_tiny",
-        ],
+def test_relative_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write(
+        tmp_path,
+        '[checkpoint]\ninitial_load_path = "./assets/hf/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"\n',
+        top='dump_folder = "out"\nhf_assets_path = "gs://bucket/tok"\n',
     )
-    assert config.model_spec.name == "qwen3"
+    argv = [
+        "--dataloader.dataset_path",
+        "data/jsonl",
+        "--validator.dataloader.dataset_path=v",
+    ]
+    config, _ = load_job(str(path), argv)
+    assert config.checkpoint.initial_load_path == str(
+        tmp_path / "assets/hf/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"
+    )
+    assert config.dump_folder == str(tmp_path / "out")
+    assert config.dataloader.dataset_path == str(tmp_path / "data/jsonl")
+    assert config.validator.dataloader.dataset_path == str(tmp_path / "v")
+    assert config.hf_assets_path == "gs://bucket/tok"  # remote: as written
 
 
-def test_debug_assets_wire_tokenizer_and_dataset(tmp_path, monkeypatch):
+def test_old_job_keys_still_accepted(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHTITAN_NEMOTRON3_ASSETS", str(tmp_path / "assets"))
-    path = write(tmp_path, "", job=JOB + "debug_assets = true\n")
-    config = load_toml_config(path)
+    job = JOB + 'description = "free text"\ndebug_assets = true\n'
+    config, _ = load_job(str(write(tmp_path, "", job=job)), [])
     assert config.hf_assets_path.startswith(str(tmp_path / "assets"))
-    assert (tmp_path / "assets").exists()
     assert config.dataloader.dataset == "c4_test"
     assert config.dataloader.dataset_path.startswith(str(tmp_path / "assets"))
-
-
-def test_parse_overrides_shapes():
-    nested = parse_overrides(["--a.b", "1", "--a.c=x", "--d", "--e.f", "-3"])
-    assert nested["a"]["b"] == "1" and nested["a"]["c"] == "x"
-    assert nested["e"]["f"] == "-3"
-    assert repr(nested["d"]) == "<flag>"
-
-
-# ------------------------------------------------------------------------ errors
-
-
-def error_of(path, overrides=None) -> str:
-    with pytest.raises(ConfigError) as info:
-        load_toml_config(path, overrides)
-    return str(info.value)
-
-
-def test_missing_file(tmp_path):
-    missing = tmp_path / "nope.toml"
-    with pytest.raises(FileNotFoundError, match="TOML config file not found") as info:
-        load_toml_config(missing)
-    assert str(missing) in str(info.value)
-
-
-def test_invalid_toml_names_file(tmp_path):
-    path = write(tmp_path, "[training\nsteps = 1\n")
-    msg = error_of(path)
-    assert str(path) in msg and "invalid TOML" in msg
-
-
-def test_unknown_section(tmp_path):
-    path = write(tmp_path, "[trainin]\nsteps = 3\n")
-    msg = error_of(path)
-    assert str(path) in msg
-    assert "unknown section [trainin]" in msg
-    assert "Did you mean 'training'" in msg
-
-
-def test_unknown_key(tmp_path):
-    path = write(tmp_path, "[training]\nstepz = 3\n")
-    msg = error_of(path)
-    assert str(path) in msg
-    assert "training.stepz" in msg and "unknown key 'stepz'" in msg
-    assert "Did you mean 'steps'" in msg
-
-
-def test_unknown_nested_key_on_runtime_subclass(tmp_path):
-    # validator.dataloader is a HuggingFaceTextDataLoader.Config at runtime.
-    path = write(tmp_path, '[validator.dataloader]\ndatasett = "x"\n')
-    msg = error_of(path)
-    assert "validator.dataloader.datasett" in msg
-    assert "HuggingFaceTextDataLoader.Config" in msg
-
-
-def test_unknown_top_level_key(tmp_path):
-    path = write(tmp_path, "", job="dump_foldr = 'x'\n" + JOB)
-    msg = error_of(path)
-    assert str(path) in msg and "dump_foldr" in msg and "dump_folder" in msg
-
-
-def test_wrong_type(tmp_path):
-    path = write(tmp_path, '[training]\nsteps = "abc"\n')
-    msg = error_of(path)
-    assert str(path) in msg
-    assert "training.steps" in msg and "expected int" in msg and "'abc'" in msg
+    # The old default module spelling and --job.* overrides.
+    job = '[job]\nmodule = "torchtitan_nemotron3.config_registry"\nconfig = "nope"\n'
+    argv = [
+        "--job.module",
+        "tests.train.qwen3_debug_config",
+        "--job.config",
+        "qwen3_tiny",
+    ]
+    assert (
+        load_job(str(write(tmp_path, "", job=job)), argv)[0].model_spec.name == "qwen3"
+    )
 
 
 @pytest.mark.parametrize(
-    "body, expected",
+    "body, argv, expected",
     [
-        ('[training]\ndtype = "float64"\n', "expected one of 'bfloat16', 'float32'"),
-        ("[training]\nsteps = 1.5\n", "expected int, got 1.5 (float)"),
-        ("[training]\nsteps = true\n", "expected int, got True (bool)"),
-        ('[compile]\ncomponents = ["model", 3]\n', "expected list[str]"),
-        ('[activation_checkpoint]\nmode = "partial"\n', "activation_checkpoint.mode"),
-        ("training = 3\n", "is a section, not a value"),
+        ("[training]\nstepz = 3\n", (), "training.stepz = 3: unknown key 'training.stepz'; did you mean 'training.steps'?"),
+        ("[trainin]\nsteps = 3\n", (), "did you mean 'training'?"),
+        ('[training]\nsteps = "abc"\n', (), "training.steps = 'abc': Error parsing --training.steps"),
+        ('[training]\ndtype = "float64"\n', (), "training.dtype = 'float64': invalid choice"),
+        ("[compile]\nenable = 1\n", (), "compile.enable = 1: expected true or false"),
+        ("[compile]\ncomponents = []\n", (), "no command-line value means []"),
+        ('[activation_checkpoint]\nmode = "ful"\n', (), "unknown mode; one of selective, full, memory-budget, none"),
+        ('[activation_checkpoint]\nmode = "none"\ndebug = true\n', (), "is off (mode 'none')"),
+        ('[[optimizer.param_groups]]\n[[optimizer.param_groups]]\npattern = "x"\n', (), "'optimizer.param_groups.1' is not in the base config"),
+        ("[checkpoint]\nkeep_latest_k = 1\n", (), "Error parsing checkpoint: We need to maintain at least 2"),
+        ("[training]\nsteps = 3\n", ("--training.stepz", "3"), "command line: --training.stepz 3: unknown key"),
+        ("", ("--training.steps", "x"), "command line: --training.steps x: Error parsing --training.steps"),
+        ("", ("--compile.enable", "true"), "a flag takes no value: --compile.enable or --compile.no_enable"),
+        ("", ("--training.steps",), "Missing value for argument '--training.steps'"),
     ],
-)
-def test_wrong_type_variants(tmp_path, body, expected):
-    job = JOB
-    if not body.startswith("["):  # a top-level key must precede [job]
-        body, job = "", body + JOB
-    path = write(tmp_path, body, job=job)
-    msg = error_of(path)
-    assert str(path) in msg and expected in msg
-
-
-def test_mode_none_rejects_other_keys(tmp_path):
-    path = write(tmp_path, '[activation_checkpoint]\nmode = "none"\ndebug = true\n')
-    assert "takes no other keys" in error_of(path)
-
-
-def test_code_only_fields_rejected(tmp_path):
-    path = write(tmp_path, '[model_spec]\nname = "x"\n')
-    assert "model_spec" in error_of(path) and "base config function" in error_of(path)
-
-
-def test_post_init_validation_runs(tmp_path):
-    path = write(tmp_path, '[checkpoint]\ninitial_load_path = "relative/ckpt"\n')
-    msg = error_of(path)
-    assert str(path) in msg and "absolute" in msg
+)  # fmt: skip
+def test_bad_entries_name_source_key_and_value(tmp_path, body, argv, expected):
+    path = write(tmp_path, body)
+    msg = error_of(path, argv)
+    assert msg.startswith("command line:" if argv else f"{path}:") and expected in msg
 
 
 @pytest.mark.parametrize(
     "job, expected",
     [
-        ('[job]\nconfg = "x"\n', "unknown key 'confg' in [job]"),
-        ('[job]\nmodule = "tests.train.qwen3_debug_config"\n', "missing [job] config"),
-        (JOB.replace("qwen3_tiny", "nope"), "'nope' is not a function"),
-        (
-            JOB.replace("tests.train.qwen3_debug_config", "no_such_mod"),
-            "cannot be imported",
-        ),
-        (JOB + "debug_assets = 1\n", "job.debug_assets: expected bool"),
+        (JOB + 'confg = "x"\n', "job.confg = 'x': unknown key 'job.confg'; did you mean 'config'?"),
+        ('[job]\nmodule = "tests.train.qwen3_debug_config"\n', "job.config: missing"),
+        (JOB.replace("qwen3_tiny", "nope"), "Config function 'nope' not found"),
+        (JOB.replace("tests.train.qwen3_debug_config", "no_such_mod"), "Cannot import module 'no_such_mod'"),
+        (JOB + "debug_assets = 1\n", "job.debug_assets = 1: expected true or false"),
+        ("[job\n", "invalid TOML"),
     ],
-)
-def test_job_errors(tmp_path, job, expected):
+)  # fmt: skip
+def test_bad_job_tables(tmp_path, job, expected):
     path = write(tmp_path, "", job=job)
-    msg = error_of(path)
-    assert str(path) in msg and expected in msg
+    assert str(path) in error_of(path) and expected in error_of(path)
 
 
+def test_config_time_checks(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write(
+        tmp_path, '[dataloader]\ndataset = "wiki"\n', job=JOB + "debug_assets = true\n"
+    )
+    msg = error_of(path, check=True)
+    assert f"{path}: dataloader.dataset = 'wiki': unknown dataset" in msg
+    assert "c4, c4_test, c4_validation" in msg
+    top = 'hf_assets_path = "./assets/hf/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"\n'
+    msg = error_of(write(tmp_path, "", top=top), check=True)
+    assert (
+        "hf_assets_path" in msg
+        and "no tokenizer (tokenizer.json or tokenizer_config.json)" in msg
+    )
+    assert (
+        "python scripts/download_hf_assets.py --repo_id nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"
+        " --local_dir ./assets/hf --assets tokenizer config"
+    ) in msg
+
+
+def entry_point(*args, cwd=REPO_ROOT):
+    return subprocess.run(
+        [sys.executable, "-m", "torchtitan_nemotron3.train", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.integration
+def test_print_config_exits_0():
+    proc = entry_point(
+        "--config_file", "train_configs/debug_model.toml", "--print_config"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads(proc.stdout)
+    assert (
+        config["model_spec"]["name"] == "nemotron3"
+        and config["training"]["steps"] == 20
+    )
+    assert config["dump_folder"] == str(REPO_ROOT / "outputs" / "debug")
+
+
+@pytest.mark.integration
+def test_help_lists_fields():
+    proc = entry_point("--config_file", "tests/train/qwen3_tiny.toml", "--help")
+    assert proc.returncode == 0 and "--config_file" in proc.stdout
+    assert (
+        "--training.steps INT" in proc.stdout
+        and "activation-checkpoint:full" in proc.stdout
+    )
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize(
-    "overrides, expected",
+    "args, expected",
     [
-        (["--training.steps", "abc"], "--training.steps: expected int, got 'abc'"),
-        (["--training.stepz", "3"], "--training.stepz: unknown key 'stepz'"),
-        (["--trainin.steps", "3"], "unknown section [trainin]"),
-        (["--training.steps"], "expected int, got no value"),
-        (["--training.dtype", "float64"], "expected one of 'bfloat16', 'float32'"),
-        (["steps"], "expected an override like --section.field VALUE"),
-        (["--job.config", "nope"], "'nope' is not a function"),
+        (["--config_file", "nope.toml"], "nope.toml: job file not found"),
+        (["[training]\nstepz = 3\n"], "training.stepz = 3: unknown key 'training.stepz'; did you mean"),
+        (["--training.steps", "x"], "command line: --training.steps x: Error parsing"),
+        (["--parallelism.tensor_parallel_degree", "2"], "command line: parallelism.tensor_parallel_degree=2"),
+        (["--hf_assets_path", "/nowhere/Model"], "download_hf_assets.py --repo_id <org>/Model --local_dir"),
     ],
-)
-def test_override_errors_name_key(tmp_path, overrides, expected):
-    path = write(tmp_path, "")
-    msg = error_of(path, overrides)
-    assert msg.startswith("command line:") and expected in msg
-
-
-# ------------------------------------------------------------- TorchTitan types
-
-
-def _as_table(node):
-    """Every settable field of a config tree as a TOML-like table (None -> "None")."""
-    import dataclasses
-
-    from torchtitan_nemotron3.train import toml_config as tc
-
-    def value(v):
-        if v is None:
-            return "None"
-        if dataclasses.is_dataclass(v):
-            return {f.name: value(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, (list, tuple)):
-            return [value(x) for x in v]
-        if isinstance(v, dict):
-            return {k: value(x) for k, x in v.items()}
-        return v
-
-    table = {}
-    for name, hint in tc._settable_fields(type(node)).items():
-        if tc._is_suppressed(hint):
-            continue
-        current = getattr(node, name)
-        if dataclasses.is_dataclass(current) and tc._is_section(node, name, hint):
-            table[name] = _as_table(current)
-            variants = tc._variants(hint)
-            if variants:
-                table[name]["mode"] = next(
-                    k for k, cls in variants.items() if cls is type(current)
-                )
-        else:
-            table[name] = value(current)
-    return table
-
-
-@pytest.mark.parametrize(
-    "module, fn",
-    [
-        ("tests.train.qwen3_debug_config", "qwen3_tiny"),
-        ("torchtitan_nemotron3.config_registry", "nemotron3_debugmodel"),
-        ("torchtitan_nemotron3.config_registry", "nemotron3_nano_30b"),
-    ],
-)
-def test_every_field_round_trips(module, fn):
-    """Setting each field of a full Trainer.Config to its own value is accepted and
-    changes nothing: the type checker understands all of TorchTitan's annotations."""
-    import importlib
-    import importlib.util
-
-    from torchtitan_nemotron3.train import toml_config as tc
-
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} does not exist yet")
-    base = getattr(importlib.import_module(module), fn)
-
-    def normalized(d):  # TOML has no tuples
-        if isinstance(d, dict):
-            return {k: normalized(v) for k, v in d.items()}
-        if isinstance(d, (list, tuple)):
-            return [normalized(v) for v in d]
-        return d
-
-    config = base()
-    before = normalized(config.to_dict())
-    touched = []
-    tc._apply_table(config, _as_table(config), "", "round trip", touched)
-    tc._validate(touched, config, "round trip")
-    assert normalized(config.to_dict()) == before
+)  # fmt: skip
+def test_bad_job_is_one_line_and_exit_2(tmp_path, args, expected):
+    if not args[0].startswith("--"):  # a job file with this body
+        path = tmp_path / "job.toml"
+        path.write_text('[job]\nconfig = "nemotron3_debugmodel"\n' + args[0])
+        args, expected = ["--config_file", str(path)], f"{path}: {expected}"
+    elif args[0] != "--config_file":
+        args = ["--config_file", "train_configs/debug_model.toml", *args]
+    proc = entry_point(*args)
+    log = proc.stdout + proc.stderr  # TorchTitan logs to stdout
+    errors = [ln for ln in log.splitlines() if " ERROR " in ln]
+    assert proc.returncode == 2, log[-3000:]
+    assert len(errors) == 1 and expected in errors[0], log[-3000:]
+    assert "Traceback" not in log and "step:" not in log
+    assert "Building" not in log  # no trainer component was built

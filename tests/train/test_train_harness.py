@@ -35,5 +35,5 @@ def test_entry_point_help():
 
 
 def test_failure_reports_log(tmp_path):
-    with pytest.raises(RuntimeError, match="unknown key 'stepz'"):
+    with pytest.raises(RuntimeError, match="unknown key 'training.stepz'"):
         run_training(QWEN3_TOML, 1, ["--training.stepz", "5"], tmp_path)

@@ -3,54 +3,105 @@
 Usage (normally through ``torchrun``, see ``run_train.sh``)::
 
     python -m torchtitan_nemotron3.train --config_file X.toml [--section.field VALUE ...]
+        [--print_config] [--help]
 
-Builds the ``Trainer.Config`` with :func:`toml_config.load_toml_config` and then
-runs exactly what ``torchtitan/train.py``'s ``main()`` runs (logger, structured
-logger, ``config.build()``, ``train()`` or seed checkpoint, ``close()``, process
-group teardown). Without CUDA, the CPU shims of :mod:`cpu_compat` are applied to
-the process and the config first.
+The job file and the flags become TorchTitan's own command line (see
+:mod:`toml_config`); ``--config_file`` may be left out when ``--config fn`` (and
+``--module M``) are given. ``--help`` lists every field of the job's config;
+``--print_config`` prints the resolved config and exits without training. A bad job
+is one logged line and exit code 2, before any process group exists. Then this runs
+exactly what ``torchtitan/train.py``'s ``main()`` runs (structured logger,
+``config.build()``, ``train()`` or seed checkpoint, ``close()``, process group
+teardown). Without CUDA, the CPU shims of :mod:`cpu_compat` are applied to the
+process (before TorchTitan resolves its device) and to the config.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 
 USAGE = (
     "usage: python -m torchtitan_nemotron3.train --config_file FILE.toml "
-    "[--section.field VALUE ...]"
+    "[--section.field VALUE ...] [--print_config] [--help]"
 )
 
 
-def split_config_file(args: list[str]) -> tuple[str, list[str]]:
-    """Extract ``--config_file X`` / ``--config_file=X``; return it and the rest."""
-    config_file = None
-    rest: list[str] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg.startswith("--config_file="):
-            config_file = arg.split("=", 1)[1]
-        elif arg == "--config_file":
-            if i + 1 >= len(args):
-                raise SystemExit(f"--config_file requires a value\n{USAGE}")
-            config_file = args[i + 1]
-            i += 1
-        else:
-            rest.append(arg)
-        i += 1
-    if not config_file:
-        raise SystemExit(f"--config_file is required\n{USAGE}")
-    return config_file, rest
+def _pop_option(args: list[str], name: str) -> str | None:
+    """Remove ``name X`` / ``name=X`` from ``args``; return X (last one wins)."""
+    value = None
+    for i, arg in reversed(list(enumerate(args))):
+        if arg.startswith(name + "="):
+            value = value or args.pop(i).split("=", 1)[1]
+        elif arg == name and i + 1 < len(args):
+            value = value or args.pop(i + 1)
+            args.pop(i)
+    return value
+
+
+def check_config(config, source_of) -> None:
+    """Config-time checks of what TorchTitan would find only once process groups
+    exist (``source_of(key)``: where a field was set); raise ``ConfigError``."""
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+    from torchtitan.hf_datasets.text_datasets import DATASETS, HuggingFaceTextDataLoader
+
+    from torchtitan_nemotron3.train.toml_config import ConfigError
+
+    if config.model_spec is not None and config.model_spec.name == "nemotron3":
+        from torchtitan_nemotron3.sharding import check_parallelism
+
+        try:
+            check_parallelism(config.parallelism)
+        except ValueError as e:
+            key = re.findall(r"parallelism\.\w+", str(e)) or ["parallelism"]
+            raise ConfigError(f"{source_of(key[0])}: {e}") from None
+    loaders = {"dataloader": config.dataloader}
+    if config.validator.enable:
+        loaders["validator.dataloader"] = config.validator.dataloader
+    for key, loader in loaders.items():
+        name = getattr(loader, "dataset", "").lower()
+        if (
+            isinstance(loader, HuggingFaceTextDataLoader.Config)
+            and name not in DATASETS
+        ):
+            raise ConfigError(
+                f"{source_of(key + '.dataset')}: {key}.dataset = {loader.dataset!r}: "
+                f"unknown dataset; TorchTitan knows {', '.join(DATASETS)} "
+                f"({key}.dataset_path only says where to read one of these from)"
+            )
+    path = config.hf_assets_path
+    names = ("tokenizer.json", "tokenizer_config.json")
+    if isinstance(config.tokenizer, HuggingFaceTokenizer.Config) and not any(
+        os.path.isfile(os.path.join(path, n)) for n in names
+    ):
+        repo = os.path.basename(os.path.normpath(path))
+        repo = f"nvidia/{repo}" if "nemotron" in repo.lower() else f"<org>/{repo}"
+        local_dir = os.path.relpath(os.path.dirname(os.path.abspath(path)))
+        raise ConfigError(
+            f"{source_of('hf_assets_path')}: hf_assets_path = {path!r}: no tokenizer "
+            f"({' or '.join(names)}); download it with: python "
+            f"scripts/download_hf_assets.py --repo_id {repo} --local_dir "
+            f"{local_dir if local_dir.startswith('.') else './' + local_dir} "
+            "--assets tokenizer config"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
+    config_file = _pop_option(args, "--config_file")
+    print_config = "--print_config" in args
+    args = [a for a in args if a != "--print_config"]
     if "-h" in args or "--help" in args:
         print(USAGE)
-        print(__doc__)
-        return
-    config_file, overrides = split_config_file(args)
+        if config_file is None and "--config" not in args:
+            return
+    elif config_file is None and not any(
+        a.split("=")[0] in ("--config", "--job.config") for a in args
+    ):
+        print(f"error: --config_file is required\n{USAGE}", file=sys.stderr)
+        raise SystemExit(2)
 
     # Before anything builds Trainer components: TorchTitan resolves its device
     # type when `torchtitan.tools.utils` is imported.
@@ -63,21 +114,30 @@ def main(argv: list[str] | None = None) -> None:
     from torchtitan.observability import structured_logger as sl
     from torchtitan.tools.logging import init_logger, logger
 
-    from torchtitan_nemotron3.train.toml_config import ConfigError, load_toml_config
+    from torchtitan_nemotron3.train.toml_config import ConfigError, load_job
 
     init_logger()
+    if print_config:  # stdout carries the config alone
+        for handler in logger.handlers:
+            handler.setStream(sys.stderr)
     logger.info(f"torchtitan version: {torchtitan.__version__}")
     if cpu_compat.applied():
         logger.info(f"[cpu_compat] process shims: {', '.join(cpu_compat.applied())}")
 
     try:
-        config = load_toml_config(config_file, overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        # A bad job file is the user's to fix: one line naming it, no traceback.
+        config, source_of = load_job(config_file, args)
+        cpu_compat.adjust_config_for_cpu(config)
+        check_config(config, source_of)
+    except ConfigError as e:
+        # A bad job is the user's to fix: one line naming it, no traceback.
         logger.error(f"error: {e}")
         raise SystemExit(2) from None
-    logger.info(f"Loaded {config_file} (overrides: {' '.join(overrides) or 'none'})")
-    cpu_compat.adjust_config_for_cpu(config)
+    logger.info(
+        f"Loaded {config_file or 'no job file'} (overrides: {' '.join(args) or 'none'})"
+    )
+    if print_config:
+        print(json.dumps(config.to_dict(), indent=2, default=str))
+        return
 
     # NOTE: internal meta tooling relies on source="training" (as in train.py).
     sl.init_structured_logger(
