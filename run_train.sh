@@ -46,6 +46,14 @@ for arg in "$@"; do
     esac
 done
 
+# Check the job in one plain process first: a bad file, key, value, parallelism,
+# dataset or a missing tokenizer is one line here, before torchrun starts any rank.
+if ! check_log=$("${PYTHON:-python}" -m torchtitan_nemotron3.train \
+        --config_file "$CONFIG_FILE" "$@" --print_config 2>&1 >/dev/null); then
+    printf '%s\n' "$check_log" | grep -E "error|Error" >&2 || printf '%s\n' "$check_log" >&2
+    exit 2
+fi
+
 if [[ -n "${RDZV_ENDPOINT:-}" ]]; then
     RDZV_ARGS=(--nnodes "$NNODES" --rdzv_backend "${RDZV_BACKEND:-c10d}"
                --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "${RDZV_ID:-torchtitan_nemotron3}")

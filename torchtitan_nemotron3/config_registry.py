@@ -3,7 +3,7 @@
 ``torchrun -m torchtitan.train --module torchtitan_nemotron3 --config <function>``
 (TorchTitan imports this module and calls the function); ``train_configs/*.toml``
 start from these and override fields. Each function returns a complete
-``Trainer.Config``; on a machine without CUDA it is adjusted to run on CPU/gloo.
+``NemotronHTrainer.Config``; on a machine without CUDA it is adjusted to run on CPU/gloo.
 """
 
 import torch
@@ -15,11 +15,11 @@ from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
 from torchtitan.config import ParallelismConfig, TrainingConfig
 from torchtitan.distributed.activation_checkpoint import SelectiveAC
 from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
-from torchtitan.trainer import Trainer
 
 from . import model_registry
 from .train import cpu_compat
 from .train.assets import use_debug_assets
+from .train.trainer import NemotronHTrainer
 
 
 def _chunked_loss(model_spec) -> ChunkedLossWrapper.Config:
@@ -30,18 +30,18 @@ def _chunked_loss(model_spec) -> ChunkedLossWrapper.Config:
     )
 
 
-def _for_this_machine(config: Trainer.Config) -> Trainer.Config:
+def _for_this_machine(config: NemotronHTrainer.Config) -> NemotronHTrainer.Config:
     cpu_compat.apply()  # feature-detected: a no-op where nothing is missing
     if not torch.cuda.is_available():
         cpu_compat.adjust_config_for_cpu(config)
     return config
 
 
-def nemotron3_debugmodel() -> Trainer.Config:
+def nemotron3_debugmodel() -> NemotronHTrainer.Config:
     """16-layer NemotronH (every layer type, 8 experts top-2) on a small offline
     corpus and tokenizer generated on first use: trains on a laptop CPU."""
     model_spec = model_registry("debugmodel")
-    config = Trainer.Config(
+    config = NemotronHTrainer.Config(
         model_spec=model_spec,
         loss=_chunked_loss(model_spec),
         metrics=MetricsProcessor.Config(log_freq=1),
@@ -59,12 +59,12 @@ def nemotron3_debugmodel() -> Trainer.Config:
     return _for_this_machine(config)
 
 
-def nemotron3_nano_30b() -> Trainer.Config:
+def nemotron3_nano_30b() -> NemotronHTrainer.Config:
     """Nemotron-3-Nano-30B-A3B on one 8-GPU node (FSDP over 8), bf16 compute, seq
     8192, continuing from the released HF checkpoint (set
     ``checkpoint.initial_load_path`` to the downloaded safetensors directory)."""
     model_spec = model_registry("nano-30B")
-    config = Trainer.Config(
+    config = NemotronHTrainer.Config(
         model_spec=model_spec,
         loss=_chunked_loss(model_spec),
         hf_assets_path="./assets/hf/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16",
@@ -91,9 +91,10 @@ def nemotron3_nano_30b() -> Trainer.Config:
             initial_load_in_hf=True,
             last_save_model_only=True,
             last_save_in_hf=True,
-            # TorchTitan casts every tensor, the fp32 routing bias included, to
-            # export_dtype before our adapter sees it; float32 keeps the bias exact.
-            # For a bf16 export with an exact bias use scripts/convert_checkpoint.py.
+            # TorchTitan casts every tensor, the fp32 router (gate and bias)
+            # included, to export_dtype before our adapter sees it; float32 keeps
+            # the router exact. For a bf16 export with an exact router use
+            # scripts/convert_checkpoint.py dcp-to-hf --dtype bfloat16.
             export_dtype="float32",
         ),
         activation_checkpoint=SelectiveAC.Config(),

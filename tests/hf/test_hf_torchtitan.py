@@ -4,17 +4,15 @@ A debug run starts from a transformers-written checkpoint of the debug flavor
 (``checkpoint.initial_load_in_hf``), trains one step with lr 0 and exports with
 ``checkpoint.last_save_in_hf``. Its first-step loss must equal transformers' loss
 on the same batch (TorchTitan packs documents and our model keeps them apart, so
-transformers runs each document separately), and the export, with a config.json
-and tokenizer added by ``convert_checkpoint.py hf-config`` (TorchTitan writes
-neither), must load into transformers with the weights it started from; only the
-MoE correction bias moves (aux-loss-free update, rate 1e-3).
+transformers runs each document separately), and the export (TorchTitan writes the
+safetensors, ``NemotronHTrainer`` adds config.json and the tokenizer) must load into
+transformers as it is, with the weights it started from; only the MoE correction
+bias moves (aux-loss-free update, rate 1e-3).
 """
 
 import importlib.util
 import itertools
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -133,19 +131,8 @@ def test_initial_load_in_hf_and_last_save_in_hf(tmp_path):
 
     export = dump / "checkpoint" / "step-1"
     tokenizer_dir, _ = ensure_debug_assets()  # the run's hf_assets_path
-    subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "convert_checkpoint.py"),
-            "hf-config",
-            str(export),
-            "--flavor",
-            "debugmodel",
-            "--assets_dir",
-            tokenizer_dir,
-        ],
-        check=True,
-    )
+    # NemotronHTrainer completed TorchTitan's safetensors-only export.
+    assert (export / "config.json").is_file() and (export / "tokenizer.json").is_file()
     text = "The cat sat on the mat."
     assert transformers.AutoTokenizer.from_pretrained(export)(text) == (
         transformers.AutoTokenizer.from_pretrained(tokenizer_dir)(text)
