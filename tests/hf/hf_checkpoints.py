@@ -4,10 +4,12 @@ transformers is the independent writer: its ``save_pretrained`` output is what t
 hub holds, so our reader is tested against it and our writer is compared with it.
 """
 
+import itertools
 import json
 import os
 
 import torch
+import torch.nn.functional as F
 from nemotron_testing import hf_reference, random_args, randomize_
 from safetensors import safe_open
 
@@ -123,3 +125,44 @@ def tiny_args(seed: int = 0, **changes):
     """random_args with every layer type; overrides via ``changes``."""
     args = random_args(seed, num_layers=6)
     return args.replace(**changes) if changes else args
+
+
+def first_batch(seq_len: int, batch: int):
+    """The batch TorchTitan's dataloader gives a single rank first on the debug
+    corpus: (tokens, positions, labels)."""
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+    from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
+
+    from torchtitan_nemotron3.train.assets import ensure_debug_assets
+
+    tokenizer_dir, dataset_dir = ensure_debug_assets()
+    loader = HuggingFaceTextDataLoader(
+        HuggingFaceTextDataLoader.Config(dataset="c4_test", dataset_path=dataset_dir),
+        dp_world_size=1,
+        dp_rank=0,
+        tokenizer=HuggingFaceTokenizer(tokenizer_path=tokenizer_dir),
+        seq_len=seq_len,
+        local_batch_size=batch,
+    )
+    inputs, labels = next(iter(loader))
+    return inputs["input"], inputs["positions"], labels
+
+
+def transformers_loss(path, tokens, positions, labels) -> float:
+    """transformers' mean next-token cross-entropy, each packed document run on its
+    own (its Mamba path ignores document boundaries)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in range(tokens.shape[0]):
+            starts = (positions[row] == 0).nonzero().flatten().tolist()
+            bounds = sorted({0, *starts, tokens.shape[1]})
+            for lo, hi in itertools.pairwise(bounds):
+                logits = model(tokens[row : row + 1, lo:hi]).logits[0]
+                total += F.cross_entropy(
+                    logits, labels[row, lo:hi], reduction="sum"
+                ).item()
+                count += hi - lo
+    return total / count

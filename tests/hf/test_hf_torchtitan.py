@@ -11,19 +11,22 @@ bias moves (aux-loss-free update, rate 1e-3).
 """
 
 import importlib.util
-import itertools
 import math
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytestmark = pytest.mark.integration  # torchrun through run_train.sh
 
 transformers = pytest.importorskip("transformers")
 
-from hf_checkpoints import read_tensors, save_transformers_checkpoint  # noqa: E402
+from hf_checkpoints import (  # noqa: E402
+    first_batch,
+    read_tensors,
+    save_transformers_checkpoint,
+    transformers_loss,
+)
 
 from torchtitan_nemotron3.model import flavor_args  # noqa: E402
 from torchtitan_nemotron3.train.assets import ensure_debug_assets  # noqa: E402
@@ -65,41 +68,6 @@ def _harness():
     return module
 
 
-def first_batch():
-    """The batch TorchTitan's dataloader gives the single rank first."""
-    from torchtitan.components.tokenizer import HuggingFaceTokenizer
-    from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
-
-    tokenizer_dir, dataset_dir = ensure_debug_assets()
-    loader = HuggingFaceTextDataLoader(
-        HuggingFaceTextDataLoader.Config(dataset="c4_test", dataset_path=dataset_dir),
-        dp_world_size=1,
-        dp_rank=0,
-        tokenizer=HuggingFaceTokenizer(tokenizer_path=tokenizer_dir),
-        seq_len=SEQ_LEN,
-        local_batch_size=BATCH,
-    )
-    inputs, labels = next(iter(loader))
-    return inputs["input"], inputs["positions"], labels
-
-
-def transformers_loss(path, tokens, positions, labels) -> float:
-    """Mean next-token cross-entropy, each packed document run on its own."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(path)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for row in range(tokens.shape[0]):
-            starts = (positions[row] == 0).nonzero().flatten().tolist()
-            bounds = sorted({0, *starts, tokens.shape[1]})
-            for lo, hi in itertools.pairwise(bounds):
-                logits = model(tokens[row : row + 1, lo:hi]).logits[0]
-                total += F.cross_entropy(
-                    logits, labels[row, lo:hi], reduction="sum"
-                ).item()
-                count += hi - lo
-    return total / count
-
-
 def test_initial_load_in_hf_and_last_save_in_hf(tmp_path):
     args = flavor_args("debugmodel")
     src = save_transformers_checkpoint(tmp_path / "hf", args, seed=0)
@@ -124,7 +92,7 @@ def test_initial_load_in_hf_and_last_save_in_hf(tmp_path):
         ],
         tmp_path / "run",
     )
-    reference = transformers_loss(src, *first_batch())
+    reference = transformers_loss(src, *first_batch(SEQ_LEN, BATCH))
     assert len(losses) == 1
     assert abs(reference - math.log(args.vocab_size)) > 0.1  # not an untrained model
     assert losses[0] == pytest.approx(reference, abs=2e-5)  # the log prints 5 decimals
