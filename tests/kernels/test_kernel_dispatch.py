@@ -10,7 +10,7 @@ import torch
 from _kernel_helpers import build, mamba_args, mamba_inputs, packed_positions
 
 from torchtitan_nemotron3 import model_registry
-from torchtitan_nemotron3.ops import AutoMambaOps, CudaMambaOps, mamba_ops
+from torchtitan_nemotron3.ops import AutoMambaOps, CudaMambaOps, TorchMambaOps, mamba_ops
 from torchtitan_nemotron3.ops.kernel_ops import conv_ineligible, ssd_ineligible
 from reference_kernels import REFERENCE_CONV, REFERENCE_SSD, use_kernels
 from torchtitan_nemotron3.model import build_model_config
@@ -188,3 +188,29 @@ def test_calls_past_32_bit_offsets_stay_on_torch():
     assert "past the kernels' 32-bit arithmetic" in ssd_ineligible(
         *views, chunk_size=128
     )
+
+
+def test_one_kernel_backend_knob_everywhere(tmp_path):
+    """model_registry, the job file / command line and from_pretrained take the same
+    names and set every Mamba2 mixer; an unknown name is refused where it is given."""
+    from torchtitan_nemotron3 import from_pretrained, model_registry, save_pretrained
+    from torchtitan_nemotron3.train.toml_config import ConfigError, load_job
+
+    def mamba_backends(model_config) -> set[str]:
+        return {b.mixer.kernel_backend for b in model_config.layers if b.layer_type == MAMBA}
+
+    assert mamba_backends(model_registry("debugmodel", kernel_backend="torch").model) == {
+        "torch"
+    }
+    job = tmp_path / "job.toml"
+    job.write_text('kernel_backend = "cuda"\n[job]\nconfig = "nemotron3_debugmodel"\n')
+    config, _ = load_job(str(job), [])
+    assert mamba_backends(config.model_spec.model) == {"cuda"}
+    config, _ = load_job(str(job), ["--kernel_backend", "torch"])
+    assert mamba_backends(config.model_spec.model) == {"torch"}
+    with pytest.raises(ConfigError, match="kernel_backend"):
+        load_job(str(job), ["--kernel_backend", "triton"])
+
+    save_pretrained(build(mamba_args()), tmp_path / "hf")
+    model = from_pretrained(tmp_path / "hf", kernel_backend="torch")
+    assert {type(m.ops) for m in model.modules() if hasattr(m, "ops")} == {TorchMambaOps}

@@ -56,8 +56,10 @@ def check_checkpoint(
         )
 
 
-def _build_on_meta(args) -> tuple[NemotronHModel, NemotronHStateDictAdapter]:
-    model_config = build_model_config(args)
+def _build_on_meta(
+    args, kernel_backend: str = "auto"
+) -> tuple[NemotronHModel, NemotronHStateDictAdapter]:
+    model_config = build_model_config(args, kernel_backend=kernel_backend)
     with torch.device("meta"):
         model = model_config.build()
     return model, NemotronHStateDictAdapter(model_config, None)
@@ -69,6 +71,7 @@ def from_pretrained(
     device: str | torch.device = "cpu",
     progress: bool = False,
     allow_non_finite: bool = False,
+    kernel_backend: str = "auto",
 ) -> NemotronHModel:
     """Our ``NemotronHModel`` from a hub-format directory (``config.json`` plus
     ``model.safetensors`` or shards with ``model.safetensors.index.json``; the
@@ -85,11 +88,12 @@ def from_pretrained(
     unsupported value), ``CheckpointMismatchError`` (missing / unexpected tensors,
     shape mismatches) and ``CorruptCheckpointError`` (unreadable or truncated
     file, malformed JSON, NaN/inf in a weight unless ``allow_non_finite``).
+    ``kernel_backend`` picks the Mamba2 ops as in ``model_registry``.
     """
     path = local_dir(path, MODEL_FILES)
     args = args_from_hf_config(load_hf_config(path))
     stored = scan_checkpoint(path)
-    model, adapter = _build_on_meta(args)
+    model, adapter = _build_on_meta(args, kernel_backend)
     expected = {n: t.shape for n, t in adapter.to_hf(model.state_dict()).items()}
     check_checkpoint(expected, {n: s.shape for n, s in stored.items()}, path)
 

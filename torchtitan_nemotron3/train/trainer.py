@@ -81,6 +81,17 @@ class NemotronHTrainer(Trainer):
     @dataclass(kw_only=True, slots=True)
     class Config(Trainer.Config):
         nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
+        kernel_backend: Literal["auto", "torch", "cuda"] | None = None
+        """The Mamba2 ops of every ``M`` layer, as ``model_registry(kernel_backend=)``:
+        "auto" (GPU kernels where installed and the tensors are on CUDA, else torch),
+        "torch", "cuda"; None keeps what the config function chose."""
+
+        def __post_init__(self):
+            Trainer.Config.__post_init__(self)  # (no super() in slots dataclasses)
+            if self.kernel_backend is not None and self.model_spec is not None:
+                for layer in self.model_spec.model.layers:
+                    if hasattr(layer.mixer, "kernel_backend"):
+                        layer.mixer.kernel_backend = self.kernel_backend
 
     def __init__(self, config: Config):
         super().__init__(config)
