@@ -16,6 +16,13 @@ Packed documents: a new document at position t sets ``a_t = -inf``, so
 ``exp(a_t) = 0`` wipes the carried state and every decay spanning the boundary is
 exactly zero: no information crosses it, in the chunk or between chunks.
 
+Initial and final states (``ssd_chunked_with_final_state``, used to cut a long row
+into pieces, ``ops/long_rows.py``) follow mamba-ssm's Triton kernel: the initial state
+is the state of the document whose ``seq_idx`` is 0, so it reaches the tokens up to
+the first document change only if ``seq_idx[:, 0] == 0`` (a row starting at another
+id starts a new document, ``a_0 = -inf``); the final state is the state after the
+last token, i.e. of the row's last document.
+
 Shape suffixes as in the package docstring (``torchtitan_nemotron3/__init__.py``);
 here also S, a source position within a chunk, and Z, a destination chunk.
 """
@@ -52,13 +59,76 @@ def ssd_chunked(
     C_BLGN: torch.Tensor,
     chunk_size: int,
     seq_idx_BL: torch.Tensor | None = None,
+    initial_states_BHPN: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The SSD scan (without the ``D`` skip), state starting at zero.
+    """The SSD scan (without the ``D`` skip), state starting at zero (or at
+    ``initial_states``, see the module docstring for its ``seq_idx`` semantics).
 
     ``dt`` is the final, positive step (softplus and limits already applied).
     Any length works: the tail chunk is zero-padded (``dt = 0`` there, which
     neither adds input nor decays, and comes after every real token).
     """
+    y_BLHP, _ = _ssd_chunked(
+        x_BLHP,
+        dt_BLH,
+        A_H,
+        B_BLGN,
+        C_BLGN,
+        chunk_size,
+        seq_idx_BL,
+        initial_states_BHPN,
+        final_state=False,
+    )
+    return y_BLHP
+
+
+def ssd_chunked_with_final_state(
+    x_BLHP: torch.Tensor,
+    dt_BLH: torch.Tensor,
+    A_H: torch.Tensor,
+    B_BLGN: torch.Tensor,
+    C_BLGN: torch.Tensor,
+    chunk_size: int,
+    seq_idx_BL: torch.Tensor | None = None,
+    initial_states_BHPN: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ssd_chunked`` and the state after the last token, ``(B, H, P, N)`` in the
+    compute dtype (fp32, or fp64 for fp64 inputs): the torch twin of mamba-ssm's
+    ``initial_states`` / ``final_states``, differentiable in both."""
+    return _ssd_chunked(
+        x_BLHP,
+        dt_BLH,
+        A_H,
+        B_BLGN,
+        C_BLGN,
+        chunk_size,
+        seq_idx_BL,
+        initial_states_BHPN,
+        final_state=True,
+    )
+
+
+def _starts_after_initial_state(seq_idx_BL: torch.Tensor) -> torch.Tensor:
+    """``document_starts``, plus position 0 where the row does not start with document
+    0 (mamba-ssm gives the initial state to document 0 only)."""
+    return torch.cat(
+        [seq_idx_BL[:, :1] != 0, seq_idx_BL[:, 1:] != seq_idx_BL[:, :-1]], 1
+    )
+
+
+def _ssd_chunked(
+    x_BLHP,
+    dt_BLH,
+    A_H,
+    B_BLGN,
+    C_BLGN,
+    chunk_size,
+    seq_idx_BL,
+    initial_states_BHPN,
+    final_state: bool,
+):
+    # Without initial state or final state this is op for op the original
+    # ``ssd_chunked`` (bit-identical results and gradients).
     Bsz, L, H, P = x_BLHP.shape
     G, N = B_BLGN.shape[-2:]
     R = H // G
@@ -69,7 +139,12 @@ def ssd_chunked(
     )
     a_BLH = dt_BLH * A_H.to(compute_dtype)
     if seq_idx_BL is not None:
-        a_BLH = a_BLH.masked_fill(document_starts(seq_idx_BL)[..., None], float("-inf"))
+        starts_BL = (
+            document_starts(seq_idx_BL)
+            if initial_states_BHPN is None
+            else _starts_after_initial_state(seq_idx_BL)
+        )
+        a_BLH = a_BLH.masked_fill(starts_BL[..., None], float("-inf"))
     xdt_BLHP = x_BLHP * dt_BLH[..., None]
 
     pad = (-L) % chunk_size
@@ -102,12 +177,24 @@ def ssd_chunked(
 
     # 3. Carry states across chunks: state entering chunk z is the sum over earlier
     #    chunks of their end state, decayed through the chunks in between.
+    #    Source "chunk" 0 is the state before the first chunk (zero or the initial
+    #    state); destination nC, dropped unless asked for, is the final state.
     chunk_a_BGRC = a_BGRCQ.sum(dim=-1)
-    chunk_decay_BGRZC = torch.exp(segsum(F.pad(chunk_a_BGRC, (1, 0))))[..., :-1, :]
-    chunk_states_BCGRPN = F.pad(chunk_states_BCGRPN, (0, 0, 0, 0, 0, 0, 0, 0, 1, 0))
+    all_decay_BGRZC = torch.exp(segsum(F.pad(chunk_a_BGRC, (1, 0))))
+    chunk_decay_BGRZC = all_decay_BGRZC[..., :-1, :]
+    if initial_states_BHPN is None:
+        chunk_states_BCGRPN = F.pad(chunk_states_BCGRPN, (0, 0, 0, 0, 0, 0, 0, 0, 1, 0))
+    else:
+        init_B1GRPN = initial_states_BHPN.to(compute_dtype).reshape(Bsz, 1, G, R, P, N)
+        chunk_states_BCGRPN = torch.cat([init_B1GRPN, chunk_states_BCGRPN], dim=1)
     start_states_BZGRPN = torch.einsum(
         "bgrzc,bcgrpn->bzgrpn", chunk_decay_BGRZC, chunk_states_BCGRPN
     )
+    final_BHPN = None
+    if final_state:
+        final_BHPN = torch.einsum(
+            "bgrc,bcgrpn->bgrpn", all_decay_BGRZC[..., -1, :], chunk_states_BCGRPN
+        ).reshape(Bsz, H, P, N)
 
     # 4. What each token reads from the state its chunk started with.
     decay_from_start_BGRCQ = torch.exp(torch.cumsum(a_BGRCQ, dim=-1))
@@ -116,7 +203,7 @@ def ssd_chunked(
     )
 
     y_BLHP = (y_diag_BCQGRP + y_off_BCQGRP).reshape(Bsz, nC * Q, H, P)
-    return y_BLHP[:, :L]
+    return y_BLHP[:, :L], final_BHPN
 
 
 def ssd_sequential(
@@ -126,14 +213,37 @@ def ssd_sequential(
     B_BLGN: torch.Tensor,
     C_BLGN: torch.Tensor,
     seq_idx_BL: torch.Tensor | None = None,
+    initial_states_BHPN: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The recurrence token by token: slow, obviously right; the tests' ground truth."""
+    return ssd_sequential_with_final_state(
+        x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, seq_idx_BL, initial_states_BHPN
+    )[0]
+
+
+def ssd_sequential_with_final_state(
+    x_BLHP: torch.Tensor,
+    dt_BLH: torch.Tensor,
+    A_H: torch.Tensor,
+    B_BLGN: torch.Tensor,
+    C_BLGN: torch.Tensor,
+    seq_idx_BL: torch.Tensor | None = None,
+    initial_states_BHPN: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ssd_sequential`` and the state after the last token (ground truth for
+    ``ssd_chunked_with_final_state``)."""
     Bsz, L, H, P = x_BLHP.shape
     R = H // B_BLGN.size(2)
     B_BLHN = B_BLGN.repeat_interleave(R, dim=2)
     C_BLHN = C_BLGN.repeat_interleave(R, dim=2)
-    state_BHPN = x_BLHP.new_zeros(Bsz, H, P, B_BLGN.size(-1))
-    starts_BL = document_starts(seq_idx_BL) if seq_idx_BL is not None else None
+    if initial_states_BHPN is None:
+        state_BHPN = x_BLHP.new_zeros(Bsz, H, P, B_BLGN.size(-1))
+        starts_BL = document_starts(seq_idx_BL) if seq_idx_BL is not None else None
+    else:
+        state_BHPN = initial_states_BHPN.to(x_BLHP.dtype)
+        starts_BL = (
+            _starts_after_initial_state(seq_idx_BL) if seq_idx_BL is not None else None
+        )
     ys = []
     for t in range(L):
         decay_BH = torch.exp(dt_BLH[:, t] * A_H)
@@ -142,4 +252,4 @@ def ssd_sequential(
         inp_BHPN = (dt_BLH[:, t, :, None] * x_BLHP[:, t])[..., None] * B_BLHN[:, t, :, None]
         state_BHPN = decay_BH[..., None, None] * state_BHPN + inp_BHPN
         ys.append(torch.einsum("bhpn,bhn->bhp", state_BHPN, C_BLHN[:, t]))
-    return torch.stack(ys, dim=1)
+    return torch.stack(ys, dim=1), state_BHPN
