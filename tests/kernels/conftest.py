@@ -24,14 +24,20 @@ def _kernel_modules() -> set[str]:
 @pytest.fixture
 def module_sandbox(tmp_path, monkeypatch):
     """``tmp_path`` on ``sys.path`` for fake packages; afterwards every kernel-package
-    module they brought in is gone and the loader has forgotten what it found."""
-    before = _kernel_modules()
+    module they brought in is gone and the loader has forgotten what it found.
+
+    Kernel-package modules imported before (with mamba-ssm installed, importing
+    transformers' NemotronH tries ``import mamba_ssm``, which fails on the Mamba-1
+    extension and leaves ``mamba_ssm.ops...`` children behind) are hidden from the
+    test, so a fake package is not mixed with the real one, and put back after."""
+    hidden = {name: sys.modules.pop(name) for name in _kernel_modules()}
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
     loader.LOADED.clear()
     yield tmp_path
-    for name in _kernel_modules() - before:
+    for name in _kernel_modules():
         del sys.modules[name]
+    sys.modules.update(hidden)
     loader.LOADED.clear()
 
 

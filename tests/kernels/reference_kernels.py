@@ -1,11 +1,12 @@
 """Torch stand-ins with the exact signatures of the kernels ``ops/loader.py`` finds.
 
 ``REFERENCE_SSD`` / ``REFERENCE_CONV`` compute what mamba-ssm's
-``_mamba_chunk_scan_combined_fwd/_bwd`` and causal-conv1d's
+``_mamba_chunk_scan_combined_fwd/_bwd`` (with its gated RMSNorm,
+``layernorm_gated._layer_norm_fwd/_bwd``) and causal-conv1d's
 ``causal_conv1d_fwd/bwd_function`` compute, through the model's own exact torch ops
-(``ops/ssd.py``, ``ops/conv.py``), backward by autograd. Put in place with
-``use_kernels``, they let the whole kernel path (argument mapping, custom
-ops, fake tensors, autograd, compile) run and be checked on CPU, where the real
+(``ops/ssd.py``, ``ops/conv.py``, ``TorchMambaOps.gated_norm``), backward by autograd.
+Put in place with ``use_kernels``, they let the whole kernel path (argument mapping,
+custom ops, fake tensors, autograd, compile) run and be checked on CPU, where the real
 kernels cannot. Only the arguments the mixer uses are implemented; the others must
 keep their defaults.
 """
@@ -20,6 +21,7 @@ from torchtitan_nemotron3.ops import kernel_ops, loader
 from torchtitan_nemotron3.ops.conv import causal_conv1d
 from torchtitan_nemotron3.ops.loader import ConvKernels, KernelStatus, SSDKernels
 from torchtitan_nemotron3.ops.ssd import ssd_chunked
+from torchtitan_nemotron3.ops.torch_ops import TorchMambaOps
 
 
 def _unused(**kwargs) -> None:
@@ -118,6 +120,64 @@ def ssd_bwd_reference(
     return dx, ddt, dA.float(), dB, dC, dD, None, ddt_bias.float(), None
 
 
+def _gated_norm(x, weight, z, eps, group_size):
+    return TorchMambaOps().gated_norm(
+        x, z, weight, eps=eps, n_groups=x.shape[-1] // group_size
+    ).to(x.dtype)
+
+
+def _norm_args(bias, norm_before_gate, is_rms_norm, z, group_size):
+    _unused(bias=bias)
+    if norm_before_gate or not is_rms_norm or z is None or group_size is None:
+        raise NotImplementedError("reference norm: gated RMSNorm, gate first, groups only")
+
+
+def norm_fwd_reference(
+    x,
+    weight,
+    bias,
+    eps,
+    z=None,
+    out=None,
+    group_size=None,
+    norm_before_gate=True,
+    is_rms_norm=False,
+):
+    """``(out, mean, rstd)`` for 2-D ``x`` (M, N); ``rstd`` is (groups·M,), group-major."""
+    _norm_args(bias, norm_before_gate, is_rms_norm, z, group_size)
+    _unused(out=out)
+    with torch.no_grad():
+        h = (x.float() * F.silu(z.float())).unflatten(-1, (-1, group_size))
+        rstd = torch.rsqrt(h.pow(2).mean(-1) + eps).T.reshape(-1)
+        return _gated_norm(x, weight, z, eps, group_size), None, rstd
+
+
+def norm_bwd_reference(
+    dy,
+    x,
+    weight,
+    bias,
+    eps,
+    mean,
+    rstd,
+    z=None,
+    group_size=None,
+    norm_before_gate=True,
+    is_rms_norm=False,
+    recompute_output=False,
+    dz=None,
+    out=None,
+):
+    """``(dx, dw, db, dz)``, each like its input."""
+    _norm_args(bias, norm_before_gate, is_rms_norm, z, group_size)
+    _unused(dz=dz, out=out, recompute_output=recompute_output or None)
+    leaves = [t.detach().requires_grad_() for t in (x, weight, z)]
+    with _autograd():
+        y = _gated_norm(leaves[0], leaves[1], leaves[2], eps, group_size)
+        dx, dw, dz = torch.autograd.grad(y, leaves, dy)
+    return dx, dw, None, dz
+
+
 def _conv(x_BXL, weight, bias, seq_idx, silu):
     # The kernel accumulates in fp32 and writes the input dtype.
     y_BLX = causal_conv1d(
@@ -175,6 +235,8 @@ REFERENCE_SSD = SSDKernels(
     fwd=ssd_fwd_reference,
     bwd=ssd_bwd_reference,
     status=KernelStatus("reference SSD", True, "torch stand-in (tests/kernels/reference_kernels.py)"),
+    norm_fwd=norm_fwd_reference,
+    norm_bwd=norm_bwd_reference,
     devices=_ANY_DEVICE,
 )
 REFERENCE_CONV = ConvKernels(

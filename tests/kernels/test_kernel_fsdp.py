@@ -53,7 +53,7 @@ def test_fsdp2_block_with_kernel_ops(one_rank):
     ssd = dataclasses.replace(REFERENCE_SSD, fwd=recording(REFERENCE_SSD.fwd))
     conv = dataclasses.replace(REFERENCE_CONV, fwd=recording(REFERENCE_CONV.fwd))
     seq_idx_BL = mamba_inputs(L=40)["seq_idx_BL"]
-    h_BLD = torch.randn(2, 40, 32)
+    h_BLD = torch.randn(2, 40, 32, generator=torch.Generator().manual_seed(0))
     reference = sharded_step("torch", h_BLD, seq_idx_BL)
     with use_kernels(ssd=ssd, conv=conv):
         ours = sharded_step("cuda", h_BLD, seq_idx_BL)

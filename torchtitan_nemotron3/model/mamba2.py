@@ -5,20 +5,23 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from torchtitan.models.common.linear import Linear
 from torchtitan.models.common.nn_modules import Conv1d
 from torchtitan.protocols.module import Module
 
-from ..ops import KERNEL_BACKENDS, mamba_ops
+from ..ops import KERNEL_BACKENDS, TorchMambaOps, mamba_ops
 
 
 class GatedGroupRMSNorm(Module):
-    """``RMSNorm(y * silu(z))`` over groups of ``dim / n_groups`` channels.
+    """``weight * RMSNorm(y * silu(z))`` over groups of ``dim / n_groups`` channels.
 
     Gate first, norm second, and per group: this is what NemotronH was trained with
     (a whole-width norm, or norm-before-gate, is a different model).
+
+    The module holds the weight and the settings; the math is the ops' ``gated_norm``
+    (``Mamba2Mixer`` calls its backend's, torch or kernel). ``forward`` is the torch
+    one, for use on its own.
     """
 
     @dataclass(kw_only=True, slots=True)
@@ -34,11 +37,9 @@ class GatedGroupRMSNorm(Module):
         self.weight = nn.Parameter(torch.empty(config.dim))
 
     def forward(self, y_BLI: torch.Tensor, z_BLI: torch.Tensor) -> torch.Tensor:
-        in_dtype = y_BLI.dtype
-        h_BLI = y_BLI.float() * F.silu(z_BLI.float())
-        h_BLGW = h_BLI.unflatten(-1, (self.n_groups, -1))
-        h_BLGW = h_BLGW * torch.rsqrt(h_BLGW.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h_BLGW.flatten(-2).to(in_dtype)
+        return TorchMambaOps().gated_norm(
+            y_BLI, z_BLI, self.weight, eps=self.eps, n_groups=self.n_groups
+        )
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -48,8 +49,9 @@ class Mamba2Mixer(Module):
     """in_proj → (z | xBC | dt); xBC → causal conv + silu → (x | B | C); SSD scan with
     ``D`` skip; gated group RMSNorm with z; out_proj.
 
-    ``A_log``, ``D`` and ``dt_bias`` are per-head parameters owned here; the conv and the
-    scan are the ``ops`` package's (torch or GPU kernels, by ``kernel_backend``).
+    ``A_log``, ``D`` and ``dt_bias`` are per-head parameters owned here, the norm's
+    weight by ``norm``; the conv, the scan and the gated norm are the ``ops``
+    package's (torch or GPU kernels, by ``kernel_backend``).
     """
 
     @dataclass(kw_only=True, slots=True)
@@ -69,7 +71,7 @@ class Mamba2Mixer(Module):
         time_step_min: float = 1e-3
         time_step_max: float = 0.1
         time_step_floor: float = 1e-4
-        # The conv + scan implementation (``ops.mamba_ops``): "auto" runs the GPU
+        # The conv, scan and norm implementation (``ops.mamba_ops``): "auto" runs the GPU
         # kernels on CUDA tensors where installed and the exact torch ops otherwise.
         kernel_backend: str = "auto"
 
@@ -126,7 +128,13 @@ class Mamba2Mixer(Module):
             chunk_size=self.chunk_size,
             seq_idx_BL=seq_idx_BL,
         )
-        y_BLI = self.norm(y_BLHP.flatten(-2), z_BLI)
+        y_BLI = self.ops.gated_norm(
+            y_BLHP.flatten(-2),
+            z_BLI,
+            self.norm.weight,
+            eps=self.norm.eps,
+            n_groups=self.norm.n_groups,
+        )
         return self.out_proj(y_BLI.to(x_BLD.dtype))
 
     @torch.no_grad()

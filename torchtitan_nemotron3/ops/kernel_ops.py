@@ -1,15 +1,19 @@
 """``MambaOps`` backends on the GPU kernels: ``cuda`` (kernels or an error) and ``auto``.
 
-``CudaMambaOps`` maps the mixer's ``conv``/``scan`` onto the custom ops of
-``conv_kernel.py``/``ssd_kernel.py`` with ``TorchMambaOps``' semantics (``seq_idx`` for packed
-documents, ``dt_limit``, ``D`` skip, output in the input dtype). It is strict: a
-missing kernel or a shape the kernel cannot take is an error, so a benchmark or a
-run that asked for the kernels gets them.
+``CudaMambaOps`` maps the mixer's ``conv``/``scan``/``gated_norm`` onto the custom ops
+of ``conv_kernel.py``/``ssd_kernel.py``/``norm_kernel.py`` with ``TorchMambaOps``'
+semantics (``seq_idx`` for packed documents, ``dt_limit``, ``D`` skip, output in the
+input dtype). It is strict: a missing kernel or a shape the kernel cannot take is an
+error, so a benchmark or a run that asked for the kernels gets them.
 
-``AutoMambaOps`` decides per call, conv and SSD independently: kernel if the tensors
-are on a device the loaded kernel runs on and the call fits it, else the exact torch
-op. On CPU it never loads anything and is exactly ``TorchMambaOps``. It logs once per
-device which path each op takes and why, and once per reason a call falls back.
+``AutoMambaOps`` decides per call, conv, SSD and norm independently: kernel if the
+tensors are on a device the loaded kernel runs on and the call fits it, else the
+exact torch op. The SSD and the norm come from one package (mamba-ssm) and one loader
+entry, so the log's "SSD" line stands for both. On CPU it never loads anything and is
+exactly ``TorchMambaOps``, except under Triton's interpreter (``TRITON_INTERPRET=1``
+without CUDA, ``interpret.py``), where the loaded Triton kernels take CPU tensors. It
+logs once per device which path each op takes and why, and once per reason a call
+falls back.
 
 The decision is made in ``_use_kernel``, marked ``assume_constant_result``: under
 ``torch.compile`` Dynamo runs it once at trace time (loading the packages if
@@ -20,8 +24,9 @@ import machinery, so ``fullgraph=True`` holds.
 import torch
 from torchtitan.tools.logging import logger
 
-from . import loader
+from . import interpret, loader
 from .conv_kernel import causal_conv1d_silu
+from .norm_kernel import gated_rmsnorm
 from .ssd_kernel import mamba_ssd
 from .torch_ops import TorchMambaOps
 
@@ -80,12 +85,29 @@ def ssd_ineligible(
     )
 
 
+def norm_ineligible(
+    y_BLI: torch.Tensor, z_BLI: torch.Tensor, weight_I: torch.Tensor, n_groups: int
+) -> str:
+    """Why mamba-ssm's gated RMSNorm kernel cannot take this call ("" if it can)."""
+    I = y_BLI.shape[-1]
+    if I % n_groups:
+        return f"{I} channels in {n_groups} groups"
+    for t in (y_BLI, z_BLI, weight_I):
+        if t.dtype not in _KERNEL_DTYPES:
+            return f"dtype {t.dtype}"
+    group_size = I // n_groups
+    if group_size * y_BLI.element_size() > 65536:
+        return f"groups of {group_size} channels (the kernel takes up to 64 KB a row)"
+    return _too_large(max(_last_offset(z_BLI), y_BLI.numel()))
+
+
 def _seq_idx_i32(seq_idx_BL: torch.Tensor | None) -> torch.Tensor | None:
     return None if seq_idx_BL is None else seq_idx_BL.to(torch.int32).contiguous()
 
 
 class CudaMambaOps:
-    """mamba-ssm's Triton SSD and causal-conv1d's CUDA conv; errors if either is missing."""
+    """mamba-ssm's Triton SSD and gated RMSNorm, causal-conv1d's CUDA conv; errors if
+    one is missing."""
 
     name = "cuda"
 
@@ -131,6 +153,16 @@ class CudaMambaOps:
             float(hi),
         )
 
+    def gated_norm(self, y_BLI, z_BLI, weight_I, *, eps, n_groups):
+        why = norm_ineligible(y_BLI, z_BLI, weight_I, n_groups)
+        if why:
+            raise ValueError(
+                f"kernel_backend='cuda': the gated RMSNorm kernel cannot take {why}"
+            )
+        return gated_rmsnorm(
+            y_BLI, z_BLI, weight_I, float(eps), y_BLI.shape[-1] // n_groups
+        )
+
 
 _LOGGED: set[str] = set()
 
@@ -141,18 +173,27 @@ def _log_once(message: str) -> None:
         logger.info(message)
 
 
+# The loader entry each op's kernel comes from: mamba-ssm brings the SSD and the norm.
+_LOADER_KIND = {"conv": "conv", "ssd": "ssd", "norm": "ssd"}
+
+
 def _kernel_for(op: str, device_type: str) -> tuple[bool, str]:
-    """Whether ``op`` ("conv"/"ssd") has a kernel for this device, and why (not).
+    """Whether ``op`` ("conv"/"ssd"/"norm") has a kernel for this device, and why (not).
 
     Off CUDA nothing is loaded: only kernels already found (e.g. stand-ins a test
-    put in ``loader.LOADED``) are considered."""
-    if device_type != "cuda" and op not in loader.LOADED:
-        return False, f"tensors on {device_type}"
-    kernels, status = loader.conv_kernels() if op == "conv" else loader.ssd_kernels()
+    put in ``loader.LOADED``) are considered, except on CPU under Triton's
+    interpreter (``interpret.active()``), where the Triton kernels run."""
+    kind = _LOADER_KIND[op]
+    if device_type != "cuda" and kind not in loader.LOADED:
+        if not (device_type == "cpu" and interpret.active()):
+            return False, f"tensors on {device_type}"
+    kernels, status = loader.conv_kernels() if kind == "conv" else loader.ssd_kernels()
     if kernels is None:
         return False, status.detail
     if device_type not in kernels.devices:
         return False, f"{status.name} runs on {'/'.join(sorted(kernels.devices))}"
+    if op == "norm" and (kernels.norm_fwd is None or kernels.norm_bwd is None):
+        return False, f"{status.name} has no gated norm kernel"
     return True, f"{status.name}: {status.detail}"
 
 
@@ -170,7 +211,10 @@ def auto_plan(device_type: str) -> str:
 @torch.compiler.assume_constant_result
 def _use_kernel(op: str, device_type: str, ineligible: str) -> bool:
     _log_once(f"Mamba2 ops (kernel_backend='auto', {device_type}): {auto_plan(device_type)}")
-    use, _ = _kernel_for(op, device_type)
+    use, why = _kernel_for(op, device_type)
+    if not use and op == "norm" and _kernel_for("ssd", device_type)[0]:
+        # the plan's "SSD" line said kernel: say why the norm is not
+        _log_once(f"Mamba2 norm (kernel_backend='auto', {device_type}): torch ({why})")
     if use and ineligible:
         _log_once(
             f"Mamba2 {op} (kernel_backend='auto', {device_type}): torch for {ineligible}"
@@ -181,7 +225,7 @@ def _use_kernel(op: str, device_type: str, ineligible: str) -> bool:
 
 class AutoMambaOps:
     """Per call: the kernel when the tensors are on CUDA, it loaded and the call fits it;
-    otherwise the torch op. Conv and SSD fall back independently."""
+    otherwise the torch op. Conv, SSD and norm fall back independently."""
 
     name = "auto"
 
@@ -203,3 +247,12 @@ class AutoMambaOps:
             else self.torch_ops
         )
         return ops.scan(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, **kwargs)
+
+    def gated_norm(self, y_BLI, z_BLI, weight_I, *, eps, n_groups):
+        why = norm_ineligible(y_BLI, z_BLI, weight_I, n_groups)
+        ops = (
+            self.kernel_ops
+            if _use_kernel("norm", y_BLI.device.type, why)
+            else self.torch_ops
+        )
+        return ops.gated_norm(y_BLI, z_BLI, weight_I, eps=eps, n_groups=n_groups)

@@ -1,4 +1,4 @@
-"""Find mamba-ssm's Triton SSD and causal-conv1d's CUDA conv without importing what is missing.
+"""Find mamba-ssm's Triton SSD (+ gated norm) and causal-conv1d's CUDA conv without importing what is missing.
 
 Two facts about the GPU packages (as installed from PyPI, mamba-ssm 2.3.2.post1 and causal-conv1d 1.7.0) shape this module:
 
@@ -16,8 +16,12 @@ Two facts about the GPU packages (as installed from PyPI, mamba-ssm 2.3.2.post1 
   package and the extension exist before importing anything.
 
 Nothing is loaded when this module is imported: ``ssd_kernels()`` / ``conv_kernels()``
-load on first use (the ``auto`` backend asks only once a tensor is on CUDA) and
-cache the outcome, available or the reason why not.
+load on first use (the ``auto`` backend asks only once a tensor is on CUDA, or on
+CPU under Triton's interpreter) and cache the outcome, available or the reason why not.
+
+Under ``TRITON_INTERPRET=1`` without CUDA (``interpret.active()``), mamba-ssm's
+Triton kernels run on CPU tensors: the loader lets ``interpret.prepare`` neutralise
+their GPU-only host code and marks them as running on ``cpu`` too.
 
 What was found is cached in ``LOADED``; the tests seed it with torch stand-ins of
 the same signatures to run the kernel path, custom ops and all, on CPU.
@@ -31,6 +35,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
+
+from . import interpret
 
 MAMBA_SSM = "mamba_ssm"
 CAUSAL_CONV1D = "causal_conv1d"
@@ -65,12 +71,21 @@ class SSDKernels:
     ``bwd(dout, x, dt, A, B, C, out, chunk_size, D=, z=, dt_bias=, initial_states=,
     dfinal_states=, seq_idx=, dt_softplus=, dt_limit=)`` →
     ``(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states)``.
+
+    With them, the same package's gated (group) norm on 2-D ``x`` (M, N), from
+    ``mamba_ssm.ops.triton.layernorm_gated`` (``None`` when absent):
+    ``norm_fwd(x, weight, bias, eps, z=, out=, group_size=, norm_before_gate=,
+    is_rms_norm=)`` → ``(out, mean, rstd)``;
+    ``norm_bwd(dy, x, weight, bias, eps, mean, rstd, z=, group_size=,
+    norm_before_gate=, is_rms_norm=)`` → ``(dx, dw, db, dz)``.
     """
 
     fwd: Callable
     bwd: Callable
     status: KernelStatus
     rmsnorm_fn: Callable | None = None
+    norm_fwd: Callable | None = None
+    norm_bwd: Callable | None = None
     devices: frozenset[str] = field(default_factory=lambda: frozenset({"cuda"}))
 
 
@@ -180,11 +195,28 @@ def _load_ssd(package: str = MAMBA_SSM) -> tuple[SSDKernels | None, KernelStatus
         )
     try:
         norm, _ = import_bypassing_init(package, "ops.triton.layernorm_gated")
-        rmsnorm_fn = getattr(norm, "rmsnorm_fn", None)
     except KernelUnavailable:
-        rmsnorm_fn = None
-    status = KernelStatus(name, True, f"{package} {version}, imported as {how}")
-    return SSDKernels(fwd=fwd, bwd=bwd, rmsnorm_fn=rmsnorm_fn, status=status), status
+        norm = None
+    detail = f"{package} {version}, imported as {how}"
+    devices = {"cuda"}
+    if interpret.active():
+        why_not = interpret.prepare(package)
+        if why_not:
+            detail += f"; not on CPU: {why_not}"
+        else:
+            devices.add("cpu")
+            detail += "; on CPU tensors through Triton's interpreter"
+    status = KernelStatus(name, True, detail)
+    kernels = SSDKernels(
+        fwd=fwd,
+        bwd=bwd,
+        status=status,
+        rmsnorm_fn=getattr(norm, "rmsnorm_fn", None),
+        norm_fwd=getattr(norm, "_layer_norm_fwd", None),
+        norm_bwd=getattr(norm, "_layer_norm_bwd", None),
+        devices=frozenset(devices),
+    )
+    return kernels, status
 
 
 def _load_conv(

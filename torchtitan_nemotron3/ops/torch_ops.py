@@ -1,9 +1,10 @@
-"""The two sequence ops of the Mamba2 mixer: the interface, and its exact torch backend.
+"""The Mamba2 mixer's ops: the interface, and its exact torch backend.
 
-The mixer never calls a kernel directly: it holds an object with ``conv`` and
-``scan`` (``ops.mamba_ops(backend)``). ``TorchMambaOps`` is exact and runs anywhere;
-the kernel backends (``kernel_ops.py``) have the same signatures and semantics,
-including ``seq_idx`` for packed documents.
+The mixer never calls a kernel directly: it holds an object with ``conv``, ``scan``
+(the two sequence ops) and ``gated_norm`` (its output norm), from
+``ops.mamba_ops(backend)``. ``TorchMambaOps`` is exact and runs anywhere; the kernel
+backends (``kernel_ops.py``) have the same signatures and semantics, including
+``seq_idx`` for packed documents.
 """
 
 from typing import Protocol
@@ -46,6 +47,21 @@ class MambaOps(Protocol):
         clamped to ``dt_limit``, is the op's job so kernels can fuse it)."""
         ...
 
+    def gated_norm(
+        self,
+        y_BLI: torch.Tensor,
+        z_BLI: torch.Tensor,
+        weight_I: torch.Tensor,
+        *,
+        eps: float,
+        n_groups: int,
+    ) -> torch.Tensor:
+        """``weight * RMSNorm(y * silu(z))``, the norm over each of ``n_groups`` groups
+        of ``I / n_groups`` channels: gate first, then norm (NemotronH's order),
+        computed in fp32. The result is in ``y``'s dtype (torch: promoted with the
+        weight's); the mixer casts it for ``out_proj``."""
+        ...
+
 
 class TorchMambaOps:
     """Plain torch: exact, differentiable, device-agnostic; the reference."""
@@ -77,3 +93,10 @@ class TorchMambaOps:
         y_BLHP = ssd_chunked(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, seq_idx_BL)
         y_BLHP = y_BLHP + D_H.to(compute_dtype)[:, None] * x_BLHP.to(compute_dtype)
         return y_BLHP.to(x_BLHP.dtype)
+
+    def gated_norm(self, y_BLI, z_BLI, weight_I, *, eps, n_groups):
+        in_dtype = y_BLI.dtype
+        h_BLI = y_BLI.float() * F.silu(z_BLI.float())
+        h_BLGW = h_BLI.unflatten(-1, (n_groups, -1))
+        h_BLGW = h_BLGW * torch.rsqrt(h_BLGW.pow(2).mean(-1, keepdim=True) + eps)
+        return weight_I * h_BLGW.flatten(-2).to(in_dtype)
