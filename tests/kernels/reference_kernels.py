@@ -255,10 +255,12 @@ _UNSET = object()
 @contextlib.contextmanager
 def use_kernels(ssd=_UNSET, conv=_UNSET) -> Iterator[None]:
     """Inside the block the loader reports these kernels (``SSDKernels``/``ConvKernels``,
-    or ``None`` for "unavailable") as what it found. Compiled graphs keep the choice
+    or ``None`` for "unavailable") as what it found; ``conv`` stands for causal-conv1d,
+    and fla-core's conv is then reported unavailable. Compiled graphs keep the choice
     they were traced with: reset Dynamo around compiled code that should see it."""
     saved = dict(loader.LOADED)
-    for kind, kernels in (("ssd", ssd), ("conv", conv)):
+    fla = _UNSET if conv is _UNSET else None
+    for kind, kernels in (("ssd", ssd), ("conv", conv), ("fla_conv", fla)):
         if kernels is not _UNSET:
             status = kernels.status if kernels else KernelStatus(kind, False, "disabled by test")
             loader.LOADED[kind] = (kernels, status)

@@ -49,10 +49,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _counting_kernels() -> dict:
-    """Count the calls of the loaded mamba-ssm kernels (to show they really ran)."""
+    """Count the calls of the loaded mamba-ssm and fla-core kernels (to show they
+    really ran)."""
     import dataclasses
 
     from torchtitan_nemotron3.ops import loader
+    from torchtitan_nemotron3.ops.fla_conv import LOADED_KEY, fla_conv_kernels
 
     kernels, status = loader.ssd_kernels()
     calls = {}
@@ -71,6 +73,14 @@ def _counting_kernels() -> dict:
         ),
         status,
     )
+    conv, conv_status = fla_conv_kernels()
+    if conv is not None:
+        loader.LOADED[LOADED_KEY] = (
+            dataclasses.replace(
+                conv, fwd=counted("conv_fwd", conv.fwd), bwd=counted("conv_bwd", conv.bwd)
+            ),
+            conv_status,
+        )
     return calls
 
 
@@ -226,21 +236,6 @@ def _model(backend: str) -> dict:
     return {n: rel_err(runs[backend][n], runs["torch"][n]) for n in runs["torch"]}
 
 
-def _pending_conv(fn):
-    """The ``cuda`` backend needs a conv kernel that runs on CPU (fla-core's, being
-    wired): until then it says so, and the check reports that instead."""
-
-    def inner():
-        try:
-            return fn()
-        except RuntimeError as e:
-            if "causal conv kernel is not usable" in str(e):
-                return {"pending": str(e).splitlines()[0]}
-            raise
-
-    return inner
-
-
 def main_interpreted() -> dict:
     import traceback
 
@@ -254,8 +249,9 @@ def main_interpreted() -> dict:
         "norm_opcheck": _norm_opcheck,
         "mixer_auto": lambda: _mixer("auto"),
         "model_auto": lambda: _model("auto"),
-        "mixer_cuda": _pending_conv(lambda: _mixer("cuda")),
-        "model_cuda": _pending_conv(lambda: _model("cuda")),
+        # the cuda backend: mamba-ssm's SSD and norm, fla-core's conv, all Triton
+        "mixer_cuda": lambda: _mixer("cuda"),
+        "model_cuda": lambda: _model("cuda"),
     }
     calls = None
     for name, check in checks.items():
@@ -448,8 +444,6 @@ def interpreted() -> dict:
 def check(result: dict, name: str) -> dict:
     entry = result[name]
     assert "error" not in entry, entry.get("error")
-    if "pending" in entry:
-        pytest.skip(f"pending: the cuda backend's conv on CPU ({entry['pending']})")
     return entry
 
 
@@ -491,12 +485,12 @@ def test_gated_norm_kernel_matches_torch(interpreted):
 @SUBPROCESS
 @pytest.mark.parametrize("backend", ["auto", "cuda"])
 def test_mixer_on_kernels_matches_torch(interpreted, backend):
-    """``auto``: the kernels' SSD and norm, torch's conv (no CPU conv kernel yet)."""
+    """Both take mamba-ssm's SSD and norm and fla-core's conv (all Triton) here."""
     errors = check(interpreted, f"mixer_{backend}")
     assert errors["out"] <= OUTPUT_TOL, errors
     assert max(errors.values()) <= GRAD_TOL, errors
     calls = interpreted["kernel_calls"][f"mixer_{backend}"]
-    assert calls == {"fwd": 1, "bwd": 1, "norm_fwd": 1, "norm_bwd": 1}
+    assert calls == {"fwd": 1, "bwd": 1, "norm_fwd": 1, "norm_bwd": 1, "conv_fwd": 1, "conv_bwd": 1}
 
 
 @SUBPROCESS
@@ -507,7 +501,7 @@ def test_model_on_kernels_matches_torch(interpreted, backend):
     worst = max(errors, key=errors.get)
     assert errors[worst] <= GRAD_TOL, (worst, errors[worst])
     calls = interpreted["kernel_calls"][f"model_{backend}"]  # two Mamba layers
-    assert calls == {"fwd": 2, "bwd": 2, "norm_fwd": 2, "norm_bwd": 2}
+    assert calls == {"fwd": 2, "bwd": 2, "norm_fwd": 2, "norm_bwd": 2, "conv_fwd": 2, "conv_bwd": 2}
 
 
 @SUBPROCESS

@@ -38,14 +38,13 @@ import importlib
 import importlib.metadata
 import importlib.util
 import inspect
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from . import loader
+from . import interpret, loader
 from .loader import KernelStatus
 
 FLA_PACKAGE = "fla"
@@ -163,15 +162,17 @@ def _load_fla_conv() -> tuple[FlaConvKernels | None, KernelStatus]:
             f"(written against {FLA_TESTED_VERSION})",
         )
     detail = f"{FLA_DISTRIBUTION} {version}"
-    if os.environ.get("TRITON_INTERPRET", "").strip().lower() in (
-        "1",
-        "true",
-        "on",
-        "yes",
-    ):
-        detail += " (TRITON_INTERPRET=1: Triton's interpreter)"
+    devices = {"cuda"}
+    if interpret.active():
+        why_not = interpret.prepare(FLA_CONV_MODULE)
+        if why_not:
+            detail += f"; not on CPU: {why_not}"
+        else:
+            devices.add("cpu")
+            detail += "; on CPU tensors through Triton's interpreter"
     status = KernelStatus(name, True, detail)
-    return FlaConvKernels(fwd=fwd, bwd=bwd, status=status), status
+    kernels = FlaConvKernels(fwd=fwd, bwd=bwd, status=status, devices=frozenset(devices))
+    return kernels, status
 
 
 def fla_conv_kernels() -> tuple[FlaConvKernels | None, KernelStatus]:

@@ -106,14 +106,14 @@ def _kernel_chain(obj):
     return chain
 
 
-def prepare(package: str) -> str:
-    """Make the imported kernel modules of ``package`` (``package.ops.triton.*``) run on
-    CPU tensors. Idempotent. Returns "" when they can, else why not (kernels that
-    were compiled for the GPU because ``TRITON_INTERPRET`` was set too late)."""
+def prepare(prefix: str) -> str:
+    """Make the imported kernel modules whose names start with ``prefix`` (e.g.
+    ``"mamba_ssm.ops.triton."``) run on CPU tensors. Idempotent. Returns "" when they
+    can, else why not (kernels that were compiled for the GPU because
+    ``TRITON_INTERPRET`` was set too late)."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.interpreter import InterpretedFunction
 
-    prefix = f"{package}.ops.triton."
     modules = [
         m
         for name, m in sorted(sys.modules.items())

@@ -26,6 +26,7 @@ from torchtitan.tools.logging import logger
 
 from . import interpret, loader
 from .conv_kernel import causal_conv1d_silu
+from .fla_conv import fla_causal_conv1d_silu, fla_conv_ineligible, fla_conv_kernels
 from .norm_kernel import gated_rmsnorm
 from .ssd_kernel import mamba_ssd
 from .torch_ops import TorchMambaOps
@@ -112,9 +113,14 @@ class CudaMambaOps:
     name = "cuda"
 
     def conv(self, xBC_BLX, weight_XK, bias_X, seq_idx_BL):
-        why = conv_ineligible(xBC_BLX, weight_XK)
+        kernel, why_not = _conv_kernel(xBC_BLX.device.type)
+        if kernel is None:
+            raise RuntimeError(f"kernel_backend='cuda': no causal conv kernel ({why_not})")
+        why = _conv_ineligible(kernel, xBC_BLX, weight_XK)
         if why:
-            raise ValueError(f"kernel_backend='cuda': causal-conv1d cannot take {why}")
+            raise ValueError(f"kernel_backend='cuda': {kernel} cannot take {why}")
+        if kernel == FLA:
+            return fla_causal_conv1d_silu(xBC_BLX, weight_XK, bias_X, seq_idx_BL)
         if bias_X is None:
             bias_X = weight_XK.new_zeros(weight_XK.shape[0])
         return causal_conv1d_silu(
@@ -173,28 +179,54 @@ def _log_once(message: str) -> None:
         logger.info(message)
 
 
-# The loader entry each op's kernel comes from: mamba-ssm brings the SSD and the norm.
-_LOADER_KIND = {"conv": "conv", "ssd": "ssd", "norm": "ssd"}
+# Where each op's kernel comes from, in order of preference: mamba-ssm brings the SSD
+# and the norm; the conv is causal-conv1d's CUDA build where installed, else fla-core's
+# Triton conv (no nvcc build).
+CAUSAL_CONV1D, FLA = "causal-conv1d", "fla-core"
+_SOURCES = {
+    "conv": ((CAUSAL_CONV1D, "conv", loader.conv_kernels), (FLA, "fla_conv", fla_conv_kernels)),
+    "ssd": (("mamba-ssm", "ssd", loader.ssd_kernels),),
+    "norm": (("mamba-ssm", "ssd", loader.ssd_kernels),),
+}
 
 
-def _kernel_for(op: str, device_type: str) -> tuple[bool, str]:
-    """Whether ``op`` ("conv"/"ssd"/"norm") has a kernel for this device, and why (not).
+def _kernel_source(op: str, device_type: str) -> tuple[str | None, str]:
+    """Which source serves ``op`` ("conv"/"ssd"/"norm") on this device, and why (not).
 
     Off CUDA nothing is loaded: only kernels already found (e.g. stand-ins a test
     put in ``loader.LOADED``) are considered, except on CPU under Triton's
     interpreter (``interpret.active()``), where the Triton kernels run."""
-    kind = _LOADER_KIND[op]
-    if device_type != "cuda" and kind not in loader.LOADED:
-        if not (device_type == "cpu" and interpret.active()):
-            return False, f"tensors on {device_type}"
-    kernels, status = loader.conv_kernels() if kind == "conv" else loader.ssd_kernels()
-    if kernels is None:
-        return False, status.detail
-    if device_type not in kernels.devices:
-        return False, f"{status.name} runs on {'/'.join(sorted(kernels.devices))}"
-    if op == "norm" and (kernels.norm_fwd is None or kernels.norm_bwd is None):
-        return False, f"{status.name} has no gated norm kernel"
-    return True, f"{status.name}: {status.detail}"
+    reasons = []
+    for source, kind, load in _SOURCES[op]:
+        if device_type != "cuda" and kind not in loader.LOADED:
+            if not (device_type == "cpu" and interpret.active()):
+                reasons.append(f"tensors on {device_type}")
+                continue
+        kernels, status = load()
+        if kernels is None:
+            reasons.append(status.detail)
+        elif device_type not in kernels.devices:
+            reasons.append(f"{status.name} runs on {'/'.join(sorted(kernels.devices))}")
+        elif op == "norm" and (kernels.norm_fwd is None or kernels.norm_bwd is None):
+            reasons.append(f"{status.name} has no gated norm kernel")
+        else:
+            return source, f"{status.name}: {status.detail}"
+    return None, "; ".join(dict.fromkeys(reasons))
+
+
+def _kernel_for(op: str, device_type: str) -> tuple[bool, str]:
+    source, why = _kernel_source(op, device_type)
+    return source is not None, why
+
+
+def _conv_kernel(device_type: str) -> tuple[str | None, str]:
+    return _kernel_source("conv", device_type)
+
+
+def _conv_ineligible(kernel: str, xBC_BLX: torch.Tensor, weight_XK: torch.Tensor) -> str:
+    if kernel == FLA:
+        return fla_conv_ineligible(xBC_BLX, weight_XK)
+    return conv_ineligible(xBC_BLX, weight_XK)
 
 
 def auto_plan(device_type: str) -> str:
@@ -234,7 +266,8 @@ class AutoMambaOps:
         self.kernel_ops = CudaMambaOps()
 
     def conv(self, xBC_BLX, weight_XK, bias_X, seq_idx_BL):
-        why = conv_ineligible(xBC_BLX, weight_XK)
+        kernel, _ = _conv_kernel(xBC_BLX.device.type)
+        why = _conv_ineligible(kernel, xBC_BLX, weight_XK) if kernel else ""
         if _use_kernel("conv", xBC_BLX.device.type, why):
             return self.kernel_ops.conv(xBC_BLX, weight_XK, bias_X, seq_idx_BL)
         return self.torch_ops.conv(xBC_BLX, weight_XK, bias_X, seq_idx_BL)

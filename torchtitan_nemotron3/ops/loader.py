@@ -200,7 +200,7 @@ def _load_ssd(package: str = MAMBA_SSM) -> tuple[SSDKernels | None, KernelStatus
     detail = f"{package} {version}, imported as {how}"
     devices = {"cuda"}
     if interpret.active():
-        why_not = interpret.prepare(package)
+        why_not = interpret.prepare(f"{package}.ops.triton.")
         if why_not:
             detail += f"; not on CPU: {why_not}"
         else:
