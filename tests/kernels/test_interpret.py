@@ -154,6 +154,31 @@ def _ssd() -> dict:
     }
 
 
+def _ssd_long_rows() -> dict:
+    """The cuda backend's SSD with the 32-bit offset limit lowered so that each row is
+    cut into pieces (state carried across the cuts, packed documents crossing them)
+    against the same call in one piece."""
+    from _kernel_helpers import mamba_inputs
+
+    from torchtitan_nemotron3.ops import CudaMambaOps, kernel_ops, long_rows
+
+    inp = mamba_inputs(Bsz=2, L=40, H=4, P=16, G=2, N=16, packed=True)
+    whole = _scan(CudaMambaOps(), inp, DT_LIMIT, 8)
+    args = [inp[n] for n in ("x_BLHP", "dt_BLH", "B_BLGN", "C_BLGN")]
+    one_row_two_chunks = long_rows.ssd_elements(1, 16, *args, 8)
+    saved, long_rows.OFFSET_LIMIT = long_rows.OFFSET_LIMIT, one_row_two_chunks + 1
+    try:
+        plan, _ = kernel_ops.ssd_pieces(*args, 8)
+        cut = _scan(CudaMambaOps(), inp, DT_LIMIT, 8)
+    finally:
+        long_rows.OFFSET_LIMIT = saved
+    return {
+        "row_bounds": plan[0],
+        "seq_bounds": plan[1],
+        "errors": {n: rel_err(cut[n], whole[n]) for n in whole},
+    }
+
+
 def _norm_inputs(dtype, Bsz=2, L=12, I=64, extra=40):
     """y (B, L, I); z taken as the first I channels of ``zx`` (B, L, I + extra), as the
     mixer slices z out of the in_proj output; the weight."""
@@ -245,6 +270,7 @@ def main_interpreted() -> dict:
     checks = {
         "plumbing": _plumbing,
         "ssd": _ssd,
+        "ssd_long_rows": _ssd_long_rows,
         "norm": _norm,
         "norm_opcheck": _norm_opcheck,
         "mixer_auto": lambda: _mixer("auto"),
@@ -469,6 +495,15 @@ def test_ssd_kernel_matches_torch(interpreted):
     assert r["errors"]["out"] <= OUTPUT_TOL, r["errors"]
     assert max(r["errors"].values()) <= GRAD_TOL, r["errors"]
     assert interpreted["kernel_calls"]["ssd"] == {"fwd": 1, "bwd": 1}
+
+
+@SUBPROCESS
+def test_long_rows_cut_into_pieces_equal_one_call(interpreted):
+    r = check(interpreted, "ssd_long_rows")
+    assert r["row_bounds"] == [0, 1, 2] and len(r["seq_bounds"]) > 2, r
+    assert max(r["errors"].values()) <= 1e-6, r["errors"]
+    n = len(r["seq_bounds"]) - 1
+    assert interpreted["kernel_calls"]["ssd_long_rows"] == {"fwd": 1 + 2 * n, "bwd": 1 + 2 * n}
 
 
 @SUBPROCESS

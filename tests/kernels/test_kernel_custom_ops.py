@@ -116,14 +116,16 @@ def test_opcheck(reference_kernels, packed):
     inp = mamba_inputs(Bsz=1, L=20, H=2, P=8, G=1, N=8, packed=packed)
     seq_idx = inp["seq_idx_BL"][:1] if packed else None
     ssd_args = [inp[n].detach().requires_grad_() for n in SCAN_ARGS + SCAN_KWARGS]
-    torch.library.opcheck(mamba_ssd, (*ssd_args, seq_idx, 16, 0.0, float("inf")))
-    torch.library.opcheck(mamba_ssd, (*ssd_args, seq_idx, 8, 1e-3, 0.1))
-    out = mamba_ssd(*ssd_args, seq_idx, 16, 0.0, float("inf")).detach()
+    one_piece = ([0, 1], [0, 20])
+    torch.library.opcheck(mamba_ssd, (*ssd_args, seq_idx, 16, 0.0, float("inf"), *one_piece))
+    torch.library.opcheck(mamba_ssd, (*ssd_args, seq_idx, 8, 1e-3, 0.1, *one_piece))
+    out, carried = mamba_ssd(*ssd_args, seq_idx, 16, 0.0, float("inf"), *one_piece)
     dout = torch.randn_like(out)
     torch.library.opcheck(
         mamba_ssd_backward,
-        (dout, *[a.detach() for a in ssd_args], seq_idx, out, 16, 0.0, float("inf")),
-    )
+        (dout, *[a.detach() for a in ssd_args], seq_idx, out.detach(), carried.detach(),
+         16, 0.0, float("inf"), *one_piece),
+    )  # fmt: skip
     conv_args = [inp[n].detach().requires_grad_() for n in CONV_ARGS]
     torch.library.opcheck(causal_conv1d_silu, (*conv_args, seq_idx))
     dout = torch.randn(conv_args[0].shape)

@@ -11,7 +11,7 @@ from _kernel_helpers import build, mamba_args, mamba_inputs, packed_positions
 
 from torchtitan_nemotron3 import model_registry
 from torchtitan_nemotron3.ops import AutoMambaOps, CudaMambaOps, TorchMambaOps, mamba_ops
-from torchtitan_nemotron3.ops.kernel_ops import conv_ineligible, ssd_ineligible
+from torchtitan_nemotron3.ops.kernel_ops import conv_ineligible, ssd_ineligible, ssd_pieces
 from reference_kernels import REFERENCE_CONV, REFERENCE_SSD, use_kernels
 from torchtitan_nemotron3.model import build_model_config
 
@@ -143,7 +143,7 @@ def test_the_cuda_backend_is_strict():
         with pytest.raises(RuntimeError, match="the SSD kernel is not usable"):
             cuda.scan(*scan_args, **scan_kwargs)
     with use_kernels(ssd=REFERENCE_SSD, conv=REFERENCE_CONV):
-        with pytest.raises(ValueError, match="12 conv channels, not a multiple of 8"):
+        with pytest.raises(RuntimeError, match="causal-conv1d cannot take 12 conv channels, not a multiple of 8"):
             cuda.conv(inp["xBC_BLX"][..., :12], inp["weight_XK"][:12], None, None)
         with pytest.raises(ValueError, match="dtype torch.float64"):
             cuda.scan(*[a.double() for a in scan_args], **scan_kwargs)
@@ -176,9 +176,10 @@ def nano_mixer_views(Bsz: int, L: int):
     return xBC, weight, views
 
 
-def test_calls_past_32_bit_offsets_stay_on_torch():
+def test_calls_past_32_bit_offsets_are_cut_into_pieces():
     """mamba issue #1015: the kernels' 32-bit offsets; Nano-30B's in_proj rows are
-    10304 wide, so B·L ≥ 208,414 tokens per call would overflow."""
+    10304 wide, so B·L ≥ 208,414 tokens per call would overflow. Such SSD calls stay
+    on the kernel in pieces that each fit; conv calls go to fla-core's conv."""
     for Bsz, L in ((1, 8192), (8, 8192), (2, 65536)):
         xBC, weight, views = nano_mixer_views(Bsz, L)
         assert conv_ineligible(xBC, weight) == ""
@@ -188,6 +189,14 @@ def test_calls_past_32_bit_offsets_stay_on_torch():
     assert "past the kernels' 32-bit arithmetic" in ssd_ineligible(
         *views, chunk_size=128
     )
+    (rows, seqs), why = ssd_pieces(*views, chunk_size=128)
+    assert why == "" and rows == [0, 2, 4] and seqs == [0, 65536]  # two rows a call
+    for r0, r1 in zip(rows, rows[1:]):
+        for s0, s1 in zip(seqs, seqs[1:]):
+            piece = [v[r0:r1, s0:s1] for v in views]
+            assert ssd_ineligible(*piece, chunk_size=128) == ""
+    (rows, seqs), _ = ssd_pieces(*nano_mixer_views(1, 2**20)[2], chunk_size=128)
+    assert rows == [0, 1] and len(seqs) > 2  # a 1M-token row
 
 
 def test_one_kernel_backend_knob_everywhere(tmp_path):

@@ -24,7 +24,7 @@ import machinery, so ``fullgraph=True`` holds.
 import torch
 from torchtitan.tools.logging import logger
 
-from . import interpret, loader
+from . import interpret, loader, long_rows
 from .conv_kernel import causal_conv1d_silu
 from .fla_conv import fla_causal_conv1d_silu, fla_conv_ineligible, fla_conv_kernels
 from .norm_kernel import gated_rmsnorm
@@ -102,6 +102,27 @@ def norm_ineligible(
     return _too_large(max(_last_offset(z_BLI), y_BLI.numel()))
 
 
+def ssd_pieces(
+    x_BLHP: torch.Tensor,
+    dt_BLH: torch.Tensor,
+    B_BLGN: torch.Tensor,
+    C_BLGN: torch.Tensor,
+    chunk_size: int,
+) -> tuple[tuple[list[int], list[int]] | None, str]:
+    """How mamba-ssm's SSD takes this call: ``(row_bounds, seq_bounds)`` of the pieces
+    that each fit its 32-bit offsets (one piece when the call fits), or None and why
+    it cannot."""
+    if x_BLHP.dtype not in _KERNEL_DTYPES:
+        return None, f"dtype {x_BLHP.dtype}"
+    try:
+        plan = long_rows.ssd_plan(
+            x_BLHP, dt_BLH, B_BLGN, C_BLGN, chunk_size, long_rows.OFFSET_LIMIT
+        )
+        return plan, ""
+    except ValueError as e:
+        return None, str(e)
+
+
 def _seq_idx_i32(seq_idx_BL: torch.Tensor | None) -> torch.Tensor | None:
     return None if seq_idx_BL is None else seq_idx_BL.to(torch.int32).contiguous()
 
@@ -113,12 +134,9 @@ class CudaMambaOps:
     name = "cuda"
 
     def conv(self, xBC_BLX, weight_XK, bias_X, seq_idx_BL):
-        kernel, why_not = _conv_kernel(xBC_BLX.device.type)
+        kernel, why_not = _conv_kernel(xBC_BLX.device.type, xBC_BLX, weight_XK)
         if kernel is None:
             raise RuntimeError(f"kernel_backend='cuda': no causal conv kernel ({why_not})")
-        why = _conv_ineligible(kernel, xBC_BLX, weight_XK)
-        if why:
-            raise ValueError(f"kernel_backend='cuda': {kernel} cannot take {why}")
         if kernel == FLA:
             return fla_causal_conv1d_silu(xBC_BLX, weight_XK, bias_X, seq_idx_BL)
         if bias_X is None:
@@ -141,11 +159,11 @@ class CudaMambaOps:
         chunk_size,
         seq_idx_BL,
     ):
-        why = ssd_ineligible(x_BLHP, dt_BLH, B_BLGN, C_BLGN, chunk_size)
-        if why:
+        pieces, why = ssd_pieces(x_BLHP, dt_BLH, B_BLGN, C_BLGN, chunk_size)
+        if pieces is None:
             raise ValueError(f"kernel_backend='cuda': the SSD kernel cannot take {why}")
         lo, hi = dt_limit
-        return mamba_ssd(
+        out_BLHP, _ = mamba_ssd(
             x_BLHP,
             dt_BLH,
             A_H,
@@ -157,7 +175,9 @@ class CudaMambaOps:
             chunk_size,
             float(lo),
             float(hi),
+            *pieces,
         )
+        return out_BLHP
 
     def gated_norm(self, y_BLI, z_BLI, weight_I, *, eps, n_groups):
         why = norm_ineligible(y_BLI, z_BLI, weight_I, n_groups)
@@ -190,27 +210,33 @@ _SOURCES = {
 }
 
 
-def _kernel_source(op: str, device_type: str) -> tuple[str | None, str]:
-    """Which source serves ``op`` ("conv"/"ssd"/"norm") on this device, and why (not).
+def _source_status(source, kind, load, op, device_type) -> tuple[bool, str]:
+    """Whether this source's kernel for ``op`` runs on this device, and why (not).
 
     Off CUDA nothing is loaded: only kernels already found (e.g. stand-ins a test
     put in ``loader.LOADED``) are considered, except on CPU under Triton's
     interpreter (``interpret.active()``), where the Triton kernels run."""
+    if device_type != "cuda" and kind not in loader.LOADED:
+        if not (device_type == "cpu" and interpret.active()):
+            return False, f"tensors on {device_type}"
+    kernels, status = load()
+    if kernels is None:
+        return False, status.detail
+    if device_type not in kernels.devices:
+        return False, f"{status.name} runs on {'/'.join(sorted(kernels.devices))}"
+    if op == "norm" and (kernels.norm_fwd is None or kernels.norm_bwd is None):
+        return False, f"{status.name} has no gated norm kernel"
+    return True, f"{status.name}: {status.detail}"
+
+
+def _kernel_source(op: str, device_type: str) -> tuple[str | None, str]:
+    """Which source serves ``op`` ("conv"/"ssd"/"norm") on this device, and why (not)."""
     reasons = []
     for source, kind, load in _SOURCES[op]:
-        if device_type != "cuda" and kind not in loader.LOADED:
-            if not (device_type == "cpu" and interpret.active()):
-                reasons.append(f"tensors on {device_type}")
-                continue
-        kernels, status = load()
-        if kernels is None:
-            reasons.append(status.detail)
-        elif device_type not in kernels.devices:
-            reasons.append(f"{status.name} runs on {'/'.join(sorted(kernels.devices))}")
-        elif op == "norm" and (kernels.norm_fwd is None or kernels.norm_bwd is None):
-            reasons.append(f"{status.name} has no gated norm kernel")
-        else:
-            return source, f"{status.name}: {status.detail}"
+        available, why = _source_status(source, kind, load, op, device_type)
+        if available:
+            return source, why
+        reasons.append(why)
     return None, "; ".join(dict.fromkeys(reasons))
 
 
@@ -219,8 +245,21 @@ def _kernel_for(op: str, device_type: str) -> tuple[bool, str]:
     return source is not None, why
 
 
-def _conv_kernel(device_type: str) -> tuple[str | None, str]:
-    return _kernel_source("conv", device_type)
+def _conv_kernel(
+    device_type: str, xBC_BLX: torch.Tensor, weight_XK: torch.Tensor
+) -> tuple[str | None, str]:
+    """The first conv kernel that runs on this device and takes this call (a call too
+    large for causal-conv1d's 32-bit offsets goes to fla-core's, which splits it)."""
+    reasons = []
+    for source, kind, load in _SOURCES["conv"]:
+        available, why = _source_status(source, kind, load, "conv", device_type)
+        if available:
+            why = _conv_ineligible(source, xBC_BLX, weight_XK)
+            if not why:
+                return source, ""
+            why = f"{source} cannot take {why}"
+        reasons.append(why)
+    return None, "; ".join(dict.fromkeys(reasons))
 
 
 def _conv_ineligible(kernel: str, xBC_BLX: torch.Tensor, weight_XK: torch.Tensor) -> str:
@@ -266,14 +305,13 @@ class AutoMambaOps:
         self.kernel_ops = CudaMambaOps()
 
     def conv(self, xBC_BLX, weight_XK, bias_X, seq_idx_BL):
-        kernel, _ = _conv_kernel(xBC_BLX.device.type)
-        why = _conv_ineligible(kernel, xBC_BLX, weight_XK) if kernel else ""
-        if _use_kernel("conv", xBC_BLX.device.type, why):
+        kernel, why = _conv_kernel(xBC_BLX.device.type, xBC_BLX, weight_XK)
+        if _use_kernel("conv", xBC_BLX.device.type, "" if kernel else why):
             return self.kernel_ops.conv(xBC_BLX, weight_XK, bias_X, seq_idx_BL)
         return self.torch_ops.conv(xBC_BLX, weight_XK, bias_X, seq_idx_BL)
 
     def scan(self, x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, **kwargs):
-        why = ssd_ineligible(x_BLHP, dt_BLH, B_BLGN, C_BLGN, kwargs["chunk_size"])
+        _, why = ssd_pieces(x_BLHP, dt_BLH, B_BLGN, C_BLGN, kwargs["chunk_size"])
         ops = (
             self.kernel_ops
             if _use_kernel("ssd", x_BLHP.device.type, why)

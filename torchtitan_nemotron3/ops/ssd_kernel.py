@@ -11,11 +11,17 @@ Forward saves its inputs and output, as mamba-ssm's own autograd.Function does;
 the backward recomputes the chunk states inside the kernel call. The op applies
 ``softplus(dt + dt_bias)``, the ``dt_limit`` clamp and the ``D`` skip, like
 ``TorchMambaOps.scan``. ``dt_limit`` travels as two floats (the schema has no tuples).
+
+Long rows: ``row_bounds``/``seq_bounds`` (``long_rows.ssd_plan``) cut a call that would
+pass the kernel's 32-bit offsets into pieces, the SSD state carried across each cut
+(``long_rows.py``); the forward also returns those carried states for the backward.
+One piece (``[0, B]``, ``[0, L]``) is the plain single kernel call.
 """
 
 import torch
 
 from .loader import SSDKernels, ssd_kernels
+from .long_rows import mamba_ssm_piece, ssd_bwd_pieces, ssd_fwd_pieces
 
 
 def _require_ssd() -> SSDKernels:
@@ -41,39 +47,41 @@ def mamba_ssd(
     chunk_size: int,
     dt_min: float,
     dt_max: float,
-) -> torch.Tensor:
-    """SSD scan + ``D`` skip from the raw ``dt``; output (B, L, H, P) in ``x``'s dtype."""
-    out_BLHP, *_ = _require_ssd().fwd(
+    row_bounds: list[int],
+    seq_bounds: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SSD scan + ``D`` skip from the raw ``dt``: output (B, L, H, P) in ``x``'s dtype,
+    and the fp32 states carried across the sequence cuts (cuts, B, H, P, N)."""
+    kernels = _require_ssd()
+    piece_fwd, _ = mamba_ssm_piece(kernels.fwd, kernels.bwd, chunk_size, True, (dt_min, dt_max))
+    out_BLHP, carried = ssd_fwd_pieces(
+        piece_fwd,
         x_BLHP,
         dt_BLH,
         A_H,
         B_BLGN,
         C_BLGN,
-        chunk_size,
-        D=D_H,
-        dt_bias=dt_bias_H,
-        seq_idx=seq_idx_BL,
-        dt_softplus=True,
-        dt_limit=(dt_min, dt_max),
+        D_H,
+        dt_bias_H,
+        seq_idx_BL,
+        row_bounds=row_bounds,
+        seq_bounds=seq_bounds,
     )
-    return out_BLHP.contiguous()
+    return out_BLHP.contiguous(), carried
+
+
+def _carried_like(x_BLHP, B_BLGN, seq_bounds) -> torch.Tensor:
+    Bsz, _, H, P = x_BLHP.shape
+    return x_BLHP.new_empty(
+        (len(seq_bounds) - 2, Bsz, H, P, B_BLGN.shape[-1]), dtype=torch.float32
+    )
 
 
 @mamba_ssd.register_fake
-def _(
-    x_BLHP,
-    dt_BLH,
-    A_H,
-    B_BLGN,
-    C_BLGN,
-    D_H,
-    dt_bias_H,
-    seq_idx_BL,
-    chunk_size,
-    dt_min,
-    dt_max,
-):
-    return torch.empty_like(x_BLHP, memory_format=torch.contiguous_format)
+def _(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, D_H, dt_bias_H, seq_idx_BL, chunk_size,
+      dt_min, dt_max, row_bounds, seq_bounds):  # fmt: skip
+    out = torch.empty_like(x_BLHP, memory_format=torch.contiguous_format)
+    return out, _carried_like(x_BLHP, B_BLGN, seq_bounds)
 
 
 @torch.library.custom_op("nemotron3::mamba_ssd_backward", mutates_args=())
@@ -88,9 +96,12 @@ def mamba_ssd_backward(
     dt_bias_H: torch.Tensor,
     seq_idx_BL: torch.Tensor | None,
     out_BLHP: torch.Tensor,
+    carried: torch.Tensor,
     chunk_size: int,
     dt_min: float,
     dt_max: float,
+    row_bounds: list[int],
+    seq_bounds: list[int],
 ) -> tuple[
     torch.Tensor,
     torch.Tensor,
@@ -101,42 +112,31 @@ def mamba_ssd_backward(
     torch.Tensor,
 ]:
     """Gradients for (x, dt, A, B, C, D, dt_bias), each in its input's dtype."""
-    dx, ddt, dA, dB, dC, dD, _dz, ddt_bias, _dinit = _require_ssd().bwd(
+    kernels = _require_ssd()
+    _, piece_bwd = mamba_ssm_piece(kernels.fwd, kernels.bwd, chunk_size, True, (dt_min, dt_max))
+    grads = ssd_bwd_pieces(
+        piece_bwd,
         dout_BLHP,
         x_BLHP,
         dt_BLH,
         A_H,
         B_BLGN,
         C_BLGN,
+        D_H,
+        dt_bias_H,
+        seq_idx_BL,
         out_BLHP,
-        chunk_size,
-        D=D_H,
-        dt_bias=dt_bias_H,
-        seq_idx=seq_idx_BL,
-        dt_softplus=True,
-        dt_limit=(dt_min, dt_max),
+        carried,
+        row_bounds=row_bounds,
+        seq_bounds=seq_bounds,
     )
     like = (x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, D_H, dt_bias_H)
-    grads = (dx, ddt, dA, dB, dC, dD, ddt_bias)
     return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, like))
 
 
 @mamba_ssd_backward.register_fake
-def _(
-    dout_BLHP,
-    x_BLHP,
-    dt_BLH,
-    A_H,
-    B_BLGN,
-    C_BLGN,
-    D_H,
-    dt_bias_H,
-    seq_idx_BL,
-    out_BLHP,
-    chunk_size,
-    dt_min,
-    dt_max,
-):
+def _(dout_BLHP, x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, D_H, dt_bias_H, seq_idx_BL,
+      out_BLHP, carried, chunk_size, dt_min, dt_max, row_bounds, seq_bounds):  # fmt: skip
     like = (x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, D_H, dt_bias_H)
     return tuple(
         torch.empty_like(t, memory_format=torch.contiguous_format) for t in like
@@ -144,17 +144,20 @@ def _(
 
 
 def _setup_context(ctx, inputs, output):
-    x, dt, A, B, C, D, dt_bias, seq_idx, chunk_size, dt_min, dt_max = inputs
-    ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, seq_idx, output)
-    ctx.scalars = (chunk_size, dt_min, dt_max)
+    x, dt, A, B, C, D, dt_bias, seq_idx, *scalars = inputs
+    out, carried = output
+    ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, seq_idx, out, carried)
+    ctx.scalars = scalars  # chunk_size, dt_min, dt_max, row_bounds, seq_bounds
 
 
-def _backward(ctx, dout_BLHP):
-    x, dt, A, B, C, D, dt_bias, seq_idx, out = ctx.saved_tensors
+def _backward(ctx, dout_BLHP, _dcarried):
+    x, dt, A, B, C, D, dt_bias, seq_idx, out, carried = ctx.saved_tensors
+    chunk_size, dt_min, dt_max, row_bounds, seq_bounds = ctx.scalars
     grads = mamba_ssd_backward(
-        dout_BLHP.contiguous(), x, dt, A, B, C, D, dt_bias, seq_idx, out, *ctx.scalars
-    )
-    return (*grads, None, None, None, None)
+        dout_BLHP.contiguous(), x, dt, A, B, C, D, dt_bias, seq_idx, out, carried,
+        chunk_size, dt_min, dt_max, row_bounds, seq_bounds,
+    )  # fmt: skip
+    return (*grads, None, None, None, None, None, None)
 
 
 mamba_ssd.register_autograd(_backward, setup_context=_setup_context)
