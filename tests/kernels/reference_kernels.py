@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torchtitan_nemotron3.ops import kernel_ops, loader
 from torchtitan_nemotron3.ops.conv import causal_conv1d
 from torchtitan_nemotron3.ops.loader import ConvKernels, KernelStatus, SSDKernels
-from torchtitan_nemotron3.ops.ssd import ssd_chunked
+from torchtitan_nemotron3.ops.ssd import ssd_scan
 from torchtitan_nemotron3.ops.torch_ops import TorchMambaOps
 
 
@@ -43,19 +43,11 @@ def _autograd():
 
 
 def _ssd(x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_softplus, dt_limit):
-    compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    dt = dt.to(compute_dtype)
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(compute_dtype)
-    if dt_softplus:
-        dt = F.softplus(dt)
-    lo, hi = dt_limit
-    if lo > 0.0 or hi != float("inf"):
-        dt = dt.clamp(min=lo, max=hi)
-    y = ssd_chunked(x, dt, A, B, C, chunk_size, seq_idx)
-    if D is not None:
-        y = y + D.to(compute_dtype)[:, None] * x.to(compute_dtype)
-    return y.to(x.dtype)
+    y, _ = ssd_scan(
+        x, dt, A, B, C, chunk_size, D_H=D, dt_bias_H=dt_bias, dt_softplus=dt_softplus,
+        dt_limit=dt_limit, seq_idx_BL=seq_idx,
+    )  # fmt: skip
+    return y
 
 
 def ssd_fwd_reference(

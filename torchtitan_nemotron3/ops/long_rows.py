@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 
 from .conv import causal_conv1d
-from .ssd import ssd_chunked_with_final_state
+from .ssd import ssd_scan
 
 # Past this many elements the kernels' 32-bit offsets wrap (kernel_ops._OFFSET_LIMIT).
 OFFSET_LIMIT = 2**31
@@ -273,34 +273,13 @@ def mamba_ssm_piece(
 
 
 def _torch_ssd(
-    x,
-    dt,
-    A,
-    B,
-    C,
-    D,
-    dt_bias,
-    seq_idx,
-    initial_states,
-    chunk_size,
-    dt_softplus,
-    dt_limit,
+    x, dt, A, B, C, D, dt_bias, seq_idx, initial_states, chunk_size, dt_softplus, dt_limit
 ):
-    compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    dt = dt.to(compute_dtype)
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(compute_dtype)
-    if dt_softplus:
-        dt = F.softplus(dt)
-    lo, hi = dt_limit
-    if lo > 0.0 or hi != float("inf"):
-        dt = dt.clamp(min=lo, max=hi)
-    y, final = ssd_chunked_with_final_state(
-        x, dt, A, B, C, chunk_size, seq_idx, initial_states
-    )
-    if D is not None:
-        y = y + D.to(compute_dtype)[:, None] * x.to(compute_dtype)
-    return y.to(x.dtype), final
+    return ssd_scan(
+        x, dt, A, B, C, chunk_size, D_H=D, dt_bias_H=dt_bias, dt_softplus=dt_softplus,
+        dt_limit=dt_limit, seq_idx_BL=seq_idx, initial_states_BHPN=initial_states,
+        final_state=True,
+    )  # fmt: skip
 
 
 def torch_ssd_piece(
@@ -308,7 +287,7 @@ def torch_ssd_piece(
     dt_softplus: bool = True,
     dt_limit: tuple[float, float] = (0.0, float("inf")),
 ) -> tuple[Callable, Callable]:
-    """``(piece_fwd, piece_bwd)`` on the exact torch SSD (``ssd_chunked_with_final_state``)
+    """``(piece_fwd, piece_bwd)`` on the exact torch SSD (``ssd.ssd_scan``)
     with mamba-ssm's semantics (``seq_idx``, ``initial_states``, fp32 final states);
     the backward recomputes the forward under autograd. For CPU tests: inside a
     custom op's implementation autograd is off, so do not call it there."""

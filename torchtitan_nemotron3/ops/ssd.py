@@ -206,6 +206,44 @@ def _ssd_chunked(
     return y_BLHP[:, :L], final_BHPN
 
 
+def ssd_scan(
+    x_BLHP: torch.Tensor,
+    dt_BLH: torch.Tensor,
+    A_H: torch.Tensor,
+    B_BLGN: torch.Tensor,
+    C_BLGN: torch.Tensor,
+    chunk_size: int,
+    *,
+    D_H: torch.Tensor | None,
+    dt_bias_H: torch.Tensor | None,
+    dt_softplus: bool = True,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    seq_idx_BL: torch.Tensor | None = None,
+    initial_states_BHPN: torch.Tensor | None = None,
+    final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the mixer's scan (and mamba-ssm's combined kernel) computes from the raw
+    ``dt``: ``softplus(dt + dt_bias)`` clamped to ``dt_limit``, the SSD, the ``D``
+    skip; output in ``x``'s dtype, and the final state (or None)."""
+    compute_dtype = torch.float64 if x_BLHP.dtype == torch.float64 else torch.float32
+    dt_BLH = dt_BLH.to(compute_dtype)
+    if dt_bias_H is not None:
+        dt_BLH = dt_BLH + dt_bias_H.to(compute_dtype)
+    if dt_softplus:
+        dt_BLH = F.softplus(dt_BLH)
+    lo, hi = dt_limit
+    if lo > 0.0 or hi != float("inf"):
+        dt_BLH = dt_BLH.clamp(min=lo, max=hi)
+    args = (x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, seq_idx_BL, initial_states_BHPN)
+    if final_state:
+        y_BLHP, final_BHPN = ssd_chunked_with_final_state(*args)
+    else:
+        y_BLHP, final_BHPN = ssd_chunked(*args), None
+    if D_H is not None:
+        y_BLHP = y_BLHP + D_H.to(compute_dtype)[:, None] * x_BLHP.to(compute_dtype)
+    return y_BLHP.to(x_BLHP.dtype), final_BHPN
+
+
 def ssd_sequential(
     x_BLHP: torch.Tensor,
     dt_BLH: torch.Tensor,

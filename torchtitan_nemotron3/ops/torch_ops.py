@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .conv import causal_conv1d
-from .ssd import ssd_chunked
+from .ssd import ssd_scan
 
 
 class MambaOps(Protocol):
@@ -85,14 +85,19 @@ class TorchMambaOps:
         chunk_size,
         seq_idx_BL,
     ):
-        compute_dtype = torch.float64 if x_BLHP.dtype == torch.float64 else torch.float32
-        dt_BLH = F.softplus(dt_BLH.to(compute_dtype) + dt_bias_H.to(compute_dtype))
-        lo, hi = dt_limit
-        if lo > 0.0 or hi != float("inf"):
-            dt_BLH = dt_BLH.clamp(min=lo, max=hi)
-        y_BLHP = ssd_chunked(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, seq_idx_BL)
-        y_BLHP = y_BLHP + D_H.to(compute_dtype)[:, None] * x_BLHP.to(compute_dtype)
-        return y_BLHP.to(x_BLHP.dtype)
+        y_BLHP, _ = ssd_scan(
+            x_BLHP,
+            dt_BLH,
+            A_H,
+            B_BLGN,
+            C_BLGN,
+            chunk_size,
+            D_H=D_H,
+            dt_bias_H=dt_bias_H,
+            dt_limit=dt_limit,
+            seq_idx_BL=seq_idx_BL,
+        )
+        return y_BLHP
 
     def gated_norm(self, y_BLI, z_BLI, weight_I, *, eps, n_groups):
         in_dtype = y_BLI.dtype
