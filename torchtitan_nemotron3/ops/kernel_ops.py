@@ -249,23 +249,27 @@ def _conv_kernel(
     device_type: str, xBC_BLX: torch.Tensor, weight_XK: torch.Tensor
 ) -> tuple[str | None, str]:
     """The first conv kernel that runs on this device and takes this call (a call too
-    large for causal-conv1d's 32-bit offsets goes to fla-core's, which splits it)."""
+    large for causal-conv1d's 32-bit offsets goes to fla-core's, which splits it),
+    or None and every reason why not."""
+    ineligible = (conv_ineligible(xBC_BLX, weight_XK), fla_conv_ineligible(xBC_BLX, weight_XK))
+    source = _conv_choice(device_type, *ineligible)
+    if source:
+        return source, ""
     reasons = []
-    for source, kind, load in _SOURCES["conv"]:
-        available, why = _source_status(source, kind, load, "conv", device_type)
-        if available:
-            why = _conv_ineligible(source, xBC_BLX, weight_XK)
-            if not why:
-                return source, ""
-            why = f"{source} cannot take {why}"
-        reasons.append(why)
+    for (name, kind, load), why in zip(_SOURCES["conv"], ineligible):
+        available, status = _source_status(name, kind, load, "conv", device_type)
+        reasons.append(f"{name} cannot take {why}" if available else status)
     return None, "; ".join(dict.fromkeys(reasons))
 
 
-def _conv_ineligible(kernel: str, xBC_BLX: torch.Tensor, weight_XK: torch.Tensor) -> str:
-    if kernel == FLA:
-        return fla_conv_ineligible(xBC_BLX, weight_XK)
-    return conv_ineligible(xBC_BLX, weight_XK)
+@torch.compiler.assume_constant_result
+def _conv_choice(device_type: str, causal_conv1d_why: str, fla_why: str) -> str:
+    """The conv source to use ("" for none), from the calls' shape checks. Marked
+    constant so Dynamo bakes the answer in instead of tracing the loaders."""
+    for (name, kind, load), why in zip(_SOURCES["conv"], (causal_conv1d_why, fla_why)):
+        if not why and _source_status(name, kind, load, "conv", device_type)[0]:
+            return name
+    return ""
 
 
 def auto_plan(device_type: str) -> str:
@@ -305,8 +309,10 @@ class AutoMambaOps:
         self.kernel_ops = CudaMambaOps()
 
     def conv(self, xBC_BLX, weight_XK, bias_X, seq_idx_BL):
-        kernel, why = _conv_kernel(xBC_BLX.device.type, xBC_BLX, weight_XK)
-        if _use_kernel("conv", xBC_BLX.device.type, "" if kernel else why):
+        device_type = xBC_BLX.device.type
+        ineligible = (conv_ineligible(xBC_BLX, weight_XK), fla_conv_ineligible(xBC_BLX, weight_XK))
+        why = "" if _conv_choice(device_type, *ineligible) else "; ".join(filter(None, ineligible))
+        if _use_kernel("conv", device_type, why):
             return self.kernel_ops.conv(xBC_BLX, weight_XK, bias_X, seq_idx_BL)
         return self.torch_ops.conv(xBC_BLX, weight_XK, bias_X, seq_idx_BL)
 
