@@ -74,25 +74,25 @@ def causal_conv1d_silu_backward(
     )
 
 
-@causal_conv1d_silu_backward.register_fake
-def _(dout_BLX, x_BLX, weight_XK, bias_X, seq_idx_BL):
-    return tuple(
-        torch.empty_like(t, memory_format=torch.contiguous_format)
-        for t in (x_BLX, weight_XK, bias_X)
-    )
+def register_conv_autograd(op, backward_op) -> None:
+    """Autograd for a ``(x_BLX, weight_XK, bias_X, seq_idx_BL) -> y_BLX`` conv op whose
+    ``backward_op(dout, x, weight, bias, seq_idx)`` returns (dx, dweight, dbias), and
+    the backward op's fake; shared by causal-conv1d's and fla-core's ops."""
+
+    @backward_op.register_fake
+    def _(dout_BLX, x_BLX, weight_XK, bias_X, seq_idx_BL):
+        return tuple(
+            torch.empty_like(t, memory_format=torch.contiguous_format)
+            for t in (x_BLX, weight_XK, bias_X)
+        )
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)  # x, weight, bias, seq_idx
+
+    def backward(ctx, dout_BLX):
+        return (*backward_op(dout_BLX, *ctx.saved_tensors), None)
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-def _setup_context(ctx, inputs, output):
-    x_BLX, weight_XK, bias_X, seq_idx_BL = inputs
-    ctx.save_for_backward(x_BLX, weight_XK, bias_X, seq_idx_BL)
-
-
-def _backward(ctx, dout_BLX):
-    x_BLX, weight_XK, bias_X, seq_idx_BL = ctx.saved_tensors
-    dx, dweight, dbias = causal_conv1d_silu_backward(
-        dout_BLX, x_BLX, weight_XK, bias_X, seq_idx_BL
-    )
-    return dx, dweight, dbias, None
-
-
-causal_conv1d_silu.register_autograd(_backward, setup_context=_setup_context)
+register_conv_autograd(causal_conv1d_silu, causal_conv1d_silu_backward)

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import interpret, loader
+from .conv_kernel import register_conv_autograd
 from .loader import KernelStatus
 
 FLA_PACKAGE = "fla"
@@ -373,28 +374,7 @@ def fla_conv_silu_backward(
     )
 
 
-@fla_conv_silu_backward.register_fake
-def _(dout_BLX, x_BLX, weight_XK, bias_X, seq_idx_BL):
-    return tuple(
-        torch.empty_like(t, memory_format=torch.contiguous_format)
-        for t in (x_BLX, weight_XK, bias_X)
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    x_BLX, weight_XK, bias_X, seq_idx_BL = inputs
-    ctx.save_for_backward(x_BLX, weight_XK, bias_X, seq_idx_BL)
-
-
-def _backward(ctx, dout_BLX):
-    x_BLX, weight_XK, bias_X, seq_idx_BL = ctx.saved_tensors
-    dx, dweight, dbias = fla_conv_silu_backward(
-        dout_BLX, x_BLX, weight_XK, bias_X, seq_idx_BL
-    )
-    return dx, dweight, dbias, None
-
-
-fla_conv_silu.register_autograd(_backward, setup_context=_setup_context)
+register_conv_autograd(fla_conv_silu, fla_conv_silu_backward)
 
 
 # --- what the backends call -------------------------------------------------------------
