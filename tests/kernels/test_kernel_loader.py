@@ -42,8 +42,11 @@ def fake_mamba_ssm(root, ssd_source: str | None = None) -> None:
                 return ("bwd", helper)
         """,
             "mamba_ssm/ops/triton/layernorm_gated.py": """
-            def rmsnorm_fn(*args, **kwargs):
-                return "rmsnorm"
+            def _layer_norm_fwd(*args, **kwargs):
+                return "norm fwd"
+
+            def _layer_norm_bwd(*args, **kwargs):
+                return "norm bwd"
         """,
         },
     )
@@ -69,7 +72,7 @@ def test_failing_init_loads_through_a_bare_package(module_sandbox):
     assert status.available, status
     assert "bare package" in status.detail and FAKE_EXTENSION in status.detail
     assert kernels.fwd() == ("fwd", "helper") and kernels.bwd() == ("bwd", "helper")
-    assert kernels.rmsnorm_fn() == "rmsnorm"
+    assert kernels.norm_fwd() == "norm fwd" and kernels.norm_bwd() == "norm bwd"
     bare = sys.modules["mamba_ssm"]
     assert getattr(bare, loader.BARE_PACKAGE_ATTR).startswith("import mamba_ssm failed")
     assert list(bare.__path__) == [str(module_sandbox / "mamba_ssm")]

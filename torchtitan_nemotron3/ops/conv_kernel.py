@@ -48,11 +48,6 @@ def causal_conv1d_silu(
     return out_BXL.transpose(1, 2).contiguous()
 
 
-@causal_conv1d_silu.register_fake
-def _(x_BLX, weight_XK, bias_X, seq_idx_BL):
-    return torch.empty_like(x_BLX, memory_format=torch.contiguous_format)
-
-
 @torch.library.custom_op("nemotron3::causal_conv1d_silu_backward", mutates_args=())
 def causal_conv1d_silu_backward(
     dout_BLX: torch.Tensor,
@@ -75,9 +70,13 @@ def causal_conv1d_silu_backward(
 
 
 def register_conv_autograd(op, backward_op) -> None:
-    """Autograd for a ``(x_BLX, weight_XK, bias_X, seq_idx_BL) -> y_BLX`` conv op whose
-    ``backward_op(dout, x, weight, bias, seq_idx)`` returns (dx, dweight, dbias), and
-    the backward op's fake; shared by causal-conv1d's and fla-core's ops."""
+    """Fakes and autograd for a ``(x_BLX, weight_XK, bias_X, seq_idx_BL) -> y_BLX``
+    conv op whose ``backward_op(dout, x, weight, bias, seq_idx)`` returns (dx,
+    dweight, dbias); shared by causal-conv1d's and fla-core's ops."""
+
+    @op.register_fake
+    def _(x_BLX, weight_XK, bias_X, seq_idx_BL):
+        return torch.empty_like(x_BLX, memory_format=torch.contiguous_format)
 
     @backward_op.register_fake
     def _(dout_BLX, x_BLX, weight_XK, bias_X, seq_idx_BL):

@@ -312,11 +312,6 @@ def fla_conv_silu(
     return y.reshape(B, L, X).contiguous()
 
 
-@fla_conv_silu.register_fake
-def _(x_BLX, weight_XK, bias_X, seq_idx_BL):
-    return torch.empty_like(x_BLX, memory_format=torch.contiguous_format)
-
-
 @torch.library.custom_op("nemotron3::fla_causal_conv1d_silu_backward", mutates_args=())
 def fla_conv_silu_backward(
     dout_BLX: torch.Tensor,

@@ -83,7 +83,6 @@ class SSDKernels:
     fwd: Callable
     bwd: Callable
     status: KernelStatus
-    rmsnorm_fn: Callable | None = None
     norm_fwd: Callable | None = None
     norm_bwd: Callable | None = None
     devices: frozenset[str] = field(default_factory=lambda: frozenset({"cuda"}))
@@ -211,7 +210,6 @@ def _load_ssd(package: str = MAMBA_SSM) -> tuple[SSDKernels | None, KernelStatus
         fwd=fwd,
         bwd=bwd,
         status=status,
-        rmsnorm_fn=getattr(norm, "rmsnorm_fn", None),
         norm_fwd=getattr(norm, "_layer_norm_fwd", None),
         norm_bwd=getattr(norm, "_layer_norm_bwd", None),
         devices=frozenset(devices),
