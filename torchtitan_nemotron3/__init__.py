@@ -34,13 +34,21 @@ __all__ = [
 ]
 
 
-def model_registry(flavor: str, kernel_backend: str = "auto") -> ModelSpec:
+def model_registry(
+    flavor: str, kernel_backend: str = "auto", moe_comm_backend: str = "standard"
+) -> ModelSpec:
     """The TorchTitan ModelSpec of a flavor ("debugmodel", "nano-30B"); Mamba2 ops
-    from ``kernel_backend`` ("auto": GPU kernels where available, else torch)."""
+    from ``kernel_backend`` ("auto": GPU kernels where available, else torch);
+    expert-parallel token dispatch by ``moe_comm_backend`` (TorchTitan's
+    "standard" all-to-all, or "deepep" / "hybridep" where installed)."""
     return ModelSpec(
         name="nemotron3",
         flavor=flavor,
-        model=build_model_config(flavor_args(flavor), kernel_backend=kernel_backend),
+        model=build_model_config(
+            flavor_args(flavor),
+            kernel_backend=kernel_backend,
+            moe_comm_backend=moe_comm_backend,
+        ),
         parallelize_fn=parallelize_nemotronh,
         pipelining_fn=None,
         post_optimizer_build_fn=register_moe_load_balancing_hook,

@@ -1,7 +1,8 @@
-"""Apply TorchTitan's training techniques to NemotronH: AC, per-block compile, FSDP2.
+"""Apply TorchTitan's parallelisms and training techniques to NemotronH: TP/EP
+(the modules' declared sharding), AC, per-block compile, FSDP2/HSDP.
 
 Which layouts exist and on which mesh is ``sharding.py``'s; this file applies them
-in TorchTitan's order.
+in TorchTitan's order (``models/qwen3/parallelize.py``).
 """
 
 import torch
@@ -26,7 +27,11 @@ from torchtitan.tools.logging import logger
 
 # Registers the custom ops selective AC saves (nemotron3::grouped_mm, ::mamba_ssd).
 from .ops import grouped_mm, ssd_kernel  # noqa: F401
-from .sharding import check_parallelism, data_parallel_mesh
+from .sharding import (
+    check_parallelism,
+    data_parallel_mesh,
+    expert_data_parallel_mesh,
+)
 
 
 class NemotronHSelectiveAC(SelectiveAC):
@@ -61,10 +66,14 @@ def parallelize_nemotronh(
     ac_config: ActivationCheckpointingConfig | None,
     dump_folder: str,
 ) -> nn.Module:
-    """Order matters as in TorchTitan's models: AC wraps each block, compile then
-    compiles each (wrapped) block, FSDP shards embeddings, each block (experts on
-    their own placement), and norm+lm_head as units last."""
+    """Order matters as in TorchTitan's models: TP/EP shard the modules as their
+    configs declare, AC wraps each block, compile then compiles each (wrapped)
+    block, FSDP shards embeddings, each block (experts on the expert data-parallel
+    mesh), and norm+lm_head as units last. Under PP this runs once per stage."""
     check_parallelism(parallelism)
+
+    if parallel_dims.tp_enabled or parallel_dims.ep_enabled:
+        model.parallelize(parallel_dims)
 
     if ac_config is not None:
         _build_ac(ac_config, dump_folder).apply(model)
@@ -80,15 +89,19 @@ def parallelize_nemotronh(
         dp_mesh,
         param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
         reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],
-        pp_enabled=False,
+        pp_enabled=parallel_dims.pp_enabled,
         cpu_offload=training.enable_cpu_offload,
         reshard_after_forward_policy=parallelism.fsdp_reshard_after_forward,
+        ep_degree=parallel_dims.ep,
+        edp_mesh=expert_data_parallel_mesh(parallel_dims),
+        enable_symm_mem=parallelism.enable_fsdp_symm_mem,
     )
-    if dp_mesh.size() > 1 and dist.get_backend(dp_mesh.get_group(0)) == "gloo":
+    if dist.is_initialized() and dist.get_backend() == "gloo":
         _reduce_with_plain_sum(model)
     logger.info(
         f"Applied FSDP2 to NemotronH (params {training.mixed_precision_param}, "
-        f"reduce {training.mixed_precision_reduce})"
+        f"reduce {training.mixed_precision_reduce}, EP {parallel_dims.ep}, "
+        f"TP {parallel_dims.tp})"
     )
     return model
 

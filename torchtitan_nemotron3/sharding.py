@@ -1,43 +1,184 @@
 """Where NemotronH's tensors live across ranks: which layouts exist, and on which mesh.
 
-Today NemotronH is data parallel only: FSDP2 (``data_parallel_shard_degree``) and
-HSDP (``data_parallel_replicate_degree``); every parameter is sharded on the
-data-parallel mesh, the routed experts on their first (expert) dimension as
-TorchTitan's ``apply_fsdp_to_decoder`` decides. Tensor, context, pipeline and expert
-parallelism are refused here, at config time, with the field that asked for them.
+Layouts are TorchTitan 0.3.0's: every module ``Config`` carries a ``ShardingConfig``
+and ``Module.parallelize(parallel_dims)`` applies it; FSDP2/HSDP then shards what
+is left on the data-parallel meshes (``parallelize.py``).
+
+- Data parallel: FSDP2 (``data_parallel_shard_degree``), HSDP
+  (``data_parallel_replicate_degree``).
+- Expert parallel: TorchTitan's MoE path unchanged (``AllToAllTokenDispatcher``,
+  DeepEP/HybridEP by ``moe_comm_backend``), experts ``Shard(0)`` on the ``ep``
+  mesh and FSDP-sharded on ``efsdp``; EP borrows its ranks from the data-parallel
+  dimensions, so the global batch does not change. Only the relu² shared expert
+  needs its own declaration here (TorchTitan's assumes SwiGLU ``w1/w2/w3``).
+- Tensor (+ sequence) parallel: ``tensor_parallel.py``.
+- Pipeline parallel: ``pipeline.py``.
+- Context parallelism is refused, by name, at config time.
 """
 
+import spmd_types as spmd
 from torch.distributed.device_mesh import DeviceMesh
 from torchtitan.config import ParallelismConfig
 from torchtitan.distributed import ParallelDims
-
-# Degrees the trainer has that NemotronH does not implement yet.
-UNSUPPORTED_DEGREES = (
-    "tensor_parallel_degree",
-    "context_parallel_degree",
-    "pipeline_parallel_degree",
-    "expert_parallel_degree",
+from torchtitan.models.common.decoder_sharding import (
+    colwise_config,
+    dense_activation_placement,
+    dense_sequence_parallel_placement,
+    rowwise_config,
 )
+from torchtitan.models.common.moe_sharding import set_moe_sharding_config
+from torchtitan.protocols.sharding import ShardingConfig
+
+from .model.pattern import MOE
+
+# Our relu² routed experts: up (F from D) is colwise, down (D from F) rowwise, when
+# TP shards experts without EP.
+_RELU2_EXPERTS_TP_LAYOUT = {"w1_EFD": spmd.S(1), "w2_EDF": spmd.S(2)}
 
 
-def check_parallelism(parallelism: ParallelismConfig) -> None:
-    """Raise ``ValueError`` naming the first parallelism NemotronH cannot run."""
-    for name in UNSUPPORTED_DEGREES:
-        degree = getattr(parallelism, name)
-        if degree > 1:
-            raise ValueError(
-                f"parallelism.{name}={degree}: NemotronH supports data parallelism "
-                "only for now (data_parallel_shard_degree, "
-                "data_parallel_replicate_degree); set it to 1"
-            )
+def check_parallelism(
+    parallelism: ParallelismConfig, model_config=None, world_size: int | None = None
+) -> None:
+    """Raise ``ValueError`` (one line, naming the values) for a layout NemotronH
+    cannot run. ``model_config`` (a ``NemotronHModel.Config``) enables the checks
+    against the architecture; ``world_size`` the ones against the rank count."""
     if parallelism.spmd_backend != "partial_dtensor":
         raise ValueError(
             f"parallelism.spmd_backend={parallelism.spmd_backend!r}: NemotronH's "
-            "FSDP2 path runs with spmd_backend='partial_dtensor'"
+            "layouts are declared for spmd_backend='partial_dtensor'"
+        )
+    cp = parallelism.context_parallel_degree
+    if cp > 1:
+        raise ValueError(
+            f"parallelism.context_parallel_degree={cp}: context parallelism is not "
+            "implemented for NemotronH's Mamba2 layers yet; set it to 1"
+        )
+    ep, tp = parallelism.expert_parallel_degree, parallelism.tensor_parallel_degree
+    if world_size is not None:
+        _check_degrees(parallelism, world_size)
+    if model_config is None:
+        return
+    moe_layers = [
+        i for i, layer in enumerate(model_config.layers) if layer.layer_type == MOE
+    ]
+    if ep > 1:
+        if not moe_layers:
+            raise ValueError(
+                f"parallelism.expert_parallel_degree={ep}: the pattern "
+                f"{model_config.hybrid_override_pattern!r} has no MoE ('E') layer"
+            )
+        num_experts = model_config.layers[moe_layers[0]].mixer.num_experts
+        if num_experts % ep:
+            raise ValueError(
+                f"parallelism.expert_parallel_degree={ep} must divide the "
+                f"{num_experts} routed experts"
+            )
+    if tp > 1:
+        raise ValueError(
+            f"parallelism.tensor_parallel_degree={tp}: tensor parallelism is not "
+            "wired for NemotronH yet; set it to 1"
+        )
+    pp = parallelism.pipeline_parallel_degree
+    if pp > 1:
+        raise ValueError(
+            f"parallelism.pipeline_parallel_degree={pp}: pipeline parallelism is not "
+            "wired for NemotronH yet; set it to 1"
         )
 
 
+def _check_degrees(parallelism: ParallelismConfig, world_size: int) -> None:
+    """What ``ParallelDims`` would assert, as one line naming the degrees."""
+    p = parallelism
+    dp_replicate, cp, tp, pp, ep = (
+        p.data_parallel_replicate_degree,
+        p.context_parallel_degree,
+        p.tensor_parallel_degree,
+        p.pipeline_parallel_degree,
+        p.expert_parallel_degree,
+    )
+    others = dp_replicate * cp * tp * pp
+    if world_size % others:
+        raise ValueError(
+            f"parallelism: data_parallel_replicate_degree={dp_replicate} × "
+            f"context_parallel_degree={cp} × tensor_parallel_degree={tp} × "
+            f"pipeline_parallel_degree={pp} = {others} does not divide the "
+            f"{world_size} ranks"
+        )
+    dp_shard = p.data_parallel_shard_degree
+    if dp_shard < 0:
+        dp_shard = world_size // others
+    if dp_shard * others != world_size:
+        raise ValueError(
+            f"parallelism: data_parallel_shard_degree={dp_shard} × the other degrees "
+            f"({others}) = {dp_shard * others} != {world_size} ranks"
+        )
+    if ep > 1 and (dp_shard * cp * tp) % ep:
+        raise ValueError(
+            f"parallelism.expert_parallel_degree={ep} must divide "
+            f"data_parallel_shard_degree × context_parallel_degree × "
+            f"tensor_parallel_degree = {dp_shard}×{cp}×{tp}: EP borrows its ranks "
+            "from those dimensions"
+        )
+
+
+def set_sharding_config(model_config, parallelism: ParallelismConfig) -> None:
+    """Fill ``sharding_config`` on every sub-config TorchTitan's ``parallelize``
+    reads; axes that are not enabled are filtered out when it runs."""
+    enable_ep = parallelism.expert_parallel_degree > 1
+    enable_sp = parallelism.enable_sequence_parallel
+    for layer in model_config.layers:
+        if layer.layer_type == MOE:
+            set_moe_sharding(layer.mixer, enable_ep=enable_ep, enable_sp=enable_sp)
+
+
+def set_moe_sharding(moe_cfg, *, enable_ep: bool, enable_sp: bool) -> None:
+    """TorchTitan's MoE declarations (router, routed experts, EP dispatch), plus
+    the relu² shared expert's, which TorchTitan's helper cannot name."""
+    shared = moe_cfg.shared_experts
+    moe_cfg.shared_experts = None
+    try:
+        set_moe_sharding_config(
+            moe_cfg,
+            enable_ep=enable_ep,
+            enable_sp=enable_sp,
+            expert_param_layout=_RELU2_EXPERTS_TP_LAYOUT,
+        )
+    finally:
+        moe_cfg.shared_experts = shared
+    if shared is not None:
+        _set_shared_expert_sharding(shared, enable_ep=enable_ep, enable_sp=enable_sp)
+
+
+def _set_shared_expert_sharding(mlp_cfg, *, enable_ep: bool, enable_sp: bool) -> None:
+    """The shared expert sees the MoE's input and adds into its output: gather the
+    input to replicated once, up_proj colwise, down_proj rowwise reduced to the
+    layout the routed output has at that point (sequence shards with SP, else a
+    partial sum the MoE boundary reduces)."""
+    if enable_ep and enable_sp:
+        input_layout = dense_sequence_parallel_placement()
+    else:
+        input_layout = dense_activation_placement(tp=spmd.I if enable_ep else spmd.R)
+    mlp_cfg.sharding_config = ShardingConfig(
+        in_src_shardings={"x_BLD": input_layout},
+        in_dst_shardings={"x_BLD": dense_activation_placement(tp=spmd.R)},
+    )
+    mlp_cfg.up_proj.sharding_config = colwise_config()
+    down = rowwise_config(output_sp=enable_sp)
+    if not enable_sp:
+        down.out_dst_shardings = dense_activation_placement(tp=spmd.P)
+    mlp_cfg.down_proj.sharding_config = down
+
+
 def data_parallel_mesh(parallel_dims: ParallelDims) -> DeviceMesh:
-    """The mesh FSDP2 shards on: (replicate, shard) for HSDP, else (shard,)."""
+    """The mesh FSDP2 shards dense parameters on: (replicate, shard) for HSDP."""
     names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
     return parallel_dims.get_mesh(names)
+
+
+def expert_data_parallel_mesh(parallel_dims: ParallelDims) -> DeviceMesh | None:
+    """The mesh FSDP2 shards routed experts on under EP (``efsdp``, with the
+    replicate axis for HSDP); ``None`` without EP."""
+    if not parallel_dims.ep_enabled:
+        return None
+    names = ["dp_replicate", "efsdp"] if parallel_dims.dp_replicate_enabled else ["efsdp"]
+    return parallel_dims.get_optional_mesh(names)

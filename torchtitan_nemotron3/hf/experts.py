@@ -13,7 +13,9 @@ divided ``Shard``/``_StridedShard`` meshes; it fails on HSDP meshes (it reads
 ``placement.dim`` of a ``Replicate``) and on uneven shards (it refuses them, and it
 rebuilds sub-DTensors without their global shape). Here the local range and shape
 come from DTensor's own ``compute_local_shape_and_global_offset``, which covers
-``Replicate``, even and uneven ``Shard`` on any dim.
+``Replicate``, even and uneven ``Shard`` on any dim, and FSDP's strided shard of
+the expert dim under expert parallelism (experts ``Shard(0)`` on ``ep``, then
+``_StridedShard(0)`` on ``efsdp``: each rank still holds one contiguous run).
 """
 
 from dataclasses import dataclass
@@ -61,10 +63,14 @@ def _per_expert_placements(
     kept_dims, kept = [], []
     for mesh_dim, placement in enumerate(placements):
         if isinstance(placement, _StridedShard):
-            raise NotImplementedError(
-                f"expert weights placed as {placement} (strided sharding, e.g. FSDP "
-                "with expert parallelism) are not supported by this adapter"
-            )
+            # FSDP over expert parallelism: each EP shard (a run of experts) is
+            # split again on efsdp, so a rank still holds one contiguous run.
+            if placement.dim != 0:
+                raise NotImplementedError(
+                    f"expert weights placed as {placement}: strided sharding is "
+                    "supported on the expert dim only"
+                )
+            continue
         if isinstance(placement, Shard):
             if placement.dim == 0:
                 continue

@@ -18,7 +18,7 @@ from torchtitan.models.common.embedding import Embedding
 from torchtitan.models.common.linear import Linear
 from torchtitan.models.common.moe import RoutedExperts
 from torchtitan.models.common.nn_modules import Conv1d, RMSNorm
-from torchtitan.models.common.token_dispatcher import LocalTokenDispatcher
+from torchtitan.models.common.config_utils import make_token_dispatcher_config
 
 from .args import NemotronHArgs
 from .attention import Attention
@@ -97,7 +97,9 @@ def _mlp(D: int, hidden: int, std: float, out_std: float, bias: bool):
     )
 
 
-def _moe(args: NemotronHArgs, std: float, out_std: float) -> NemotronHMoE.Config:
+def _moe(
+    args: NemotronHArgs, std: float, out_std: float, comm_backend: str
+) -> NemotronHMoE.Config:
     D, E = args.hidden_size, args.n_routed_experts
     return NemotronHMoE.Config(
         num_experts=E,
@@ -109,8 +111,13 @@ def _moe(args: NemotronHArgs, std: float, out_std: float) -> NemotronHMoE.Config
                 num_experts=E,
                 param_init={"w1_EFD": _normal(std), "w2_EDF": _normal(out_std)},
             ),
-            token_dispatcher=LocalTokenDispatcher.Config(
-                num_experts=E, top_k=args.num_experts_per_tok
+            # TorchTitan's dispatcher for the backend: "standard" all-to-all
+            # (local when there is no EP mesh), or DeepEP/HybridEP on GPUs.
+            token_dispatcher=make_token_dispatcher_config(
+                num_experts=E,
+                top_k=args.num_experts_per_tok,
+                comm_backend=comm_backend,
+                hidden_dim=D,
             ),
         ),
         load_balance_coeff=args.load_balance_coeff,
@@ -121,13 +128,15 @@ def _moe(args: NemotronHArgs, std: float, out_std: float) -> NemotronHMoE.Config
 
 
 def build_model_config(
-    args: NemotronHArgs, kernel_backend: str = "auto"
+    args: NemotronHArgs, kernel_backend: str = "auto", moe_comm_backend: str = "standard"
 ) -> NemotronHModel.Config:
     """The module-config tree for ``args``: one block config per pattern symbol.
 
     ``kernel_backend`` picks the Mamba2 conv/scan ops (``ops.mamba_ops``): "auto"
     uses mamba-ssm / causal-conv1d kernels on CUDA tensors when installed and is
-    exactly the torch path otherwise; "torch" and "cuda" force one side."""
+    exactly the torch path otherwise; "torch" and "cuda" force one side.
+    ``moe_comm_backend`` is TorchTitan's token-dispatch backend for expert
+    parallelism ("standard", "deepep", "hybridep", "minimal_async_ep")."""
     D, std = args.hidden_size, args.initializer_range
     out_std = std / math.sqrt(args.num_hidden_layers) if args.rescale_prenorm_residual else std
 
@@ -144,7 +153,7 @@ def build_model_config(
         if symbol == MLP:
             return _mlp(D, args.intermediate_size, std, out_std, args.mlp_bias)
         assert symbol == MOE
-        return _moe(args, std, out_std)
+        return _moe(args, std, out_std, moe_comm_backend)
 
     return NemotronHModel.Config(
         vocab_size=args.vocab_size,

@@ -1,12 +1,14 @@
 """NemotronH: a stack of single-mixer blocks chosen by the hybrid pattern."""
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
 from torchtitan.models.common.embedding import Embedding
 from torchtitan.models.common.linear import Linear
 from torchtitan.models.common.nn_modules import RMSNorm
+from torchtitan.models.common.token_dispatcher import update_ep_token_dispatcher_config
 from torchtitan.protocols.model import BaseModel
 from torchtitan.protocols.module import Module, ModuleDict
 
@@ -14,7 +16,6 @@ from .attention import Attention
 from .mamba2 import Mamba2Mixer
 from .mlp import ReluSquaredMLP
 from .moe import NemotronHMoE
-from ..sharding import check_parallelism
 from .pattern import ATTENTION, MAMBA, MOE
 
 
@@ -83,9 +84,23 @@ class NemotronHModel(BaseModel):
             return "".join(layer.layer_type for layer in self.layers)
 
         def update_from_config(self, *, config, **kwargs) -> None:
-            """TorchTitan's hook before building: refuse layouts NemotronH does not
-            implement, and pass the debug load-balance override to every router."""
-            check_parallelism(config.parallelism)
+            """TorchTitan's hook before building: refuse layouts NemotronH cannot
+            run, declare every module's sharding for the layout asked for, size the
+            EP dispatchers, and pass the debug load-balance override to the routers."""
+            from ..sharding import check_parallelism, set_sharding_config
+
+            check_parallelism(config.parallelism, self)
+            set_sharding_config(self, config.parallelism)
+            # TorchTitan's helper walks ``layers[i].moe``; ours hold ``mixer``.
+            moe_view = SimpleNamespace(
+                dim=self.dim,
+                layers=[
+                    SimpleNamespace(moe=layer.mixer)
+                    for layer in self.layers
+                    if layer.layer_type == MOE
+                ],
+            )
+            update_ep_token_dispatcher_config(moe_view, config)
             debug = getattr(config, "debug", None)
             if debug is not None:
                 for layer in self.layers:

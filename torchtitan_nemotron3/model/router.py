@@ -31,9 +31,11 @@ class Float32Linear(Linear):
     class Config(Linear.Config):
         pass
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # ``input``, as ``Linear.forward`` names it: TorchTitan's sharding configs
+        # address arguments by name.
         bias = None if self.bias is None else self.bias.float()
-        return F.linear(x.float(), self.weight.float(), bias)
+        return F.linear(input.float(), self.weight.float(), bias)
 
 
 def router_config(args: NemotronHArgs, gate_init: Callable) -> TokenChoiceTopKRouter.Config:

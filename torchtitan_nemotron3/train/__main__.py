@@ -53,7 +53,12 @@ def check_config(config, source_of) -> None:
         from torchtitan_nemotron3.sharding import check_parallelism
 
         try:
-            check_parallelism(config.parallelism)
+            world = os.environ.get("WORLD_SIZE")
+            check_parallelism(
+                config.parallelism,
+                config.model_spec.model,
+                world_size=None if world is None else int(world),
+            )
         except ValueError as e:
             key = re.findall(r"parallelism\.\w+", str(e)) or ["parallelism"]
             raise ConfigError(f"{source_of(key[0])}: {e}") from None
