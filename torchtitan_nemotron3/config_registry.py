@@ -59,11 +59,13 @@ def nemotron3_debugmodel() -> NemotronHTrainer.Config:
     return _for_this_machine(config)
 
 
-def nemotron3_nano_30b() -> NemotronHTrainer.Config:
-    """Nemotron-3-Nano-30B-A3B on one 8-GPU node (FSDP over 8), bf16 compute, seq
-    8192, continuing from the released HF checkpoint (set
-    ``checkpoint.initial_load_path`` to the downloaded safetensors directory)."""
-    model_spec = model_registry("nano-30B")
+def nemotron3_nano_30b(moe_comm_backend: str = "standard") -> NemotronHTrainer.Config:
+    """Nemotron-3-Nano-30B-A3B on one 8-GPU node in the layout the published
+    throughputs use: experts over the node (EP=8, 16 experts per GPU), the dense
+    part FSDP over the same 8 ranks; bf16 compute, seq 8192, continuing from the
+    released HF checkpoint (set ``checkpoint.initial_load_path`` to the downloaded
+    safetensors directory)."""
+    model_spec = model_registry("nano-30B", moe_comm_backend=moe_comm_backend)
     config = NemotronHTrainer.Config(
         model_spec=model_spec,
         loss=_chunked_loss(model_spec),
@@ -82,7 +84,9 @@ def nemotron3_nano_30b() -> NemotronHTrainer.Config:
             mixed_precision_reduce="float32",
         ),
         parallelism=ParallelismConfig(
-            spmd_backend="partial_dtensor", data_parallel_shard_degree=-1
+            spmd_backend="partial_dtensor",
+            data_parallel_shard_degree=-1,
+            expert_parallel_degree=8,
         ),
         checkpoint=CheckpointManager.Config(
             enable=True,
@@ -100,3 +104,14 @@ def nemotron3_nano_30b() -> NemotronHTrainer.Config:
         activation_checkpoint=SelectiveAC.Config(),
     )
     return _for_this_machine(config)
+
+
+def nemotron3_nano_30b_deepep() -> NemotronHTrainer.Config:
+    """``nemotron3_nano_30b`` with DeepEP's token dispatch (needs ``deep_ep``)."""
+    return nemotron3_nano_30b(moe_comm_backend="deepep")
+
+
+def nemotron3_nano_30b_hybridep() -> NemotronHTrainer.Config:
+    """``nemotron3_nano_30b`` with HybridEP's token dispatch (needs ``deep_ep``'s
+    hybrid-ep branch; for NVLink-72 systems)."""
+    return nemotron3_nano_30b(moe_comm_backend="hybridep")

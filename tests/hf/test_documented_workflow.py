@@ -80,12 +80,14 @@ def test_readme_nano_workflow_with_relative_paths(tmp_path, monkeypatch, hub):
 
     harness = _load(REPO / "tests" / "train" / "_harness.py", "_harness")
     # The Nano job file as shipped: hf_assets_path, initial_load_path and dump_folder
-    # relative. Only the model and the step size are made CPU-sized.
+    # relative. Only the model, the step size and the layout (one process: no
+    # expert parallelism) are made CPU-sized.
     monkeypatch.setattr(harness, "REPO_ROOT", user_dir)  # run from the user's directory
     overrides = [
         "--dump_folder", "./outputs/nano-30B",
         "--job.config", "nemotron3_debugmodel",
         "--training.steps", "1",
+        "--parallelism.expert_parallel_degree", "1",
         "--training.seq_len", str(SEQ_LEN),
         "--training.local_batch_size", str(BATCH),
         "--training.mixed_precision_param", "float32",

@@ -1,0 +1,64 @@
+"""Every layout NemotronH cannot run is refused at config time, in one line that
+names the values (before any process group or model exists)."""
+
+import pytest
+from torchtitan.config import ParallelismConfig
+
+from torchtitan_nemotron3.model import build_model_config, flavor_args
+from torchtitan_nemotron3.sharding import check_parallelism
+
+DEBUG = build_model_config(flavor_args("debugmodel"))  # 8 experts
+DENSE = build_model_config(
+    flavor_args("debugmodel").replace(hybrid_override_pattern="M*M-", num_hidden_layers=None)
+)
+
+
+def _error(model_config=DEBUG, world_size=None, **degrees) -> str:
+    with pytest.raises(ValueError) as info:
+        check_parallelism(
+            ParallelismConfig(spmd_backend="partial_dtensor", **degrees),
+            model_config,
+            world_size=world_size,
+        )
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_expert_parallel_degree_must_divide_the_experts():
+    msg = _error(expert_parallel_degree=3, data_parallel_shard_degree=3)
+    assert msg == "parallelism.expert_parallel_degree=3 must divide the 8 routed experts"
+
+
+def test_expert_parallel_needs_moe_layers():
+    msg = _error(DENSE, expert_parallel_degree=2)
+    assert "expert_parallel_degree=2" in msg and "'M*M-'" in msg and "no MoE" in msg
+
+
+def test_expert_parallel_borrows_data_parallel_ranks():
+    msg = _error(world_size=4, expert_parallel_degree=8)
+    assert "expert_parallel_degree=8 must divide" in msg and "4×1×1" in msg
+
+
+def test_degrees_must_multiply_to_the_world():
+    msg = _error(world_size=6, tensor_parallel_degree=4)
+    assert "= 4 does not divide the 6 ranks" in msg
+    msg = _error(world_size=8, data_parallel_shard_degree=3)
+    assert "data_parallel_shard_degree=3" in msg and "!= 8 ranks" in msg
+
+
+def test_context_parallelism_and_other_backends_are_refused():
+    assert "context_parallel_degree=2" in _error(context_parallel_degree=2)
+    with pytest.raises(ValueError, match="spmd_backend='full_dtensor'"):
+        check_parallelism(ParallelismConfig(spmd_backend="full_dtensor"))
+
+
+def test_valid_layouts_pass():
+    for degrees in (
+        {},
+        {"expert_parallel_degree": 8, "data_parallel_shard_degree": -1},
+        {"expert_parallel_degree": 2, "data_parallel_replicate_degree": 2},
+    ):
+        check_parallelism(
+            ParallelismConfig(spmd_backend="partial_dtensor", **degrees), DEBUG, world_size=8
+        )
