@@ -82,6 +82,9 @@ def nemotron3_nano_30b(moe_comm_backend: str = "standard") -> NemotronHTrainer.C
             steps=1000,
             mixed_precision_param="bfloat16",
             mixed_precision_reduce="float32",
+            # TorchTitan's whole-step CUDA graphs cannot hold the all-to-all
+            # dispatcher's host sync on the token counts.
+            disable_cuda_graphs=True,
         ),
         parallelism=ParallelismConfig(
             spmd_backend="partial_dtensor",

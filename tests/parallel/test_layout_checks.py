@@ -62,3 +62,27 @@ def test_valid_layouts_pass():
         check_parallelism(
             ParallelismConfig(spmd_backend="partial_dtensor", **degrees), DEBUG, world_size=8
         )
+
+
+def test_nano_config_is_the_anchor_layout_and_builds():
+    from torchtitan.models.common.token_dispatcher import (
+        AllToAllTokenDispatcher,
+        DeepEPTokenDispatcher,
+    )
+
+    from torchtitan_nemotron3 import config_registry
+
+    def dispatchers(config):
+        return {
+            type(layer.mixer.routed_experts.token_dispatcher)
+            for layer in config.model_spec.model.layers
+            if layer.layer_type == "E"
+        }
+
+    nano = config_registry.nemotron3_nano_30b()  # TorchTitan validates it on build
+    assert nano.parallelism.expert_parallel_degree == 8
+    assert nano.parallelism.data_parallel_shard_degree == -1
+    assert dispatchers(nano) == {AllToAllTokenDispatcher.Config}
+    check_parallelism(nano.parallelism, nano.model_spec.model, world_size=8)
+    deepep = config_registry.nemotron3_nano_30b_deepep()
+    assert dispatchers(deepep) == {DeepEPTokenDispatcher.Config}
