@@ -1,0 +1,158 @@
+"""Check and size a training layout on one CPU process, without GPUs or memory.
+
+    python -m torchtitan_nemotron3.dry_run --flavor nano-30B --ngpu 8 --ep 8 \\
+        [--tp 1 --pp 1 --dp_shard -1 --dp_replicate 1] --seq_len 8192 \\
+        --local_batch_size 1 --ac selective|full|none [--param_dtype bfloat16]
+    python -m torchtitan_nemotron3.dry_run --config train_configs/nemotron3-nano-30B.toml [--ngpu 8]
+
+Why this way: it runs what training runs up to the first step (the package's
+config checks, TorchTitan's ``ParallelDims`` meshes on a fake process group of
+``--ngpu`` ranks, the model built on the meta device and parallelized by the
+model spec's own ``parallelize_fn``), so a layout the trainer would refuse is
+refused here in the same one line, and the shards it reports are the ones
+training would create, for whatever TP/EP/PP the package supports when it runs.
+Memory and traffic are then estimated from those shards (``estimate/``: the
+formulas are in each file's docstring); activations are an estimate only.
+The fake world is rank 0's view; other ranks differ only by FSDP's uneven last
+shard (the min/max line). Compile is not applied (it does not change shards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+from .estimate.job import Job, job_from_args
+from .estimate.printout import print_report
+from .estimate.sharded import build_sharded
+
+__all__ = [
+    "Job",
+    "Report",
+    "build_sharded",
+    "dry_run",
+    "job_from_args",
+    "main",
+    "print_report",
+]
+
+GiB = 2**30
+B200_GIB = 179.0  # nvidia-smi: 183,359 MiB
+_BYTES = {"bfloat16": 2, "float32": 4}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="TOML job file (train_configs/*.toml)")
+    p.add_argument("--flavor", help="debugmodel | nano-30B (default nano-30B)")
+    p.add_argument("--ngpu", type=int, default=None, help="ranks (default 8)")
+    for flag in ("ep", "tp", "pp", "cp", "dp_shard", "dp_replicate"):
+        p.add_argument(f"--{flag}", type=int)
+    p.add_argument("--seq_len", type=int)
+    p.add_argument("--local_batch_size", type=int)
+    p.add_argument("--global_batch_size", type=int)
+    p.add_argument("--ac", choices=("none", "selective", "full"))
+    p.add_argument("--param_dtype", choices=("bfloat16", "float32"))
+    p.add_argument(
+        "--gpu_gib",
+        type=float,
+        default=B200_GIB,
+        help=f"memory per GPU for the verdict (default {B200_GIB:g}, B200)",
+    )
+    return p.parse_args(argv)
+
+
+@dataclass
+class Report:
+    job: Job
+    layout: object
+    shards: object
+    acts: object
+    memory: object
+    traffic: object
+    flops_per_token: int
+    seconds: float
+
+
+def dry_run(job: Job) -> Report:
+    """Build, parallelize and size ``job``; see the module docstring."""
+    from .estimate import activations, comm, memory
+    from .estimate.layout import Layout
+    from .estimate.shards import measure
+    from .model.flops import nparams_and_flops
+
+    t0 = time.perf_counter()
+    model, model_config, dims = build_sharded(job)
+    layout = Layout.from_parallelism(job.parallelism, job.ngpu)
+    types = model_config.hybrid_override_pattern
+    shards = measure(model, types, job.ngpu)
+    tr = job.training
+    dp = dims.dp_replicate * dims.dp_shard
+    accum = 1
+    if tr.global_batch_size > 0:
+        accum = max(1, tr.global_batch_size // (tr.local_batch_size * dp))
+    pb, cb = _BYTES[tr.mixed_precision_param], _BYTES[tr.mixed_precision_param]
+    rb, mb = _BYTES[tr.mixed_precision_reduce], _BYTES[tr.dtype]
+    mbs = job.parallelism.pipeline_parallel_microbatch_size
+    stage = [int(i) for i in model.layers]  # this rank's PP stage (or all)
+    acts = activations.estimate(
+        model_config,
+        ac=job.ac,
+        local_batch=tr.local_batch_size,
+        seq_len=tr.seq_len,
+        compute_bytes=cb,
+        tp=layout.tp,
+        cp=layout.cp,
+        pp=layout.pp,
+        ep=layout.ep,
+        microbatches=max(1, tr.local_batch_size // max(mbs, 1)),
+        stage_layers=stage,
+    )
+    mem = memory.estimate(
+        shards, acts, master_bytes=mb, param_bytes=pb, reduce_bytes=rb
+    )
+    traffic = comm.estimate(
+        shards,
+        model_config,
+        layout,
+        local_batch=tr.local_batch_size,
+        seq_len=tr.seq_len,
+        ac=job.ac,
+        param_bytes=pb,
+        reduce_bytes=rb,
+        compute_bytes=cb,
+        accum=accum,
+        stage_layers=stage,
+    )
+    _, flops = nparams_and_flops(model_config, model, tr.seq_len)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    return Report(
+        job, layout, shards, acts, mem, traffic, flops, time.perf_counter() - t0
+    )
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    a = parse_args(argv)
+    import logging
+
+    from torchtitan.tools.logging import logger
+
+    logger.setLevel(logging.WARNING)  # meshes and FSDP log at INFO per unit
+    try:
+        job = job_from_args(a)
+        report = dry_run(job)
+    except ValueError as e:  # the package's one-line layout errors, ConfigError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_report(report, a.gpu_gib)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
