@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from torchtitan_nemotron3.hf.config import hf_config_from_args
-from torchtitan_nemotron3.hf.naming import hub_names_on_disk, hub_to_ours
+from torchtitan_nemotron3.hf import NemotronHStateDictAdapter
+from torchtitan_nemotron3.hf.naming import hub_names_on_disk
 from torchtitan_nemotron3.model import build_model_config
 from torchtitan_nemotron3.ops import loader
 
@@ -65,20 +66,21 @@ def build_ours(margs, dtype, device, kernel_backend, compile_blocks):
 def copy_into_hf(ours: nn.Module, hf: nn.Module) -> None:
     """Our weights into transformers' model, by the package's hub name map
     (``hf/naming.py``): each of transformers' in-memory tensors (``model.`` names,
-    3-D experts) is the hub tensor(s) ``hub_names_on_disk`` names, each one of ours
-    (or one expert of ours) by ``hub_to_ours``. Every tensor of each side is used."""
-    ours_sd, hf_sd = ours.state_dict(), hf.state_dict()
+    3-D experts) is the hub tensor(s) ``hub_names_on_disk`` names, each from our
+    adapter's ``to_hf``. Every tensor of each side is used."""
+    # Hub-named (packed Mamba2 in_proj/conv1d, one tensor per expert).
+    ours_sd = NemotronHStateDictAdapter(ours.config, None).to_hf(ours.state_dict())
+    hf_sd = hf.state_dict()
     assert {n for n, _ in hf.named_buffers()} <= set(hf_sd), "non-persistent buffers"
     used = set()
     with torch.no_grad():
         for key, dst in hf_sd.items():
             for hub, index in hub_names_on_disk(key, tuple(dst.shape)):
-                name, expert = hub_to_ours(hub)
-                src = ours_sd[name] if expert is None else ours_sd[name][expert]
+                src = ours_sd[hub]
                 part = dst if index is None else dst[index]
-                assert part.shape == src.shape, (key, name, part.shape, src.shape)
+                assert part.shape == src.shape, (key, hub, part.shape, src.shape)
                 part.copy_(src)
-                used.add(name)
+                used.add(hub)
     assert used == set(ours_sd), f"not in transformers: {sorted(set(ours_sd) - used)}"
 
 
@@ -129,8 +131,9 @@ def build_mamba_ssm_mixer(ours_mixer, margs, dtype, device):
     m.out_proj = nn.Linear(d_inner, margs.hidden_size, bias=False, device=device)
     theirs = m.state_dict()
     with torch.no_grad():
-        for name, t in ours_mixer.state_dict().items():
-            theirs[name].copy_(t)
+        for name, t in theirs.items():  # in_proj/conv1d: our packed views
+            module, _, attr = name.rpartition(".")
+            t.copy_(getattr(ours_mixer.get_submodule(module), attr))
     label = "mamba-ssm Mamba2 " + (
         "(fused conv+scan)" if conv_ok else "(torch conv, Triton SSD)"
     )

@@ -27,14 +27,38 @@ def hf_to_ours_name(hf_name: str) -> str:
     return name
 
 
-def load_hf_into_ours(hf: torch.nn.Module, ours: torch.nn.Module) -> dict[str, str]:
+def hf_to_ours_parts(hf_name: str, args) -> list[tuple[str, slice]]:
+    """(our name, rows of the HF tensor it holds): ours splits the packed Mamba
+    ``in_proj`` (z | x | B | C | dt) and ``conv1d`` (x | B | C) into parts."""
+    name = hf_to_ours_name(hf_name)
+    I = args.mamba_num_heads * args.mamba_head_dim
+    GN = args.n_groups * args.ssm_state_size
+    for module, parts in (
+        ("in_proj", [("z", I), ("x", I), ("B", GN), ("C", GN), ("dt", args.mamba_num_heads)]),
+        ("conv1d", [("x", I), ("B", GN), ("C", GN)]),
+    ):
+        for kind in ("weight", "bias"):
+            packed = f".mixer.{module}.{kind}"
+            if name.endswith(packed):
+                out, start = [], 0
+                for part, rows in parts:
+                    out.append((name.replace(packed, f".mixer.{module}.{part}.{kind}"), slice(start, start + rows)))
+                    start += rows
+                return out
+    return [(name, slice(None))]
+
+
+def load_hf_into_ours(hf: torch.nn.Module, ours: torch.nn.Module, args) -> dict[str, list]:
     ours_sd = ours.state_dict()
-    mapping = {k: hf_to_ours_name(k) for k in hf.state_dict()}
-    assert sorted(mapping.values()) == sorted(ours_sd), "parameter sets differ"
+    mapping = {k: hf_to_ours_parts(k, args) for k in hf.state_dict()}
+    assert sorted(n for parts in mapping.values() for n, _ in parts) == sorted(
+        ours_sd
+    ), "parameter sets differ"
     with torch.no_grad():
         for hf_name, t in hf.state_dict().items():
-            assert ours_sd[mapping[hf_name]].shape == t.shape, hf_name
-            ours_sd[mapping[hf_name]].copy_(t)
+            for name, rows in mapping[hf_name]:
+                assert ours_sd[name].shape == t[rows].shape, hf_name
+                ours_sd[name].copy_(t[rows])
     return mapping
 
 
@@ -57,7 +81,7 @@ def test_logits_and_grads_match_transformers(seed, n_group):
     hf = hf_reference(args)
     randomize_(hf, seed)
     ours = build_model(args)
-    mapping = load_hf_into_ours(hf, ours)
+    mapping = load_hf_into_ours(hf, ours, args)
 
     # 2 rows, a length that is not a multiple of the chunk size
     tokens = torch.randint(0, args.vocab_size, (2, 3 * args.chunk_size + 5))
@@ -72,9 +96,10 @@ def test_logits_and_grads_match_transformers(seed, n_group):
     checked = 0
     for hf_name, p in hf.named_parameters():
         assert p.grad is not None and p.grad.abs().max() > 0, hf_name
-        grad = ours_params[mapping[hf_name]].grad
-        assert rel_err(grad, p.grad) <= RTOL, (hf_name, rel_err(grad, p.grad))
-        checked += 1
+        for name, rows in mapping[hf_name]:
+            grad = ours_params[name].grad
+            assert rel_err(grad, p.grad[rows]) <= RTOL, (name, rel_err(grad, p.grad[rows]))
+            checked += 1
     assert checked == len(ours_params)
 
 
@@ -84,7 +109,7 @@ def test_parity_detects_a_wrong_weight():
     hf = hf_reference(args)
     randomize_(hf, 0)
     ours = build_model(args)
-    load_hf_into_ours(hf, ours)
+    load_hf_into_ours(hf, ours, args)
     mamba = next(i for i, s in enumerate(args.hybrid_override_pattern) if s == "M")
     with torch.no_grad():
         ours.layers[str(mamba)].mixer.D.mul_(1.001)

@@ -15,12 +15,16 @@ Shape suffixes on tensor names (``x_BLD``), one meaning per letter everywhere:
     E experts          F expert hidden width T routed token rows (tokens × top-k)
 """
 
+from torchtitan.components.lora import LoRAConverter
 from torchtitan.components.optimizer import register_moe_load_balancing_hook
+from torchtitan.models.utils import validate_converter_order
+from torchtitan.protocols.model import ModelConfigConverter
 from torchtitan.protocols.model_spec import ModelSpec
 
 from .hf import from_pretrained, NemotronHStateDictAdapter, save_pretrained
 from .model import NemotronHArgs, NemotronHModel, build_model_config, flavor_args
 from .parallelize import parallelize_nemotronh
+from .pipeline import pipeline_nemotronh
 
 __all__ = [
     "NemotronHArgs",
@@ -35,22 +39,34 @@ __all__ = [
 
 
 def model_registry(
-    flavor: str, kernel_backend: str = "auto", moe_comm_backend: str = "standard"
+    flavor: str,
+    kernel_backend: str = "auto",
+    moe_comm_backend: str = "standard",
+    converters: list[ModelConfigConverter.Config] | None = None,
 ) -> ModelSpec:
     """The TorchTitan ModelSpec of a flavor ("debugmodel", "nano-30B"); Mamba2 ops
     from ``kernel_backend`` ("auto": GPU kernels where available, else torch);
     expert-parallel token dispatch by ``moe_comm_backend`` (TorchTitan's
-    "standard" all-to-all, or "deepep" / "hybridep" where installed)."""
+    "standard" all-to-all, or "deepep" / "hybridep" where installed).
+    ``converters`` transform the config tree as in TorchTitan's models (e.g.
+    ``lora.NemotronHLoRAConverter.Config()``); with LoRA the whole base model stays
+    fixed, so the MoE routing-bias update is off too."""
+    config = build_model_config(
+        flavor_args(flavor),
+        kernel_backend=kernel_backend,
+        moe_comm_backend=moe_comm_backend,
+    )
+    converters = converters or []
+    validate_converter_order(converters)
+    for c in converters:
+        config = c.build().convert(config)
+    lora = any(isinstance(c, LoRAConverter.Config) for c in converters)
     return ModelSpec(
         name="nemotron3",
         flavor=flavor,
-        model=build_model_config(
-            flavor_args(flavor),
-            kernel_backend=kernel_backend,
-            moe_comm_backend=moe_comm_backend,
-        ),
+        model=config,
         parallelize_fn=parallelize_nemotronh,
-        pipelining_fn=None,
-        post_optimizer_build_fn=register_moe_load_balancing_hook,
+        pipelining_fn=pipeline_nemotronh,
+        post_optimizer_build_fn=None if lora else register_moe_load_balancing_hook,
         state_dict_adapter=NemotronHStateDictAdapter,
     )

@@ -12,11 +12,15 @@ from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
+from torchtitan.components.validate import Validator
 from torchtitan.config import ParallelismConfig, TrainingConfig
 from torchtitan.distributed.activation_checkpoint import SelectiveAC
 from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
 
 from . import model_registry
+from .sft.assets import ensure_debug_sft_assets
+from .sft.dataloader import ChatSFTDataLoader
+from .sft.render import ChatTemplateConfig
 from .train import cpu_compat
 from .train.assets import use_debug_assets
 from .train.trainer import NemotronHTrainer
@@ -118,3 +122,118 @@ def nemotron3_nano_30b_hybridep() -> NemotronHTrainer.Config:
     """``nemotron3_nano_30b`` with HybridEP's token dispatch (needs ``deep_ep``'s
     hybrid-ep branch; for NVLink-72 systems)."""
     return nemotron3_nano_30b(moe_comm_backend="hybridep")
+
+
+def nemotron3_debug_sft() -> NemotronHTrainer.Config:
+    """Multi-turn chat SFT of the debug model, offline: generated conversations with
+    <think> reasoning (train + held-out validation), the debug tokenizer with a
+    ChatML template; loss on assistant tokens only, packed rows, validation every 10
+    steps. Starts from random weights (the point is the data path), so the
+    assistant-token loss falls from ~ln(2048)."""
+    tokenizer_dir, chat_dir = ensure_debug_sft_assets()
+    model_spec = model_registry("debugmodel")
+
+    def chat(split: str) -> ChatSFTDataLoader.Config:
+        return ChatSFTDataLoader.Config(
+            dataset_path=chat_dir,
+            split=split,
+            # Every assistant turn is trained, so keep every turn's reasoning (the
+            # template's default would train earlier turns as "<think></think>").
+            template=ChatTemplateConfig(truncate_history_thinking=False),
+            log_every_rows=40,
+        )
+
+    config = NemotronHTrainer.Config(
+        model_spec=model_spec,
+        hf_assets_path=tokenizer_dir,
+        loss=_chunked_loss(model_spec),
+        metrics=MetricsProcessor.Config(log_freq=1),
+        dataloader=chat("train"),
+        optimizer=default_adamw(lr=3e-3),
+        lr_scheduler=LRSchedulersContainer.Config(
+            warmup_steps=2, decay_ratio=0.8, decay_type="linear", min_lr_factor=0.1
+        ),
+        training=TrainingConfig(local_batch_size=4, seq_len=256, steps=30),
+        parallelism=ParallelismConfig(spmd_backend="partial_dtensor"),
+        checkpoint=CheckpointManager.Config(interval=10, last_save_model_only=False),
+        activation_checkpoint=SelectiveAC.Config(),
+        validator=Validator.Config(
+            enable=True, freq=10, steps=2, dataloader=chat("validation")
+        ),
+    )
+    return _for_this_machine(config)
+
+
+def nemotron3_nano_30b_sft() -> NemotronHTrainer.Config:
+    """Full fine-tune of Nemotron-3-Nano-30B-A3B on chat data, from the released HF
+    checkpoint, in ``nemotron3_nano_30b``'s layout (EP=8 + FSDP over one node): the
+    model's own chat template, assistant-token loss, packed 8192-token rows, a
+    held-out split evaluated every 100 steps. Data: ``dataset_path`` (default
+    ``./data/sft``, files ``train*.jsonl|parquet`` and ``validation*``; or a hub
+    dataset id with those splits) holding OpenAI-style ``messages``."""
+    config = nemotron3_nano_30b()
+
+    def chat(split: str) -> ChatSFTDataLoader.Config:
+        return ChatSFTDataLoader.Config(
+            dataset_path="./data/sft",
+            split=split,
+            # Nemotron's template empties the reasoning of assistant turns before
+            # the last user message by default; with every turn trained, those turns
+            # would teach "<think></think>". Keep the reasoning (or set
+            # assistant_turns = "last" and leave the template's default).
+            template=ChatTemplateConfig(truncate_history_thinking=False),
+        )
+
+    config.dataloader = chat("train")
+    config.validator = Validator.Config(
+        enable=True, freq=100, steps=10, dataloader=chat("validation")
+    )
+    config.optimizer = default_adamw(lr=5e-6)
+    config.lr_scheduler = LRSchedulersContainer.Config(
+        warmup_steps=50, decay_ratio=0.9, decay_type="cosine", min_lr_factor=0.1
+    )
+    config.checkpoint.initial_load_path = (
+        "./assets/hf/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"
+    )
+    config.dump_folder = "./outputs/nano-30B-sft"
+    return config
+
+
+# --- LoRA (torchtitan_nemotron3/lora) ---------------------------------------------
+
+
+def _lora_spec(flavor: str, rank: int, alpha: float, **kwargs):
+    """``model_registry`` with TorchTitan's LoRA converter on NemotronH's default
+    targets (Mamba in_proj parts and out_proj, attention q/k/v/o, dense MLP and
+    shared expert up/down; see ``lora.converter.DEFAULT_TARGET_MODULES``)."""
+    from .lora import NemotronHLoRAConverter
+
+    return model_registry(
+        flavor,
+        converters=[NemotronHLoRAConverter.Config(rank=rank, alpha=alpha)],
+        **kwargs,
+    )
+
+
+def nemotron3_debug_lora() -> NemotronHTrainer.Config:
+    """``nemotron3_debug_sft`` with LoRA (rank 8, alpha 16): only the adapters train
+    and are in the optimizer; the HF export of the last step is merged."""
+    config = nemotron3_debug_sft()
+    config.model_spec = _lora_spec("debugmodel", rank=8, alpha=16.0)
+    config.optimizer = default_adamw(lr=1e-2, weight_decay=0.0)
+    config.dump_folder = "./outputs/debug-lora"
+    return config
+
+
+def nemotron3_nano_30b_lora() -> NemotronHTrainer.Config:
+    """LoRA SFT of Nemotron-3-Nano-30B-A3B (rank 32, alpha 64) on chat data, from
+    the released HF checkpoint (base weights loaded, adapters at init: B = 0), in
+    ``nemotron3_nano_30b_sft``'s layout and data; the base, routed experts and
+    routing bias included, stays fixed. ``last_save_in_hf`` writes merged full
+    weights (fp32, vLLM serves them); ``scripts/lora_export.py peft`` writes the
+    adapters alone."""
+    config = nemotron3_nano_30b_sft()
+    config.model_spec = _lora_spec("nano-30B", rank=32, alpha=64.0)
+    config.optimizer = default_adamw(lr=1e-4, weight_decay=0.0)
+    config.dump_folder = "./outputs/nano-30B-lora"
+    return config

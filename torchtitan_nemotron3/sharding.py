@@ -78,12 +78,9 @@ def check_parallelism(
             f"parallelism.tensor_parallel_degree={tp}: tensor parallelism is not "
             "wired for NemotronH yet; set it to 1"
         )
-    pp = parallelism.pipeline_parallel_degree
-    if pp > 1:
-        raise ValueError(
-            f"parallelism.pipeline_parallel_degree={pp}: pipeline parallelism is not "
-            "wired for NemotronH yet; set it to 1"
-        )
+    from .pipeline import check_pipeline_parallel
+
+    check_pipeline_parallel(model_config, parallelism)
 
 
 def _check_degrees(parallelism: ParallelismConfig, world_size: int) -> None:
@@ -182,3 +179,18 @@ def expert_data_parallel_mesh(parallel_dims: ParallelDims) -> DeviceMesh | None:
         return None
     names = ["dp_replicate", "efsdp"] if parallel_dims.dp_replicate_enabled else ["efsdp"]
     return parallel_dims.get_optional_mesh(names)
+
+
+def apply_layout(model_config, parallelism: ParallelismConfig) -> None:
+    """The model config's layout step before building: check, then declare."""
+    check_parallelism(parallelism, model_config)
+    set_sharding_config(model_config, parallelism)
+
+
+def _register() -> None:
+    from .model.model import NemotronHModel
+
+    NemotronHModel.layout_hook = staticmethod(apply_layout)
+
+
+_register()

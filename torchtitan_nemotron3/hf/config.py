@@ -116,8 +116,9 @@ _REQUIRED_VALUES = {
 }
 
 _FIELDS = {f.name for f in dataclasses.fields(NemotronHArgs)}
-# Ours only (aux-loss-free balancing rate): never read from or written to config.json.
-_NOT_HF = {"load_balance_coeff"}
+# Ours only (aux-loss-free balancing rate, pipeline stage boundaries): never read
+# from or written to config.json.
+_NOT_HF = {"load_balance_coeff", "pipeline_segments"}
 
 
 def _decode_float(value: Any, field: str) -> float:

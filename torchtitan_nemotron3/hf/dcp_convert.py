@@ -13,6 +13,8 @@ into a temporary sibling directory and rename it into place.
 """
 
 import os
+import re
+from collections import defaultdict
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -24,7 +26,7 @@ from .config import hf_config_from_args, write_hf_config
 from .errors import CheckpointMismatchError
 from .files import check_finite, scan_checkpoint
 from .io import _build_on_meta, check_checkpoint, from_pretrained
-from .naming import keep_fp32
+from .naming import HUB_PREFIX, keep_fp32, ours_to_hub, packed_part, packed_parts
 from .writer import (
     DEFAULT_MAX_SHARD_SIZE,
     atomic_directory,
@@ -57,8 +59,6 @@ def dcp_to_hf(
     dcp_dir = os.fspath(dcp_dir)
     metadata = FileSystemReader(dcp_dir).read_metadata().state_dict_metadata
     model, adapter = _build_on_meta(args)
-    meta_state = model.state_dict()
-    expected = {name: t.shape for name, t in meta_state.items()}
     # Only the model part of the checkpoint is ours to check, not optimizer or
     # dataloader state stored beside it in a full checkpoint.
     found = {
@@ -66,6 +66,8 @@ def dcp_to_hf(
         for name, md in metadata.items()
         if name.split(".", 1)[0] in _MODEL_ROOTS and hasattr(md, "size")
     }
+    meta_state = _as_stored(model.state_dict(), adapter, found)
+    expected = {name: t.shape for name, t in meta_state.items()}
     check_checkpoint(expected, found, dcp_dir)
 
     def out_dtype(name: str) -> torch.dtype:
@@ -78,24 +80,37 @@ def dcp_to_hf(
             else stored_dtype
         )
 
+    # Hub tensor → the stored tensors it is made of (a packed Mamba2 tensor: its
+    # parts; in a checkpoint from before the split, the packed tensor itself).
+    groups = defaultdict(list)
+    for name in meta_state:
+        part = packed_part(name)
+        groups[part[0] if part else ours_to_hub(name)].append(name)
     owner, hub_meta = {}, {}
-    for name, meta in meta_state.items():
-        for hub, t in adapter.to_hf({name: meta}).items():
-            owner[hub] = name
-            hub_meta[hub] = torch.empty(t.shape, dtype=out_dtype(name), device="meta")
+    for names in groups.values():
+        meta = {name: meta_state[name] for name in names}
+        for hub, t in adapter.to_hf(meta).items():
+            owner[hub] = tuple(names)
+            hub_meta[hub] = torch.empty(
+                t.shape, dtype=out_dtype(names[0]), device="meta"
+            )
 
     def fetch(names: list[str]) -> dict[str, torch.Tensor]:
         """Load the DCP tensors behind ``names`` (only those) and convert them."""
         wanted = set(names)
+        groups_wanted = list(dict.fromkeys(owner[n] for n in names))
         state = {
             key: torch.empty(metadata[key].size, dtype=metadata[key].properties.dtype)
-            for key in dict.fromkeys(owner[n] for n in names)
+            for group in groups_wanted
+            for key in group
         }
         dcp.load(state, storage_reader=FileSystemReader(dcp_dir), no_dist=True)
         out = {}
-        for name, value in state.items():
-            check_finite(value, name, dcp_dir)
-            for hub, tensor in adapter.to_hf({name: value.to(out_dtype(name))}).items():
+        for group in groups_wanted:
+            for key in group:
+                check_finite(state[key], key, dcp_dir)
+            converted = adapter.to_hf({k: state[k].to(out_dtype(k)) for k in group})
+            for hub, tensor in converted.items():
                 if hub in wanted:
                     out[hub] = tensor.contiguous()
         return out
@@ -110,6 +125,48 @@ def dcp_to_hf(
         progress=progress,
         assets_dir=assets_dir,
     )
+
+
+def _as_stored(
+    meta_state: dict[str, torch.Tensor], adapter, found: dict[str, tuple]
+) -> dict[str, torch.Tensor]:
+    """The model's (meta) state dict as the checkpoint stores it: a checkpoint
+    written before the Mamba2 parts were split (``mixer.in_proj.weight``,
+    ``mixer.conv1d.weight``/``bias``) holds each packed tensor under its hub-style
+    name in place of the parts; it converts the same."""
+    state = dict(meta_state)
+    for hub, packed in adapter.to_hf(
+        {n: t for n, t in meta_state.items() if packed_part(n) is not None}
+    ).items():
+        parts = packed_parts(hub)
+        legacy = hub.removeprefix(HUB_PREFIX)  # layers.{i}.mixer.in_proj.weight
+        if legacy in found and not any(p in found for p in parts):
+            for p in parts:
+                del state[p]
+            state[legacy] = packed
+    return state
+
+
+_LEGACY_PACKED = re.compile(r"^layers\.\d+\.mixer\.(in_proj|conv1d)\.(weight|bias)$")
+
+
+def check_dcp_layout(dcp_dir: str | os.PathLike) -> None:
+    """Raise ``ValueError`` (one line) for a DCP checkpoint written before the
+    Mamba2 ``in_proj`` / ``conv1d`` were split per part (z, x, B, C, dt) for
+    tensor parallelism: DCP alone would fail on the first missing part. Such a
+    checkpoint converts through the hub format, which has not changed."""
+    dcp_dir = os.fspath(dcp_dir)
+    names = FileSystemReader(dcp_dir).read_metadata().state_dict_metadata
+    legacy = sorted(n for n in names if _LEGACY_PACKED.match(n))
+    if legacy:
+        raise ValueError(
+            f"{dcp_dir} stores the packed Mamba2 tensors ({legacy[0]}, ... "
+            f"{len(legacy)} in all) of checkpoints written before they were split "
+            "per part; convert it: python scripts/convert_checkpoint.py dcp-to-hf "
+            f"{dcp_dir} OUT_HF --flavor FLAVOR, then load OUT_HF with "
+            "checkpoint.initial_load_in_hf, or write a new DCP checkpoint with "
+            "python scripts/convert_checkpoint.py hf-to-dcp OUT_HF OUT_DCP"
+        )
 
 
 def hf_to_dcp(
@@ -149,4 +206,10 @@ def add_hf_config(
     return write_hf_config(hf_dir, args, dtype or stored["lm_head.weight"].dtype)
 
 
-__all__ = ["CheckpointMismatchError", "add_hf_config", "dcp_to_hf", "hf_to_dcp"]
+__all__ = [
+    "CheckpointMismatchError",
+    "add_hf_config",
+    "check_dcp_layout",
+    "dcp_to_hf",
+    "hf_to_dcp",
+]

@@ -22,7 +22,7 @@ from .config import args_from_hf_config, hf_config_from_args, load_hf_config
 from .errors import CheckpointMismatchError, listing
 from .files import check_finite, open_safetensors, read_stored, scan_checkpoint
 from .hub import MODEL_FILES, local_dir
-from .naming import keep_fp32
+from .naming import keep_fp32, ours_to_hub, packed_part, packed_parts
 from .state_dict_adapter import NemotronHStateDictAdapter
 from .writer import DEFAULT_MAX_SHARD_SIZE, write_hf_checkpoint
 
@@ -112,8 +112,10 @@ def from_pretrained(
         for module in model.modules():
             if isinstance(module, Module):
                 module._init_self_buffers()
-        # Views into the parameters: reading into them loads the model in place.
-        targets = adapter.to_hf(model.state_dict())
+        # Views into the parameters: reading into them loads the model in place
+        # (except the packed Mamba2 tensors, copies split back below).
+        state = model.state_dict()
+        targets = adapter.to_hf(state)
         by_file = defaultdict(list)
         for name, entry in stored.items():
             by_file[entry.file].append(name)
@@ -133,6 +135,9 @@ def from_pretrained(
                         bar.update(1)
         if bar is not None:
             bar.close()
+        packed = {n: t for n, t in targets.items() if packed_parts(n) is not None}
+        for name, value in adapter.from_hf(packed).items():
+            state[name].copy_(value)
     model.eval()
     return model
 
@@ -174,16 +179,22 @@ def save_pretrained(
             return torch.float32
         return dtype if dtype is not None and value.is_floating_point() else value.dtype
 
+    # Hub tensor → the keys of ours it is made of (several for a packed one).
+    owners = defaultdict(list)
+    for key in state_dict:
+        part = packed_part(key)
+        owners[part[0] if part else ours_to_hub(key)].append(key)
     owner, hub_meta = {}, {}
-    for key, value in state_dict.items():
-        for hub, t in adapter.to_hf({key: value.to("meta")}).items():
-            owner[hub] = key
+    for keys in dict.fromkeys(tuple(k) for k in owners.values()):
+        meta = {key: state_dict[key].to("meta") for key in keys}
+        for hub, t in adapter.to_hf(meta).items():
+            owner[hub] = keys
             hub_meta[hub] = torch.empty(t.shape, dtype=out_dtype(hub, t), device="meta")
 
     def fetch(names: list[str]) -> dict[str, torch.Tensor]:
         wanted, out = set(names), {}
-        for key in dict.fromkeys(owner[n] for n in names):
-            for hub, value in adapter.to_hf({key: state_dict[key]}).items():
+        for keys in dict.fromkeys(owner[n] for n in names):
+            for hub, value in adapter.to_hf({k: state_dict[k] for k in keys}).items():
                 if hub in wanted:
                     value = value.detach().to("cpu", out_dtype(hub, value))
                     out[hub] = value.contiguous()

@@ -8,6 +8,11 @@ Inside a layer the mixer's own names are the hub's already, except the MoE route
 (``router.gate`` ↔ ``gate``), the correction bias (``expert_bias_E`` ↔
 ``gate.e_score_correction_bias``) and the 3-D expert weights.
 
+The Mamba2 mixer holds the hub's packed ``in_proj`` (rows z | x | B | C | dt) and
+``conv1d`` (channels x | B | C) as one tensor per part (``in_proj.z.weight``, ...,
+``conv1d.x.weight``, ...), so tensor parallelism can shard each part by head:
+``PACKED`` names the parts of each packed hub tensor, in order.
+
 Other spellings seen on disk, accepted when reading: transformers' in-memory names
 (``model.`` prefix) written by ``save_pretrained(save_original_format=False)``, with
 3-D experts ``model.layers.{i}.mixer.experts.up_proj`` [E, F, D].
@@ -30,6 +35,19 @@ _MIXER_RENAMES = {
     "expert_bias_E": "gate.e_score_correction_bias",
 }
 _MIXER_RENAMES_FROM_HUB = {v: k for k, v in _MIXER_RENAMES.items()}
+
+# inside ``layers.{i}.mixer.``: hub packed tensor → our parts, in packing order
+PACKED = {
+    f"{module}.{kind}": tuple(f"{module}.{part}.{kind}" for part in parts)
+    for module, parts in (
+        ("in_proj", ("z", "x", "B", "C", "dt")),
+        ("conv1d", ("x", "B", "C")),
+    )
+    for kind in ("weight", "bias")
+}
+_PACKED_FROM_PART = {
+    part: packed for packed, parts in PACKED.items() for part in parts
+}
 
 # our 3-D expert weight → the per-expert hub matrix it holds
 EXPERT_WEIGHTS = {
@@ -62,6 +80,31 @@ def is_expert_weight(ours: str) -> bool:
     return ours.rsplit(".mixer.", 1)[-1] in EXPERT_WEIGHTS
 
 
+def packed_part(ours: str) -> tuple[str, str] | None:
+    """(hub name of the packed tensor, our mixer-relative part name) if ``ours``
+    is one part of a packed Mamba2 tensor, else None."""
+    match = _OURS_LAYER.match(ours)
+    if match is None:
+        return None
+    layer, rest = match.groups()
+    inner = rest.removeprefix("mixer.")
+    if inner == rest or inner not in _PACKED_FROM_PART:
+        return None
+    return f"{HUB_PREFIX}layers.{layer}.mixer.{_PACKED_FROM_PART[inner]}", inner
+
+
+def packed_parts(hub: str) -> list[str] | None:
+    """Our names of the parts of a packed hub tensor, in order; None otherwise."""
+    match = _HUB_LAYER.match(hub)
+    if match is None:
+        return None
+    layer, rest = match.groups()
+    parts = PACKED.get(rest.removeprefix("mixer."))
+    if parts is None or not rest.startswith("mixer."):
+        return None
+    return [f"layers.{layer}.mixer.{part}" for part in parts]
+
+
 def keep_fp32(name: str) -> bool:
     """True for the router tensors, which stay fp32 whatever the checkpoint dtype
     (our names or the hub's)."""
@@ -79,7 +122,9 @@ def ours_to_hub(ours: str) -> str:
     layer, rest = match.groups()
     if rest.startswith("mixer."):
         inner = rest.removeprefix("mixer.")
-        if inner in EXPERT_WEIGHTS:
+        if inner in _PACKED_FROM_PART:
+            rest = "mixer." + _PACKED_FROM_PART[inner]
+        elif inner in EXPERT_WEIGHTS:
             rest = f"mixer.experts.{{expert}}.{EXPERT_WEIGHTS[inner]}.weight"
         else:
             rest = "mixer." + _MIXER_RENAMES.get(inner, inner)

@@ -16,7 +16,8 @@ TorchTitan calls it in three places (components/checkpointer/dcp.py):
 
 The live state dict is FSDP-sharded: every tensor may be a DTensor. Renames pass
 DTensors through untouched; 3-D expert weights are split per expert without
-communication (``experts.py``). The trainer loads with ``strict=False``, so
+communication (``experts.py``); the Mamba2 parts are joined into the hub's packed
+``in_proj`` / ``conv1d`` tensors and split back (``packed.py``). The trainer loads with ``strict=False``, so
 completeness is enforced here: an unmappable name or a missing expert raises.
 """
 
@@ -33,8 +34,15 @@ from .naming import (
     is_expert_weight,
     keep_fp32,
     ours_to_hub,
+    packed_part,
+    packed_parts,
 )
+from .packed import pack, PartLayout, unpack
 from .storage import NemotronHStorageReader
+
+# LoRA (torchtitan_nemotron3/lora): merged on export, ignored on load.
+from ..lora.converter import lora_scalings
+from ..lora.merge import merge_lora
 
 
 class NemotronHStateDictAdapter(StateDictAdapter):
@@ -49,11 +57,15 @@ class NemotronHStateDictAdapter(StateDictAdapter):
 
     def __init__(self, model_config, hf_assets_path: str | None):
         super().__init__(model_config, hf_assets_path)
+        # LoRA: {adapted module: alpha/rank}, empty without LoRA (lora/merge.py).
+        self._lora_scalings = lora_scalings(model_config)
         moe_layers = [layer for layer in model_config.layers if layer.layer_type == "E"]
         self.num_experts = moe_layers[0].mixer.num_experts if moe_layers else 0
         # Layout of each sharded 3-D expert weight seen by to_hf, by our name: from_hf
         # rebuilds the same DTensors after DCP has loaded the pieces.
         self._expert_layouts: dict[str, ExpertLayout] = {}
+        # Likewise the layouts of the Mamba2 parts of each packed hub tensor.
+        self._part_layouts: dict[str, list[PartLayout | None]] = {}
         if self.fqn_to_index_mapping:
             self.fqn_to_index_mapping = self._hub_index(self.fqn_to_index_mapping)
 
@@ -69,10 +81,22 @@ class NemotronHStateDictAdapter(StateDictAdapter):
 
     def to_hf(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Our names → hub names; 3-D experts → this rank's per-expert tensors
-        (views, so DCP can load into them); the router (gate weight, correction
-        bias) → fp32, as transformers writes it."""
+        (views, so DCP can load into them); the Mamba2 parts → the packed hub
+        tensor (a full, plain copy: ``from_hf`` splits what DCP loads into it);
+        the router (gate weight, correction bias) → fp32, as transformers writes it.
+        Raises ``ValueError`` naming the packed tensor when some of its parts are
+        missing from ``state_dict``."""
+        # LoRA: fold adapters into their base weights (W + alpha/r·B·A) and drop
+        # them (no hub name), so exports are merged and an initial load leaves
+        # the adapters at their init (lora/merge.py).
+        state_dict = merge_lora(state_dict, self._lora_scalings)
         hf_state_dict = {}
+        packed: dict[str, dict[str, torch.Tensor]] = {}
         for name, value in state_dict.items():
+            part = packed_part(name)
+            if part is not None:
+                packed.setdefault(part[0], {})[name] = value
+                continue
             hub = ours_to_hub(name)
             if is_expert_weight(name):
                 pieces, layout = split_experts(value)
@@ -84,16 +108,43 @@ class NemotronHStateDictAdapter(StateDictAdapter):
                 if keep_fp32(name) and value.dtype != torch.float32:
                     value = value.float()
                 hf_state_dict[hub] = value
+        for hub, parts in packed.items():
+            names = packed_parts(hub)
+            missing = [n for n in names if n not in parts]
+            if missing:
+                raise ValueError(
+                    f"{hub} packs {names}; the state dict lacks {missing}"
+                )
+            hf_state_dict[hub], layouts = pack([parts[n] for n in names])
+            if any(layout is not None for layout in layouts):
+                self._part_layouts[hub] = layouts
         return hf_state_dict
 
+    def _part_sizes(self, names: list[str]) -> list[int]:
+        """Rows of each Mamba2 part, from the model config."""
+        sizes = []
+        for name in names:
+            _, layer, _, module, part, _ = name.split(".")
+            cfg = getattr(getattr(self.model_config.layers[int(layer)].mixer, module), part)
+            sizes.append(cfg.out_features if module == "in_proj" else cfg.in_channels)
+        return sizes
+
     def from_hf(self, hf_state_dict: dict[str, Any]) -> dict[str, Any]:
-        """Hub names → ours; per-expert tensors are stacked back (into the DTensor
-        layout ``to_hf`` recorded, if any). Raises ``ValueError`` naming the layer and
-        expert indices when experts are missing, ``KeyError`` for a name that is not
+        """Hub names → ours; per-expert tensors are stacked back and packed Mamba2
+        tensors split into their parts (into the DTensor layouts ``to_hf``
+        recorded, if any). Raises ``ValueError`` naming the layer and expert
+        indices when experts are missing, ``KeyError`` for a name that is not
         NemotronH's."""
         state_dict = {}
         experts: dict[str, dict[int, torch.Tensor]] = {}
         for hub, value in hf_state_dict.items():
+            names = packed_parts(hub)
+            if names is not None:
+                parts = unpack(
+                    value, self._part_sizes(names), self._part_layouts.get(hub), hub
+                )
+                state_dict.update(zip(names, parts, strict=True))
+                continue
             name, expert = hub_to_ours(hub)
             if expert is None:
                 state_dict[name] = value

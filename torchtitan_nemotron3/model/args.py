@@ -9,7 +9,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .pattern import ATTENTION, MAMBA, MLP, MOE, parse_hybrid_pattern
+from .pattern import ATTENTION, MAMBA, MLP, MOE, parse_hybrid_pattern, pipeline_segments
 
 
 @dataclass(kw_only=True)
@@ -59,11 +59,19 @@ class NemotronHArgs:
     # fields of larger Nemotron-3 models that are not implemented here
     moe_latent_size: int | None = None
     num_nextn_predict_layers: int = 0
+    # Layers per pipeline stage, from the ``|`` of a Megatron pattern (which
+    # ``hybrid_override_pattern`` itself drops); ours only, not in config.json.
+    pipeline_segments: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        raw_pattern = self.hybrid_override_pattern
         self.hybrid_override_pattern = parse_hybrid_pattern(
-            self.hybrid_override_pattern, self.num_hidden_layers
+            raw_pattern, self.num_hidden_layers
         )
+        if self.pipeline_segments is None:
+            self.pipeline_segments = pipeline_segments(raw_pattern)
+        else:
+            self.pipeline_segments = tuple(int(n) for n in self.pipeline_segments)
         self.num_hidden_layers = len(self.hybrid_override_pattern)
         self.time_step_limit = tuple(float(v) for v in self.time_step_limit)
         self.validate()
@@ -73,6 +81,9 @@ class NemotronHArgs:
         return self.mamba_num_heads * self.mamba_head_dim
 
     def replace(self, **changes) -> "NemotronHArgs":
+        # A new pattern brings its own stage boundaries (or none).
+        if "hybrid_override_pattern" in changes:
+            changes.setdefault("pipeline_segments", None)
         return dataclasses.replace(self, **changes)
 
     def validate(self) -> None:
@@ -103,6 +114,15 @@ class NemotronHArgs:
         lo, hi = self.time_step_limit
         if not 0.0 <= lo < hi:
             raise bad("time_step_limit", "needs 0 <= low < high")
+        segments = self.pipeline_segments
+        if segments is not None and (
+            any(n < 0 for n in segments) or sum(segments) != self.num_hidden_layers
+        ):
+            raise bad(
+                "pipeline_segments",
+                f"needs non-negative layer counts summing to the "
+                f"{self.num_hidden_layers} layers of the pattern",
+            )
 
         kinds = set(self.hybrid_override_pattern)
         if ATTENTION in kinds:

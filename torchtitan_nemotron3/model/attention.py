@@ -1,6 +1,6 @@
 """NemotronH's attention (``*`` layers): causal GQA with no positional encoding."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,43 @@ def document_causal_mask(seq_idx_BL: torch.Tensor) -> torch.Tensor:
     return (same_doc_BLL & causal_LL)[:, None]
 
 
+class DocumentCausalSDPA(Module):
+    """SDPA over ``(batch, seq, heads, head_dim)`` with the causal (and document)
+    mask. A module of its own so tensor parallelism can run it under ``local_map``
+    on this rank's heads (TorchTitan's inner-attention pattern); the document
+    index is keyword-only: a plain, replicated full-length tensor, or None."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Module.Config):
+        pass
+
+    def __init__(self, config: Config):
+        super().__init__()
+
+    def forward(
+        self,
+        q_BLHP: torch.Tensor,
+        k_BLHP: torch.Tensor,
+        v_BLHP: torch.Tensor,
+        *,
+        seq_idx_BL: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        q_BHLP, k_BHLP, v_BHLP = (t.transpose(1, 2) for t in (q_BLHP, k_BLHP, v_BLHP))
+        if seq_idx_BL is None:
+            out_BHLP = F.scaled_dot_product_attention(
+                q_BHLP, k_BHLP, v_BHLP, is_causal=True, enable_gqa=True
+            )
+        else:
+            out_BHLP = F.scaled_dot_product_attention(
+                q_BHLP,
+                k_BHLP,
+                v_BHLP,
+                attn_mask=document_causal_mask(seq_idx_BL),
+                enable_gqa=True,
+            )
+        return out_BHLP.transpose(1, 2)
+
+
 class Attention(Module):
     """Grouped-query attention through SDPA. There is no RoPE: the Mamba2 layers
     carry order, so attention sees only content (and the causal/document mask)."""
@@ -30,6 +67,9 @@ class Attention(Module):
         k_proj: Linear.Config
         v_proj: Linear.Config
         o_proj: Linear.Config
+        inner_attention: DocumentCausalSDPA.Config = field(
+            default_factory=DocumentCausalSDPA.Config
+        )
 
     def __init__(self, config: Config):
         super().__init__()
@@ -40,24 +80,15 @@ class Attention(Module):
         self.k_proj = config.k_proj.build()
         self.v_proj = config.v_proj.build()
         self.o_proj = config.o_proj.build()
+        self.inner_attention = config.inner_attention.build()
 
     def forward(
         self, x_BLD: torch.Tensor, seq_idx_BL: torch.Tensor | None = None
     ) -> torch.Tensor:
         Bsz, L, _ = x_BLD.shape
-        q_BHLP = self.q_proj(x_BLD).view(Bsz, L, -1, self.head_dim).transpose(1, 2)
-        k_BHLP = self.k_proj(x_BLD).view(Bsz, L, -1, self.head_dim).transpose(1, 2)
-        v_BHLP = self.v_proj(x_BLD).view(Bsz, L, -1, self.head_dim).transpose(1, 2)
-        if seq_idx_BL is None:
-            out_BHLP = F.scaled_dot_product_attention(
-                q_BHLP, k_BHLP, v_BHLP, is_causal=True, enable_gqa=True
-            )
-        else:
-            out_BHLP = F.scaled_dot_product_attention(
-                q_BHLP,
-                k_BHLP,
-                v_BHLP,
-                attn_mask=document_causal_mask(seq_idx_BL),
-                enable_gqa=True,
-            )
-        return self.o_proj(out_BHLP.transpose(1, 2).reshape(Bsz, L, -1))
+        # -1: all heads, or this rank's under TP (heads sharded, Shard(2)).
+        q_BLHP = self.q_proj(x_BLD).view(Bsz, L, -1, self.head_dim)
+        k_BLHP = self.k_proj(x_BLD).view(Bsz, L, -1, self.head_dim)
+        v_BLHP = self.v_proj(x_BLD).view(Bsz, L, -1, self.head_dim)
+        out_BLHP = self.inner_attention(q_BLHP, k_BLHP, v_BLHP, seq_idx_BL=seq_idx_BL)
+        return self.o_proj(out_BLHP.reshape(Bsz, L, -1))

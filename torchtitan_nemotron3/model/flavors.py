@@ -22,7 +22,7 @@ from torchtitan.models.common.config_utils import make_token_dispatcher_config
 
 from .args import NemotronHArgs
 from .attention import Attention
-from .mamba2 import GatedGroupRMSNorm, Mamba2Mixer
+from .mamba2 import GatedGroupRMSNorm, Mamba2Conv, Mamba2InProj, Mamba2Mixer
 from .mlp import ReluSquaredMLP
 from .model import NemotronHBlock, NemotronHModel
 from .moe import NemotronHMoE, ReluSquaredGroupedExperts
@@ -48,27 +48,36 @@ def _linear(
 
 
 def _mamba(args: NemotronHArgs, std: float, out_std: float, kernel_backend: str):
-    d_inner, GN = args.mamba_d_inner, args.n_groups * args.ssm_state_size
-    conv_dim = d_inner + 2 * GN
+    D, I, H = args.hidden_size, args.mamba_d_inner, args.mamba_num_heads
+    GN = args.n_groups * args.ssm_state_size
+
+    def proj(width: int) -> Linear.Config:
+        return _linear(D, width, std, args.use_bias)
+
+    def conv(channels: int) -> Conv1d.Config:
+        return Conv1d.Config(
+            in_channels=channels,
+            out_channels=channels,
+            kernel_size=args.conv_kernel,
+            groups=channels,
+            bias=args.use_conv_bias,
+        )
+
     return Mamba2Mixer.Config(
-        num_heads=args.mamba_num_heads,
+        num_heads=H,
         head_dim=args.mamba_head_dim,
         state_size=args.ssm_state_size,
         n_groups=args.n_groups,
-        in_proj=_linear(
-            args.hidden_size, d_inner + conv_dim + args.mamba_num_heads, std, args.use_bias
+        # The hub's packed in_proj (z | x | B | C | dt) and conv (x | B | C), one
+        # config per part so tensor parallelism shards each part by head.
+        in_proj=Mamba2InProj.Config(
+            z=proj(I), x=proj(I), B=proj(GN), C=proj(GN), dt=proj(H)
         ),
-        conv1d=Conv1d.Config(
-            in_channels=conv_dim,
-            out_channels=conv_dim,
-            kernel_size=args.conv_kernel,
-            groups=conv_dim,
-            bias=args.use_conv_bias,
-        ),
+        conv1d=Mamba2Conv.Config(x=conv(I), B=conv(GN), C=conv(GN)),
         norm=GatedGroupRMSNorm.Config(
-            dim=d_inner, n_groups=args.n_groups, eps=args.layer_norm_epsilon
+            dim=I, n_groups=args.n_groups, eps=args.layer_norm_epsilon
         ),
-        out_proj=_linear(d_inner, args.hidden_size, out_std, args.use_bias),
+        out_proj=_linear(I, D, out_std, args.use_bias),
         chunk_size=args.chunk_size,
         time_step_limit=args.time_step_limit,
         time_step_min=args.time_step_min,
@@ -169,6 +178,7 @@ def build_model_config(
         ],
         norm=norm(D),
         lm_head=_linear(D, args.vocab_size, std),
+        pipeline_segments=args.pipeline_segments,
     )
 
 

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from torchtitan.models.common.linear import Linear
 from torchtitan.models.common.nn_modules import Conv1d
@@ -45,6 +47,134 @@ class GatedGroupRMSNorm(Module):
         nn.init.ones_(self.weight)
 
 
+def _local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """This rank's shard of a tensor-parallel parameter (the tensor itself when
+    unsharded): the mixer's core runs on local heads only."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class Mamba2InProj(Module):
+    """The input projection to ``z | x | B | C | dt``, held as five weights.
+
+    The hub stores it as one packed matrix; colwise-sharding that as one block
+    would hand each TP rank whole parts (rank 0 all of z, ...) instead of its
+    own heads' rows of every part. Five weights shard each part by head (Megatron's
+    layout) and still run as one GEMM: the output packs this rank's parts,
+    ``[z | x | B | C | dt]`` of its own heads and groups, which only the mixer
+    reads (under TP its global column order is rank-major).
+    """
+
+    PARTS = ("z", "x", "B", "C", "dt")
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Module.Config):
+        z: Linear.Config
+        x: Linear.Config
+        B: Linear.Config
+        C: Linear.Config
+        dt: Linear.Config
+
+        @property
+        def in_features(self) -> int:
+            return self.z.in_features
+
+        @property
+        def out_features(self) -> int:
+            return sum(getattr(self, p).out_features for p in Mamba2InProj.PARTS)
+
+        @property
+        def bias(self) -> bool:
+            return self.z.bias
+
+    def __init__(self, config: Config):
+        super().__init__()
+        for part in self.PARTS:
+            setattr(self, part, getattr(config, part).build())
+
+    def _parts(self) -> list[Linear]:
+        return [getattr(self, part) for part in self.PARTS]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The packed weight, rows ``z | x | B | C | dt`` (the hub's layout; this
+        rank's rows of each part under TP)."""
+        return torch.cat([_local(p.weight) for p in self._parts()])
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        if self.z.bias is None:
+            return None
+        return torch.cat([_local(p.bias) for p in self._parts()])
+
+    def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
+        """``[z | x | B | C | dt]`` of this rank's heads (all heads unsharded)."""
+        out_BLZ = F.linear(x_BLD, self.weight, self.bias)
+        # LoRA (torchtitan_nemotron3/lora): the packed GEMM reads only the parts'
+        # base weights, so each adapted part adds alpha/r · B(A x) to its columns.
+        parts = self._parts()
+        if not any(hasattr(p, "lora_a") for p in parts):
+            return out_BLZ
+        deltas = [
+            p._lora_scaling
+            * F.linear(F.linear(x_BLD, _local(p.lora_a.weight)), _local(p.lora_b.weight))
+            if hasattr(p, "lora_a")
+            else out_BLZ.new_zeros(*out_BLZ.shape[:-1], _local(p.weight).shape[0])
+            for p in parts
+        ]
+        return out_BLZ + torch.cat(deltas, dim=-1)
+
+
+class Mamba2Conv(Module):
+    """The depthwise causal conv over ``x | B | C``, held as three convs.
+
+    Split for the same reason as ``Mamba2InProj`` (channels shard by head and
+    group); the ops run one depthwise conv over the concatenation.
+    """
+
+    PARTS = ("x", "B", "C")
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Module.Config):
+        x: Conv1d.Config
+        B: Conv1d.Config
+        C: Conv1d.Config
+
+        @property
+        def in_channels(self) -> int:
+            return sum(getattr(self, p).in_channels for p in Mamba2Conv.PARTS)
+
+        @property
+        def out_channels(self) -> int:
+            return self.in_channels
+
+        @property
+        def kernel_size(self) -> int:
+            return self.x.kernel_size
+
+        @property
+        def bias(self) -> bool:
+            return self.x.bias
+
+    def __init__(self, config: Config):
+        super().__init__()
+        for part in self.PARTS:
+            setattr(self, part, getattr(config, part).build())
+
+    def _parts(self) -> list[nn.Module]:
+        return [getattr(self, part) for part in self.PARTS]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The packed ``[X, 1, K]`` weight (this rank's channels under TP)."""
+        return torch.cat([_local(p.weight) for p in self._parts()])
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        if self.x.bias is None:
+            return None
+        return torch.cat([_local(p.bias) for p in self._parts()])
+
+
 class Mamba2Mixer(Module):
     """in_proj → (z | xBC | dt); xBC → causal conv + silu → (x | B | C); SSD scan with
     ``D`` skip; gated group RMSNorm with z; out_proj.
@@ -52,6 +182,11 @@ class Mamba2Mixer(Module):
     ``A_log``, ``D`` and ``dt_bias`` are per-head parameters owned here, the norm's
     weight by ``norm``; the conv, the scan and the gated norm are the ``ops``
     package's (torch or GPU kernels, by ``kernel_backend``).
+
+    Under tensor parallelism (``tensor_parallel.py``) every per-head and per-group
+    tensor is sharded by head, so the core (conv, scan, gated norm) runs on this
+    rank's heads and groups as plain local tensors; the sizes below are then read
+    off the local tensors, never assumed global. ``out_proj`` sums the ranks.
     """
 
     @dataclass(kw_only=True, slots=True)
@@ -60,9 +195,9 @@ class Mamba2Mixer(Module):
         head_dim: int
         state_size: int
         n_groups: int
-        in_proj: Linear.Config
+        in_proj: Mamba2InProj.Config
         out_proj: Linear.Config
-        conv1d: Conv1d.Config
+        conv1d: Mamba2Conv.Config
         norm: GatedGroupRMSNorm.Config
         chunk_size: int = 128
         time_step_limit: tuple[float, float] = (0.0, float("inf"))
@@ -107,35 +242,53 @@ class Mamba2Mixer(Module):
     def forward(
         self, x_BLD: torch.Tensor, seq_idx_BL: torch.Tensor | None = None
     ) -> torch.Tensor:
-        Bsz, L, _ = x_BLD.shape
-        GN = self.n_groups * self.state_size
-        z_BLI, xBC_BLX, dt_BLH = self.in_proj(x_BLD).split(
-            [self.d_inner, self.d_inner + 2 * GN, self.num_heads], dim=-1
-        )
+        zxBCdt_BLZ = self.in_proj(x_BLD)
+        if isinstance(zxBCdt_BLZ, DTensor):
+            # TP: this rank's heads, columns sharded (Shard(-1)); y keeps that layout.
+            y_BLI = DTensor.from_local(
+                self._core(zxBCdt_BLZ.to_local(), seq_idx_BL),
+                zxBCdt_BLZ.device_mesh,
+                zxBCdt_BLZ.placements,
+                run_check=False,
+            )
+        else:
+            y_BLI = self._core(zxBCdt_BLZ, seq_idx_BL)
+        return self.out_proj(y_BLI.to(x_BLD.dtype))
+
+    def _core(
+        self, zxBCdt_BLZ: torch.Tensor, seq_idx_BL: torch.Tensor | None
+    ) -> torch.Tensor:
+        """conv + scan + gated norm on local tensors: the heads (H) and groups (G)
+        of this rank, or all of them unsharded."""
+        A_log_H = _local(self.A_log)
+        H, P, N = A_log_H.numel(), self.head_dim, self.state_size
+        G = self.n_groups * H // self.num_heads
+        I, GN = H * P, G * N
+        z_BLI, xBC_BLX, dt_BLH = zxBCdt_BLZ.split([I, I + 2 * GN, H], dim=-1)
         xBC_BLX = self.ops.conv(
             xBC_BLX, self.conv1d.weight[:, 0, :], self.conv1d.bias, seq_idx_BL
         )
-        x_BLI, B_BLG, C_BLG = xBC_BLX.split([self.d_inner, GN, GN], dim=-1)
+        x_BLI, B_BLG, C_BLG = xBC_BLX.split([I, GN, GN], dim=-1)
         y_BLHP = self.ops.scan(
-            x_BLI.unflatten(-1, (self.num_heads, self.head_dim)),
+            x_BLI.unflatten(-1, (H, P)),
             dt_BLH,
-            -torch.exp(self.A_log.float()),
-            B_BLG.unflatten(-1, (self.n_groups, self.state_size)),
-            C_BLG.unflatten(-1, (self.n_groups, self.state_size)),
-            D_H=self.D,
-            dt_bias_H=self.dt_bias,
+            -torch.exp(A_log_H.float()),
+            B_BLG.unflatten(-1, (G, N)),
+            C_BLG.unflatten(-1, (G, N)),
+            D_H=_local(self.D),
+            dt_bias_H=_local(self.dt_bias),
             dt_limit=self.time_step_limit,
             chunk_size=self.chunk_size,
             seq_idx_BL=seq_idx_BL,
         )
-        y_BLI = self.ops.gated_norm(
+        # Groups never straddle ranks (n_groups % tp == 0): the norm stays local.
+        return self.ops.gated_norm(
             y_BLHP.flatten(-2),
             z_BLI,
-            self.norm.weight,
+            _local(self.norm.weight),
             eps=self.norm.eps,
-            n_groups=self.norm.n_groups,
+            n_groups=G,
         )
-        return self.out_proj(y_BLI.to(x_BLD.dtype))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

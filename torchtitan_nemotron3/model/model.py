@@ -78,6 +78,8 @@ class NemotronHModel(BaseModel):
         layers: list  # list[NemotronHBlock.Config], one per pattern symbol
         norm: RMSNorm.Config
         lm_head: Linear.Config
+        # Layers per pipeline stage from a Megatron ``|`` pattern (``pipeline.py``).
+        pipeline_segments: tuple[int, ...] | None = None
 
         @property
         def hybrid_override_pattern(self) -> str:
@@ -87,10 +89,10 @@ class NemotronHModel(BaseModel):
             """TorchTitan's hook before building: refuse layouts NemotronH cannot
             run, declare every module's sharding for the layout asked for, size the
             EP dispatchers, and pass the debug load-balance override to the routers."""
-            from ..sharding import check_parallelism, set_sharding_config
-
-            check_parallelism(config.parallelism, self)
-            set_sharding_config(self, config.parallelism)
+            # The layout code (``sharding.py``) sits above the model and registers
+            # itself here, so the model imports nothing that imports it.
+            if NemotronHModel.layout_hook is not None:
+                NemotronHModel.layout_hook(self, config.parallelism)
             # TorchTitan's helper walks ``layers[i].moe``; ours hold ``mixer``.
             moe_view = SimpleNamespace(
                 dim=self.dim,
@@ -113,6 +115,8 @@ class NemotronHModel(BaseModel):
 
             return nparams_and_flops(self, model, seq_len)
 
+    # ``sharding.apply_layout``: checks and declares the parallel layout (set on import).
+    layout_hook = None
     # Set by the trainer when ChunkedLossWrapper applies lm_head inside the loss.
     _skip_lm_head: bool = False
     # TorchTitan's FSDP helper asks; NemotronH never ties.
@@ -131,11 +135,19 @@ class NemotronHModel(BaseModel):
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor | None = None
     ) -> torch.Tensor:
+        """``tokens`` [B, L] ids; on a pipeline stage without ``tok_embeddings``
+        (TorchTitan's split sets absent modules to None) the previous stage's
+        hidden states [B, L, D]. Every stage gets ``positions`` and rebuilds the
+        document layout from it, so packed documents stay apart on every stage."""
         seq_idx_BL = None if positions is None else seq_idx_from_positions(positions)
-        h_BLD = self.tok_embeddings(tokens)
+        if self.tok_embeddings is not None:
+            h_BLD = self.tok_embeddings(tokens)
+        else:
+            h_BLD = tokens
         for layer in self.layers.values():
             h_BLD = layer(h_BLD, seq_idx_BL)
-        h_BLD = self.norm(h_BLD)
-        if self._skip_lm_head:
+        if self.norm is not None:
+            h_BLD = self.norm(h_BLD)
+        if self.lm_head is None or self._skip_lm_head:
             return h_BLD
         return self.lm_head(h_BLD)

@@ -28,7 +28,8 @@ SYMBOL_TO_HF_BLOCK_TYPE = {
     MOE: "moe",
 }
 
-# Megatron's pipeline-stage separator carries no architecture: it is dropped.
+# Megatron's pipeline-stage separator carries no architecture: the canonical
+# pattern drops it; ``pipeline_segments`` keeps where it was.
 _PIPELINE_SEPARATOR = "|"
 # Megatron's multi-token-prediction separator: what follows it describes MTP
 # layers, which this package does not implement, so it is rejected.
@@ -84,6 +85,19 @@ def parse_hybrid_pattern(
             f"num_hidden_layers is {num_layers}"
         )
     return canonical
+
+
+def pipeline_segments(pattern: str | Sequence[str]) -> tuple[int, ...] | None:
+    """Layers per ``|``-separated segment of a Megatron pattern (``"ME|M*|E-"`` →
+    ``(2, 2, 2)``), ``None`` when it has no ``|``. Megatron's meaning: segment i is
+    pipeline (virtual) stage i; empty segments are kept (an end segment may hold
+    only the embeddings or only norm + lm_head)."""
+    if not isinstance(pattern, str) or _PIPELINE_SEPARATOR not in pattern:
+        return None
+    return tuple(
+        len(parse_hybrid_pattern(seg)) if seg else 0
+        for seg in pattern.split(_PIPELINE_SEPARATOR)
+    )
 
 
 def to_hf_block_types(pattern: str) -> list[str]:

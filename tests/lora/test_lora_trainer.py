@@ -1,0 +1,146 @@
+"""LoRA through the real trainer (run_train.sh, torchrun, 2 FSDP ranks on gloo).
+
+One run of the debug LoRA config in fp32: 4 steps, a full DCP checkpoint at step 2
+and the merged HF export (``last_save_in_hf``) at step 4. Checked: the loss falls;
+the DCP checkpoint holds the adapters; between steps 2 and 4 no base tensor moved
+(export vs checkpoint, bitwise, routing bias included); every adapted hub tensor
+moved by a matrix of rank <= r per part, i.e. the export is W + alpha/r·B·A (the
+merge itself is checked against transformers in test_lora_model.py); the export
+loads into transformers; ``scripts/lora_export.py`` turns the step-2 checkpoint into
+PEFT files and a merged directory that agree.
+"""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
+from train._harness import REPO_ROOT, run_training
+
+from torchtitan_nemotron3.config_registry import nemotron3_debug_lora
+from torchtitan_nemotron3.hf import NemotronHStateDictAdapter
+
+pytestmark = pytest.mark.integration
+
+RANK = 8
+OVERRIDES = [
+    "--training.steps", "4",
+    "--training.local_batch_size", "2",
+    "--training.seq_len", "128",
+    "--training.mixed_precision_param", "float32",
+    "--validator.no_enable",
+    "--checkpoint.interval", "2",
+    "--debug.seed", "0",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lora_run")
+    losses = run_training(
+        REPO_ROOT / "train_configs" / "debug_lora.toml", 2, OVERRIDES, tmp
+    )
+    return losses, tmp / "outputs" / "checkpoint", (tmp / "train.log").read_text()
+
+
+def _dcp_model(step_dir) -> dict[str, torch.Tensor]:
+    meta = FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+    state = {
+        k: torch.empty(m.size, dtype=m.properties.dtype)
+        for k, m in meta.items()
+        if k.split(".", 1)[0] in {"tok_embeddings", "layers", "norm", "lm_head"}
+    }
+    dcp.load(state, storage_reader=FileSystemReader(str(step_dir)), no_dist=True)
+    return state
+
+
+def test_trains_on_two_fsdp_ranks_with_only_adapters_in_optimizer(run):
+    losses, _, log = run
+    print("LoRA losses (2 FSDP ranks):", losses)
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.3, losses
+    assert "dp_shard=2" in log
+    # 64 adapted Linears in the debug model, two adapter matrices each
+    assert "Optimizer AdamW (model_part=0): 128 params" in log
+
+
+def test_dcp_checkpoint_holds_adapters_and_export_is_merged(run):
+    from transformers import NemotronHForCausalLM
+
+    _, ckpt, _ = run
+    state = _dcp_model(ckpt / "step-2")
+    lora_b = [k for k in state if k.endswith(".lora_b.weight")]
+    assert len(lora_b) == 64 and all(state[k].abs().max() > 0 for k in lora_b)
+    model_config = nemotron3_debug_lora().model_spec.model
+    base_hub = NemotronHStateDictAdapter(model_config, None).to_hf(
+        {k: v for k, v in state.items() if ".lora_" not in k}
+        | {k: torch.zeros_like(v) for k, v in state.items() if ".lora_b." in k}
+        | {k: v for k, v in state.items() if ".lora_a." in k}
+    )  # B = 0: the base weights under hub names
+    export = load_file(ckpt / "step-4" / "model-00001-of-00001.safetensors")
+    assert sorted(export) == sorted(base_hub)
+    adapted = (
+        "in_proj.weight",
+        "out_proj.weight",
+        "q_proj.weight",
+        "k_proj.weight",
+        "v_proj.weight",
+        "o_proj.weight",
+        "up_proj.weight",
+        "down_proj.weight",
+    )
+    for k, w in export.items():
+        if not k.endswith(adapted) or ".experts." in k:
+            assert torch.equal(w, base_hub[k]), f"base tensor {k} moved"
+            continue
+        d = w.double() - base_hub[k].double()
+        parts = 5 if k.endswith("in_proj.weight") else 1
+        rank = torch.linalg.matrix_rank(d, rtol=1e-5).item()
+        assert 0 < rank <= parts * RANK, (k, rank)
+    hf = NemotronHForCausalLM.from_pretrained(ckpt / "step-4", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.isfinite(hf(torch.arange(16)[None]).logits).all()
+
+
+def test_lora_export_script_peft_and_merged_agree(run, tmp_path):
+    _, ckpt, _ = run
+    script = importlib.util.spec_from_file_location(
+        "lora_export", REPO_ROOT / "scripts" / "lora_export.py"
+    )
+    lora_export = importlib.util.module_from_spec(script)
+    script.loader.exec_module(lora_export)
+    for what in ("merged", "peft"):
+        extra = ["--mamba_out_proj"] if what == "peft" else []
+        args = [what, str(ckpt / "step-2"), str(tmp_path / what)]
+        assert (
+            lora_export.main([*args, "--config", "nemotron3_debug_lora", *extra]) == 0
+        )
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    peft = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    state = _dcp_model(ckpt / "step-2")
+    base = NemotronHStateDictAdapter(
+        nemotron3_debug_lora().model_spec.model, None
+    ).to_hf(
+        {k: (torch.zeros_like(v) if ".lora_b." in k else v) for k, v in state.items()}
+    )
+    for module in cfg["target_modules"]:
+        hub = module.replace("model.", "backbone.", 1) + ".weight"
+        leaf = module.rsplit(".", 1)[-1]
+        r = cfg["rank_pattern"].get(leaf, cfg["r"])
+        alpha = cfg["alpha_pattern"].get(leaf, cfg["lora_alpha"])
+        a, b = (peft[f"base_model.model.{module}.lora_{x}.weight"] for x in "AB")
+        torch.testing.assert_close(base[hub] + alpha / r * (b @ a), merged[hub])
+
+
+def test_plain_dcp_to_hf_refuses_a_lora_checkpoint(run, tmp_path):
+    """scripts/convert_checkpoint.py dcp-to-hf builds the plain model: on a LoRA
+    checkpoint it stops naming the adapter tensors, never exports unmerged."""
+    from torchtitan_nemotron3.hf.dcp_convert import dcp_to_hf
+    from torchtitan_nemotron3.model import flavor_args
+
+    _, ckpt, _ = run
+    with pytest.raises(ValueError, match="lora_a"):
+        dcp_to_hf(ckpt / "step-2", tmp_path / "x", flavor_args("debugmodel"))

@@ -1,0 +1,122 @@
+"""Merged exports of a LoRA model: a live model, or a DCP checkpoint.
+
+TorchTitan's ``last_save_in_hf`` merges through the state dict adapter on its own.
+Our ``hf.save_pretrained`` and ``scripts/convert_checkpoint.py dcp-to-hf`` write one
+hub tensor at a time, so a base weight never meets its adapters there (they refuse a
+LoRA model rather than export it unmerged); these functions merge first:
+
+* ``merged_model(model)``: the plain NemotronH model ``W + alpha/r·B·A``, sharing
+  every tensor LoRA does not touch (no copy of the experts);
+* ``save_pretrained(model, out_dir, ...)``: ``hf.save_pretrained`` of that model;
+* ``load_lora_dcp(dcp_dir, model_config)`` / ``dcp_to_merged_hf``: a LoRA DCP
+  checkpoint (``<dump_folder>/checkpoint/step-N``) into a LoRA model on CPU (one
+  full model in memory) and out as a merged hub directory.
+"""
+
+import os
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torchtitan.protocols.module import Module
+
+from ..hf import save_pretrained as hf_save_pretrained
+from ..hf.config import args_from_model_config
+from ..model import NemotronHModel, build_model_config
+from .converter import lora_scalings
+from .merge import is_adapter_key, merge_lora
+
+
+def merged_model(model: NemotronHModel) -> NemotronHModel:
+    """The plain (no-LoRA) model whose weights are ``model``'s merged ones.
+
+    Unadapted tensors and buffers are shared with ``model``, adapted weights are
+    new tensors; same dtype and device. Raises ``ValueError`` for a sharded model."""
+    scalings = lora_scalings(model.config)
+    state = merge_lora(model.state_dict(), scalings)
+    plain_cfg = build_model_config(
+        args_from_model_config(model.config), kernel_backend=_kernel_backend(model)
+    )
+    with torch.device("meta"):
+        plain = plain_cfg.build()
+    plain.load_state_dict(state, assign=True, strict=True)
+    # Non-persistent buffers (MoE token counters) are not in the state dict.
+    for name, buf in model.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        target = plain.get_submodule(owner)
+        if target._buffers.get(leaf) is not None and target._buffers[leaf].is_meta:
+            target._buffers[leaf] = buf
+    return plain.train(model.training)
+
+
+def _kernel_backend(model: NemotronHModel) -> str:
+    for _, cfg, _, _ in model.config.traverse(Module.Config, recurse=True):
+        if hasattr(cfg, "kernel_backend"):
+            return cfg.kernel_backend
+    return "auto"
+
+
+def save_pretrained(model: NemotronHModel, out_dir, **kwargs) -> None:
+    """``torchtitan_nemotron3.save_pretrained`` of ``merged_model(model)`` (same
+    keyword arguments): a hub directory transformers and vLLM load as they are."""
+    hf_save_pretrained(merged_model(model), out_dir, **kwargs)
+
+
+def _check_stored(dcp_dir: str, names) -> None:
+    stored = FileSystemReader(dcp_dir).read_metadata().state_dict_metadata
+    missing = sorted(k for k in names if k not in stored)
+    if missing:
+        raise ValueError(
+            f"{dcp_dir} lacks {len(missing)} tensors of the LoRA model, e.g. "
+            f"{missing[:3]}: was it written by a run with this LoRA config?"
+        )
+
+
+def load_lora_dcp(
+    dcp_dir: str | os.PathLike, model_config, dtype: torch.dtype | None = None
+) -> NemotronHModel:
+    """The LoRA model (built from ``model_config``, the converted tree of the run's
+    ``model_spec.model``) holding the weights of a DCP checkpoint, on CPU in fp32
+    (one full model in memory: ~120 GB for Nano-30B; the trainer's
+    ``last_save_in_hf`` avoids this). Raises ``ValueError`` naming the tensors the
+    checkpoint lacks (a run without LoRA, or with other targets)."""
+    dcp_dir = os.fspath(dcp_dir)
+    with torch.device("meta"):
+        model = model_config.build()
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Module):
+                module._init_self_buffers()
+    state = model.state_dict()
+    _check_stored(dcp_dir, state)
+    dcp.load(state, storage_reader=FileSystemReader(dcp_dir), no_dist=True)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def load_lora_adapters(dcp_dir: str | os.PathLike, model_config) -> dict:
+    """The model's state dict with only the adapters read from a DCP checkpoint
+    (fp32, CPU); every other tensor stays on ``meta`` (shapes only). Enough for
+    ``peft.save_peft_adapters`` without loading the base."""
+    dcp_dir = os.fspath(dcp_dir)
+    with torch.device("meta"):
+        state = model_config.build().state_dict()
+    adapters = {
+        k: torch.empty(v.shape, dtype=torch.float32)
+        for k, v in state.items()
+        if is_adapter_key(k)
+    }
+    _check_stored(dcp_dir, adapters)
+    dcp.load(adapters, storage_reader=FileSystemReader(dcp_dir), no_dist=True)
+    return {**state, **adapters}
+
+
+def dcp_to_merged_hf(
+    dcp_dir, out_dir, model_config, dtype: torch.dtype | None = None, **kwargs
+) -> None:
+    """A LoRA DCP checkpoint → a merged hub directory (``save_pretrained`` kwargs:
+    ``assets_dir``, ``max_shard_size``, ...). Merges in fp32, then casts."""
+    model = load_lora_dcp(dcp_dir, model_config)
+    save_pretrained(model, out_dir, dtype=dtype, **kwargs)
