@@ -9,7 +9,7 @@ traffic per step by mesh dimension, and the time that traffic takes at an
 assumed NVLink bandwidth against the compute time at an assumed MFU. A layout
 the package applies today is *measured* (the dry run: the package's real
 ``parallelize_nemotronh`` on a meta model in a fake 8-rank world); one it refuses
-(TP before it lands) is computed *analytically* from the same formulas
+at config time is computed *analytically* from the same formulas
 (``torchtitan_nemotron3/estimate/``) and says so. Runs on a CPU in seconds.
 
 Assumptions (flags): B200 dense bf16 peak 2250 TFLOP/s; NVLink 5 gives 900 GB/s

@@ -146,14 +146,10 @@ def test_fsdp_traffic_formula_matches_the_collectives_fsdp_issues():
 @pytest.mark.parametrize(
     "argv", [["--pp", "2", "--local_batch_size", "2"], ["--tp", "2"]]
 )
-def test_layouts_the_package_accepts_run_unchanged(argv):
-    """PP and TP land in the package separately; once ``check_parallelism``
-    accepts them the dry run measures them with no change here."""
+def test_pipeline_and_tensor_parallel_layouts_are_measured(argv):
+    """The dry run measures PP and TP layouts with the package's real layout."""
     job = _job("--flavor", "debugmodel", "--ngpu", "4", "--seq_len", "64", *argv)
-    try:
-        check_parallelism(job.parallelism, job.model_spec.model, world_size=4)
-    except ValueError as e:
-        pytest.skip(f"not in the package yet: {e}")
+    check_parallelism(job.parallelism, job.model_spec.model, world_size=4)
     r = dry_run(job)
     dim = "pp" if "--pp" in argv else "tp"
     assert r.traffic.by_dim[dim] > 0

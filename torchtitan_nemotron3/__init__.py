@@ -11,6 +11,8 @@ Shape suffixes on tensor names (``x_BLD``), one meaning per letter everywhere:
     G Mamba B/C groups R heads per group     N SSM state size    I Mamba inner width (H·P)
     W one norm group of the inner width (I / G)
     X conv channels (I + 2·G·N)              K conv width
+    Z Mamba in_proj outputs (z, x, B, C, dt: 2·I + 2·G·N + H)
+    M flattened rows (B·L) where a kernel wants 2-D
     C chunks           Q chunk length
     E experts          F expert hidden width T routed token rows (tokens × top-k)
 """

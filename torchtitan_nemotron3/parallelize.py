@@ -27,11 +27,7 @@ from torchtitan.tools.logging import logger
 
 # Registers the custom ops selective AC saves (nemotron3::grouped_mm, ::mamba_ssd).
 from .ops import grouped_mm, ssd_kernel  # noqa: F401
-from .sharding import (
-    check_parallelism,
-    data_parallel_mesh,
-    expert_data_parallel_mesh,
-)
+from .sharding import data_parallel_mesh, expert_data_parallel_mesh
 
 
 class NemotronHSelectiveAC(SelectiveAC):
@@ -69,8 +65,8 @@ def parallelize_nemotronh(
     """Order matters as in TorchTitan's models: TP/EP shard the modules as their
     configs declare, AC wraps each block, compile then compiles each (wrapped)
     block, FSDP shards embeddings, each block (experts on the expert data-parallel
-    mesh), and norm+lm_head as units last. Under PP this runs once per stage."""
-    check_parallelism(parallelism)
+    mesh), and norm+lm_head as units last. Under PP this runs once per stage. The
+    layout was checked when the model config was (``sharding.apply_layout``)."""
 
     if parallel_dims.tp_enabled or parallel_dims.ep_enabled:
         model.parallelize(parallel_dims)

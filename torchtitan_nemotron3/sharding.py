@@ -73,12 +73,10 @@ def check_parallelism(
                 f"parallelism.expert_parallel_degree={ep} must divide the "
                 f"{num_experts} routed experts"
             )
-    if tp > 1:
-        raise ValueError(
-            f"parallelism.tensor_parallel_degree={tp}: tensor parallelism is not "
-            "wired for NemotronH yet; set it to 1"
-        )
     from .pipeline import check_pipeline_parallel
+    from .tensor_parallel import check_tensor_parallel
+
+    check_tensor_parallel(model_config, tp)
 
     check_pipeline_parallel(model_config, parallelism)
 
@@ -123,6 +121,9 @@ def set_sharding_config(model_config, parallelism: ParallelismConfig) -> None:
     reads; axes that are not enabled are filtered out when it runs."""
     enable_ep = parallelism.expert_parallel_degree > 1
     enable_sp = parallelism.enable_sequence_parallel
+    from .tensor_parallel import set_dense_sharding_config
+
+    set_dense_sharding_config(model_config, enable_sp=enable_sp)
     for layer in model_config.layers:
         if layer.layer_type == MOE:
             set_moe_sharding(layer.mixer, enable_ep=enable_ep, enable_sp=enable_sp)
@@ -177,7 +178,9 @@ def expert_data_parallel_mesh(parallel_dims: ParallelDims) -> DeviceMesh | None:
     replicate axis for HSDP); ``None`` without EP."""
     if not parallel_dims.ep_enabled:
         return None
-    names = ["dp_replicate", "efsdp"] if parallel_dims.dp_replicate_enabled else ["efsdp"]
+    names = (
+        ["dp_replicate", "efsdp"] if parallel_dims.dp_replicate_enabled else ["efsdp"]
+    )
     return parallel_dims.get_optional_mesh(names)
 
 

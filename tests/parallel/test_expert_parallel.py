@@ -15,39 +15,32 @@ Losses are compared with real routing; weights with TorchTitan's
 - EP resumes from its own checkpoint exactly, and its HF export (written from the
   expert-sharded layout) is bitwise the one-process export of the same weights,
   and loads into transformers;
-- a DCP checkpoint saved under FSDP=2 resumes under EP=2 and training continues
-  as the uninterrupted FSDP=2 run does (losses and weights, balanced routing).
+- checkpoints move between layouts: one saved under FSDP=2 resumes under EP=2,
+  and EP=2's resumes on 4 ranks under TP=2 × EP=2 × FSDP=2 and under
+  PP=2 × EP=2 × FSDP=2 (the data-parallel degree stays 2, so the batches are the
+  same); every leg continues as the uninterrupted FSDP=2 run does (losses and
+  weights, balanced routing). The last legs are also the composition tests:
+  EP with TP (and SP), and EP with PP, against plain FSDP.
 """
-
-import shutil
 
 import pytest
 import torch
 import transformers
-
 from hf.hf_checkpoints import read_tensors
-from torchtitan_nemotron3.hf.dcp_convert import dcp_to_hf
+from train._harness import (
+    copy_checkpoint,
+    hf_weights,
+    max_rel_diff,
+    run_training,
+    worst_weight_diff,
+    write_fp32_debug_toml,
+)
+
 from torchtitan_nemotron3.model import flavor_args
-from train._harness import run_training
 
 pytestmark = pytest.mark.integration
 
 STEPS = 6
-TOML = """\
-[job]
-config = "nemotron3_debugmodel"
-
-[training]
-local_batch_size = 4
-seq_len = 128
-mixed_precision_param = "float32"
-
-[metrics]
-log_freq = 1
-
-[debug]
-seed = 0
-"""
 CKPT = ["--checkpoint.enable", "--checkpoint.interval", "2"]
 EP2 = ["--parallelism.expert_parallel_degree", "2"]
 BALANCED = ["--debug.moe_force_load_balance"]
@@ -56,24 +49,19 @@ REL = 1e-4  # losses, max relative difference; weights, ‖Δ‖/‖W‖ per ten
 
 @pytest.fixture(scope="module")
 def toml(tmp_path_factory):
-    path = tmp_path_factory.mktemp("config") / "debug.toml"
-    path.write_text(TOML)
-    return path
+    return write_fp32_debug_toml(tmp_path_factory.mktemp("config") / "debug.toml")
 
 
-def _train(toml, tmp, name, overrides):
+def _train(toml, tmp, name, overrides, ngpu=2, log_rank="0"):
     dump = tmp / name
     losses = run_training(
-        toml, 2, [*CKPT, "--dump_folder", str(dump), *overrides], tmp / f"{name}-log"
+        toml,
+        ngpu,
+        [*CKPT, "--dump_folder", str(dump), *overrides],
+        tmp / f"{name}-log",
+        env={"LOG_RANK": log_rank},
     )
     return losses, dump
-
-
-def _resume_from(src_dump, step, dst_dump):
-    (dst_dump / "checkpoint").mkdir(parents=True)
-    shutil.copytree(
-        src_dump / "checkpoint" / f"step-{step}", dst_dump / "checkpoint" / f"step-{step}"
-    )
 
 
 @pytest.fixture(scope="module")
@@ -85,31 +73,26 @@ def runs(toml, tmp_path_factory):
     return tmp, fsdp, ep
 
 
-def _hf_weights(dump, step):
-    out = dump.parent / f"hf-{dump.name}-{step}"
-    if not out.exists():
-        dcp_to_hf(dump / "checkpoint" / f"step-{step}", out, flavor_args("debugmodel"))
-    return read_tensors(out)
+def _weights(dump, step):
+    return hf_weights(dump / "checkpoint" / f"step-{step}", flavor_args("debugmodel"))
 
 
-def _assert_close(got, ref, rel, what):
-    assert len(got) == len(ref), (what, got, ref)
-    worst = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
-    assert worst <= rel, (what, worst, got, ref)
-
-
-def _assert_weights_close(got, ref, rel):
-    assert got.keys() == ref.keys()
-    worst = max(
-        (float((got[n] - t).norm() / t.norm().clamp_min(1e-12)), n) for n, t in ref.items()
+def _assert_same_training(losses, ref_losses, weights, ref_weights):
+    loss_rel, worst = (
+        max_rel_diff(losses, ref_losses),
+        worst_weight_diff(weights, ref_weights),
     )
-    assert worst[0] <= rel, worst
+    print(
+        f"\nlosses max rel {loss_rel:.2e}; weights max ‖Δ‖/‖W‖ {worst[0]:.2e} ({worst[1]})"
+    )
+    assert loss_rel <= REL, (losses, ref_losses)
+    assert worst[0] <= REL, worst
 
 
 def test_ep_trains_like_fsdp(runs):
     tmp, (fsdp_losses, _), (ep_losses, _) = runs
     assert len(fsdp_losses) == STEPS and fsdp_losses[-1] < fsdp_losses[0] - 1.0
-    _assert_close(ep_losses, fsdp_losses, REL, "losses")
+    assert max_rel_diff(ep_losses, fsdp_losses) <= REL, (ep_losses, fsdp_losses)
     log = (tmp / "ep-log" / "train.log").read_text()
     assert "dp_shard=2, cp=1, tp=1, ep=2" in log and "EP 2" in log
 
@@ -117,7 +100,7 @@ def test_ep_trains_like_fsdp(runs):
 def test_ep_resume_is_exact_and_exports_the_one_process_bytes(toml, runs):
     tmp, _, (ep_losses, ep_dump) = runs
     resumed = tmp / "ep-resumed"
-    _resume_from(ep_dump, 4, resumed)
+    copy_checkpoint(ep_dump, 4, resumed)
     losses, _ = _train(
         toml,
         tmp,
@@ -134,7 +117,7 @@ def test_ep_resume_is_exact_and_exports_the_one_process_bytes(toml, runs):
     )
     assert losses == ep_losses[4:]
     export = resumed / "checkpoint" / f"step-{STEPS}"
-    exported, one_process = read_tensors(export), _hf_weights(ep_dump, STEPS)
+    exported, one_process = read_tensors(export), _weights(ep_dump, STEPS)
     assert exported.keys() == one_process.keys()
     for name, t in one_process.items():
         assert exported[name].dtype == t.dtype and torch.equal(exported[name], t), name
@@ -144,12 +127,58 @@ def test_ep_resume_is_exact_and_exports_the_one_process_bytes(toml, runs):
     assert not info["missing_keys"] and not info["unexpected_keys"], info
 
 
-def test_fsdp_checkpoint_resumes_under_ep_like_the_uninterrupted_run(toml, tmp_path):
+@pytest.fixture(scope="module")
+def chain(toml, tmp_path_factory):
+    """Uninterrupted FSDP=2 (balanced routing), and EP=2 resumed from its step 2."""
+    tmp = tmp_path_factory.mktemp("chain")
     steps = ["--training.steps", str(STEPS)]
-    fsdp_losses, fsdp_dump = _train(toml, tmp_path, "fsdp", [*BALANCED, *steps])
-    _resume_from(fsdp_dump, 2, tmp_path / "fsdp-to-ep")
-    losses, dump = _train(toml, tmp_path, "fsdp-to-ep", [*EP2, *BALANCED, *steps])
-    log = (tmp_path / "fsdp-to-ep-log" / "train.log").read_text()
+    fsdp = _train(toml, tmp, "fsdp", [*BALANCED, *steps])
+    copy_checkpoint(fsdp[1], 2, tmp / "fsdp-to-ep")
+    ep = _train(toml, tmp, "fsdp-to-ep", [*EP2, *BALANCED, *steps])
+    return tmp, fsdp, ep
+
+
+def test_fsdp_checkpoint_resumes_under_ep_like_the_uninterrupted_run(chain):
+    tmp, (fsdp_losses, fsdp_dump), (losses, dump) = chain
+    log = (tmp / "fsdp-to-ep-log" / "train.log").read_text()
     assert "Training starts at step 3" in log and "EP 2" in log
-    _assert_close(losses, fsdp_losses[2:], REL, "losses after the layout change")
-    _assert_weights_close(_hf_weights(dump, STEPS), _hf_weights(fsdp_dump, STEPS), REL)
+    _assert_same_training(
+        losses, fsdp_losses[2:], _weights(dump, STEPS), _weights(fsdp_dump, STEPS)
+    )
+
+
+@pytest.mark.parametrize(
+    "name,layout,mesh,log_rank",
+    [
+        ("tp2-ep2-fsdp2",
+         ["--parallelism.tensor_parallel_degree", "2",
+          "--parallelism.enable_sequence_parallel"],
+         "pp=1, dp_replicate=1, dp_shard=2, cp=1, tp=2, ep=2", "0"),
+        ("pp2-ep2-fsdp2",
+         ["--parallelism.pipeline_parallel_degree", "2"],
+         "pp=2, dp_replicate=1, dp_shard=2, cp=1, tp=1, ep=2", "2"),
+    ],
+    ids=["tp2-ep2-fsdp2", "pp2-ep2-fsdp2"],
+)  # fmt: skip
+def test_ep_checkpoint_resumes_on_4_ranks_composed_with_tp_or_pp(
+    toml, chain, name, layout, mesh, log_rank
+):
+    """The chain's last leg: EP=2's step-4 checkpoint on 4 ranks, EP composed with
+    TP+SP or with PP (FSDP=2 in both), trains steps 5-6 as FSDP=2 did. Under PP
+    the loss is logged by a last-stage rank (ranks 2-3: ``pp`` is the outermost
+    mesh dimension)."""
+    tmp, (fsdp_losses, fsdp_dump), (_, ep_dump) = chain
+    copy_checkpoint(ep_dump, 4, tmp / name)
+    losses, dump = _train(
+        toml,
+        tmp,
+        name,
+        [*EP2, *layout, *BALANCED, "--training.steps", str(STEPS)],
+        4,
+        log_rank,
+    )
+    log = (tmp / f"{name}-log" / "train.log").read_text()
+    assert "Training starts at step 5" in log and mesh in log, log[-3000:]
+    _assert_same_training(
+        losses, fsdp_losses[4:], _weights(dump, STEPS), _weights(fsdp_dump, STEPS)
+    )

@@ -7,45 +7,38 @@ layers, so both runs start from one seed checkpoint (step-0, model only).
 Batches are packed documents: ``positions`` restart inside rows, and every stage
 must get them, or documents leak into each other and the losses drift.
 
-- 1F1B (one stage per rank) and Interleaved1F1B (two per rank) train like the
-  single process: losses and final weights (HF export of the last checkpoint,
-  MoE routing bias included: the load-balancing hook sees the same counts, not
-  those of PyTorch's shape-inference pass);
-- a Megatron pattern's '|' segments are the stages, and train the same;
+- 1F1B (one stage per rank) trains like the single process: losses and final
+  weights (HF export of the last checkpoint, MoE routing bias included: the
+  load-balancing hook sees the same counts, not those of PyTorch's
+  shape-inference pass);
+- a Megatron pattern's '|' segments are the stages (two per rank, under
+  Interleaved1F1B), and train the same;
 - the non-finite guard: an inf gradient on one stage skips the step on both.
 """
 
-import math
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from train._harness import REPO_ROOT, RUN_TRAIN, run_training
+from train._harness import (
+    REPO_ROOT,
+    copy_checkpoint,
+    create_seed_checkpoint,
+    hf_weights,
+    max_rel_diff,
+    run_training,
+    worst_weight_diff,
+    write_fp32_debug_toml,
+)
 
-from torchtitan_nemotron3.hf.dcp_convert import dcp_to_hf
 from torchtitan_nemotron3.model import flavor_args
 
 STEPS = 5
 REL = 1e-4  # losses: max relative difference; weights: ‖Δ‖/‖W‖ per tensor
-TOML = """\
-[job]
-config = "nemotron3_debugmodel"
-
-[training]
-local_batch_size = 4
-seq_len = 128
-mixed_precision_param = "float32"
-
-[metrics]
-log_freq = 1
-
-[debug]
-seed = 0
-"""
+PP2 = ["--parallelism.pipeline_parallel_degree", "2"]
+INTERLEAVED = ["--parallelism.pipeline_parallel_schedule", "Interleaved1F1B"]
 
 
 def test_debug_batches_are_packed_documents():
@@ -64,49 +57,35 @@ def test_debug_batches_are_packed_documents():
 
 @pytest.fixture(scope="module")
 def toml(tmp_path_factory):
-    path = tmp_path_factory.mktemp("config") / "pp.toml"
-    path.write_text(TOML)
-    return path
+    return write_fp32_debug_toml(tmp_path_factory.mktemp("config") / "pp.toml")
 
 
 @pytest.fixture(scope="module")
 def segments_toml(tmp_path_factory):
     """The same model from a Megatron pattern with 4 '|' segments."""
-    path = tmp_path_factory.mktemp("config") / "pp_segments.toml"
-    path.write_text(TOML.replace(
-        'config = "nemotron3_debugmodel"',
-        'module = "tests.parallel.pp_segments_config"\nconfig = "nemotron3_debug_pp_segments"',
-    ))
-    return path
+    return write_fp32_debug_toml(
+        tmp_path_factory.mktemp("config") / "pp_segments.toml",
+        config="nemotron3_debug_pp_segments",
+        module="tests.parallel.pp_segments_config",
+    )
 
 
 @pytest.fixture(scope="module")
 def seed_checkpoint(toml, tmp_path_factory):
-    """One process's initial weights, as TorchTitan's seed checkpoint (step-0)."""
-    dump = tmp_path_factory.mktemp("seed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NGPU": "1", "CONFIG_FILE": str(toml)}
-    proc = subprocess.run(
-        [str(RUN_TRAIN), "--checkpoint.enable", "--checkpoint.create_seed_checkpoint",
-         "--dump_folder", str(dump)],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, timeout=300, check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    return dump / "checkpoint" / "step-0"
+    return create_seed_checkpoint(toml, tmp_path_factory.mktemp("seed") / "dump")
 
 
 def _train(toml, seed_checkpoint, tmp_path, ngpu, overrides, log_rank="0"):
-    """Train STEPS steps from the seed checkpoint; (losses, final HF weights)."""
+    """Train STEPS steps from the seed checkpoint; (losses, final HF weights, log)."""
     dump = tmp_path / "dump"
-    shutil.copytree(seed_checkpoint, dump / "checkpoint" / "step-0")
+    copy_checkpoint(seed_checkpoint.parent.parent, 0, dump)
     args = ["--training.steps", str(STEPS), "--checkpoint.enable",
             "--checkpoint.interval", str(STEPS), "--dump_folder", str(dump), *overrides]
     losses = run_training(toml, ngpu, args, tmp_path / "run", env={"LOG_RANK": log_rank})
     log = (tmp_path / "run" / "train.log").read_text()
     assert "Loading the checkpoint from" in log and "step-0" in log
-    hf = tmp_path / "hf"
-    dcp_to_hf(dump / "checkpoint" / f"step-{STEPS}", hf, flavor_args("debugmodel"))
-    return losses, load_file(hf / "model.safetensors"), log
+    weights = hf_weights(dump / "checkpoint" / f"step-{STEPS}", flavor_args("debugmodel"))
+    return losses, weights, log
 
 
 @pytest.fixture(scope="module")
@@ -117,25 +96,20 @@ def reference(toml, seed_checkpoint, tmp_path_factory):
 def _assert_same_training(got, ref):
     (losses, weights, _), (ref_losses, ref_weights, _) = got, ref
     assert len(losses) == len(ref_losses) == STEPS
-    loss_rel = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
-    assert weights.keys() == ref_weights.keys()
-    w_rel = {
-        name: ((weights[name] - w).norm() / w.norm()).item() for name, w in ref_weights.items()
-    }
-    worst = max(w_rel, key=w_rel.get)
+    loss_rel, (w_rel, worst) = max_rel_diff(losses, ref_losses), worst_weight_diff(
+        weights, ref_weights
+    )
     print(f"\nlosses {losses} vs {ref_losses}: max rel {loss_rel:.2e}; "
-          f"weights max ‖Δ‖/‖W‖ {w_rel[worst]:.2e} ({worst})")
+          f"weights max ‖Δ‖/‖W‖ {w_rel:.2e} ({worst})")
     assert loss_rel <= REL, (losses, ref_losses)
-    assert w_rel[worst] <= REL, (worst, w_rel[worst])
+    assert w_rel <= REL, (worst, w_rel)
     biases = [n for n in ref_weights if n.endswith("e_score_correction_bias")]
     assert biases and all(ref_weights[n].abs().max() > 0 for n in biases)
-    assert all(math.isfinite(x) for x in losses)
 
 
 @pytest.mark.integration
 def test_pp2_1f1b_trains_like_one_process(toml, seed_checkpoint, reference, tmp_path):
-    got = _train(toml, seed_checkpoint, tmp_path, 2,
-                 ["--parallelism.pipeline_parallel_degree", "2"], log_rank="1")
+    got = _train(toml, seed_checkpoint, tmp_path, 2, PP2, log_rank="1")
     log = got[2]
     assert "NemotronH pipeline stages (cost-balanced)" in log
     assert "Using pipeline schedule 1F1B with 4 microbatches and 2 stages" in log
@@ -143,25 +117,13 @@ def test_pp2_1f1b_trains_like_one_process(toml, seed_checkpoint, reference, tmp_
 
 
 @pytest.mark.integration
-def test_pp2_interleaved_1f1b_trains_like_one_process(toml, seed_checkpoint, reference, tmp_path):
-    got = _train(toml, seed_checkpoint, tmp_path, 2,
-                 ["--parallelism.pipeline_parallel_degree", "2",
-                  "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B"],
+def test_pp2_megatron_segments_are_the_stages(segments_toml, seed_checkpoint, reference, tmp_path):
+    """'MEM*|EM-M|EM*E|MEM-' at PP=2: four virtual stages of four layers, segment i
+    on rank i % 2, under the interleaved schedule, trains like the single process."""
+    got = _train(segments_toml, seed_checkpoint, tmp_path, 2, [*PP2, *INTERLEAVED],
                  log_rank="1")
     log = got[2]
     assert "Using pipeline schedule Interleaved1F1B with 4 microbatches and 4 stages" in log
-    _assert_same_training(got, reference)
-
-
-@pytest.mark.integration
-def test_pp2_megatron_segments_are_the_stages(segments_toml, seed_checkpoint, reference, tmp_path):
-    """'MEM*|EM-M|EM*E|MEM-' at PP=2: four virtual stages of four layers, segment i
-    on rank i % 2 (Interleaved1F1B), trains like the single process."""
-    got = _train(segments_toml, seed_checkpoint, tmp_path, 2,
-                 ["--parallelism.pipeline_parallel_degree", "2",
-                  "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B"],
-                 log_rank="1")
-    log = got[2]
     assert ("NemotronH pipeline stages ('|' segments): 0: layers [0, 4)" in log
             and "3: layers [12, 16)" in log)
     assert "PP rank 1 is building stage_idx 1" in log and "stage_idx 3" in log
@@ -189,10 +151,9 @@ def test_pp2_nonfinite_gradient_on_one_stage_skips_on_both(tmp_path):
     log = proc.stdout
     assert proc.returncode == 0, log[-3000:]
     assert log.count("Non-finite gradient norm at step 2: skipped the update") == 2, log[-3000:]
-    weights = {}
-    for step in (1, 2, 3):
-        dcp_to_hf(dump / "checkpoint" / f"step-{step}", tmp_path / f"hf-{step}",
-                  flavor_args("debugmodel"))
-        weights[step] = load_file(tmp_path / f"hf-{step}" / "model.safetensors")
+    weights = {
+        step: hf_weights(dump / "checkpoint" / f"step-{step}", flavor_args("debugmodel"))
+        for step in (1, 2, 3)
+    }
     assert all(torch.equal(w, weights[2][n]) for n, w in weights[1].items())
     assert not all(torch.equal(w, weights[3][n]) for n, w in weights[2].items())

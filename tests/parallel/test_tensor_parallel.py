@@ -10,16 +10,18 @@ case runs through the real trainer (TP=2 with SP against one process).
 """
 
 import dataclasses
-import os
-import shutil
-import subprocess
 
 import pytest
 import torch.multiprocessing as mp
-from safetensors.torch import load_file
-from torchtitan.config import ParallelismConfig
-from tp_debug_config import ARGS
-from train._harness import REPO_ROOT, RUN_TRAIN, run_training
+from train._harness import (
+    copy_checkpoint,
+    create_seed_checkpoint,
+    hf_weights,
+    max_rel_diff,
+    run_training,
+    worst_weight_diff,
+    write_fp32_debug_toml,
+)
 
 from torchtitan_nemotron3.hf.dcp_convert import dcp_to_hf
 from torchtitan_nemotron3.model import build_model_config, flavor_args
@@ -131,7 +133,7 @@ def test_dcp_checkpoint_from_before_the_split_is_refused_and_converts(tmp_path):
 
     from torchtitan_nemotron3 import from_pretrained
     from torchtitan_nemotron3.hf import NemotronHStateDictAdapter
-    from torchtitan_nemotron3.hf.dcp_convert import check_dcp_layout, dcp_to_hf
+    from torchtitan_nemotron3.hf.dcp_convert import check_dcp_layout
     from torchtitan_nemotron3.hf.naming import HUB_PREFIX, packed_part, packed_parts
 
     args = flavor_args("debugmodel")
@@ -172,76 +174,31 @@ def test_check_tensor_parallel_reads_a_model_config_too():
 
 # ---- through the trainer
 
-TRAINER_TOML = """\
-[job]
-module = "tests.parallel.tp_debug_config"
-config = "nemotron3_debug_tp"
-
-[training]
-local_batch_size = 4
-seq_len = 128
-mixed_precision_param = "float32"
-
-[metrics]
-log_freq = 1
-
-[debug]
-seed = 0
-"""
-
-
-def _tp_wired() -> str | None:
-    """Why TP cannot run through the trainer yet, or None."""
-    from torchtitan_nemotron3.sharding import check_parallelism, set_sharding_config
-
-    parallelism = ParallelismConfig(tensor_parallel_degree=2, spmd_backend="partial_dtensor")
-    cfg = build_model_config(flavor_args("debugmodel"), kernel_backend="torch")
-    try:
-        check_parallelism(parallelism, cfg)
-    except ValueError as e:
-        return f"sharding.check_parallelism refuses TP: {e}"
-    set_sharding_config(cfg, parallelism)
-    if cfg.layers[0].mixer.sharding_config is None:
-        return "sharding.set_sharding_config does not call set_dense_sharding_config"
-    return None
-
 
 @pytest.fixture(scope="module")
 def tp_toml(tmp_path_factory):
-    reason = _tp_wired()
-    if reason is not None:
-        pytest.skip(reason)
-    path = tmp_path_factory.mktemp("config") / "tp.toml"
-    path.write_text(TRAINER_TOML)
-    return path
+    return write_fp32_debug_toml(tmp_path_factory.mktemp("config") / "tp.toml")
 
 
 @pytest.fixture(scope="module")
 def seed_checkpoint(tp_toml, tmp_path_factory):
-    """One process's initial weights (TorchTitan's seed checkpoint, step-0): a
-    TP run initialises its shards with other random draws."""
-    dump = tmp_path_factory.mktemp("seed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NGPU": "1", "CONFIG_FILE": str(tp_toml)}
-    proc = subprocess.run(
-        [str(RUN_TRAIN), "--checkpoint.enable", "--checkpoint.create_seed_checkpoint",
-         "--dump_folder", str(dump)],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    return dump / "checkpoint" / "step-0"
+    """A TP run initialises its shards with other random draws: both runs start
+    from one process's initial weights."""
+    return create_seed_checkpoint(tp_toml, tmp_path_factory.mktemp("seed") / "dump")
 
 
 def _train(toml, seed_checkpoint, tmp_path, ngpu, overrides):
-    """STEPS steps from the seed checkpoint; (losses, final hub-format weights)."""
+    """STEPS steps from the seed checkpoint, balanced routing (see
+    test_expert_parallel.py: a near top-k tie under another summation order
+    reroutes a token); (losses, final hub-format weights)."""
     dump = tmp_path / "dump"
-    shutil.copytree(seed_checkpoint, dump / "checkpoint" / "step-0")
+    copy_checkpoint(seed_checkpoint.parent.parent, 0, dump)
     args = ["--training.steps", str(STEPS), "--checkpoint.enable",
-            "--checkpoint.interval", str(STEPS), "--dump_folder", str(dump), *overrides]
+            "--checkpoint.interval", str(STEPS), "--dump_folder", str(dump),
+            "--debug.moe_force_load_balance", *overrides]  # fmt: skip
     losses = run_training(toml, ngpu, args, tmp_path / "run")
-    hf = tmp_path / "hf"
-    dcp_to_hf(dump / "checkpoint" / f"step-{STEPS}", hf, ARGS)
-    return losses, load_file(hf / "model.safetensors")
+    weights = hf_weights(dump / "checkpoint" / f"step-{STEPS}", flavor_args("debugmodel"))
+    return losses, weights
 
 
 @pytest.mark.integration
@@ -249,20 +206,18 @@ def test_trainer_tp2_sp_trains_like_one_process(tp_toml, seed_checkpoint, tmp_pa
     """The real trainer (``run_train.sh``), TP=2 with SP on 2 ranks (data parallel
     1, so the same batches) vs one process, from the same seed checkpoint: losses,
     and the final weights (the TP-sharded DCP checkpoint, converted to the hub
-    format). Dense layer types only (``tp_debug_config.py`` says why); skipped
-    until ``sharding.py`` wires ``tensor_parallel.py`` in."""
+    format). Every layer type; routed experts are TP-sharded (no EP)."""
     ref_losses, ref_weights = _train(tp_toml, seed_checkpoint, tmp_path / "ref", 1, [])
     losses, weights = _train(
         tp_toml, seed_checkpoint, tmp_path / "tp", 2,
         ["--parallelism.tensor_parallel_degree", "2",
          "--parallelism.enable_sequence_parallel"],
-    )
+    )  # fmt: skip
     assert len(losses) == len(ref_losses) == STEPS
-    loss_rel = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
-    assert weights.keys() == ref_weights.keys()
-    w_rel = {n: ((weights[n] - w).norm() / w.norm()).item() for n, w in ref_weights.items()}
-    worst = max(w_rel, key=w_rel.get)
+    loss_rel, (w_rel, worst) = max_rel_diff(losses, ref_losses), worst_weight_diff(
+        weights, ref_weights
+    )
     print(f"\nlosses {losses} vs {ref_losses}: max rel {loss_rel:.2e}; "
-          f"weights max ‖Δ‖/‖W‖ {w_rel[worst]:.2e} ({worst})")
+          f"weights max ‖Δ‖/‖W‖ {w_rel:.2e} ({worst})")
     assert loss_rel <= REL, (losses, ref_losses)
-    assert w_rel[worst] <= REL, (worst, w_rel[worst])
+    assert w_rel <= REL, (worst, w_rel)

@@ -15,7 +15,6 @@ through TorchTitan's checkpointer (``last_save_in_hf`` files, then
 import dataclasses
 import glob
 import os
-
 from types import SimpleNamespace
 
 import torch
@@ -30,11 +29,11 @@ from torchtitan.distributed import ParallelDims
 from torchtitan_nemotron3.hf import NemotronHStateDictAdapter
 from torchtitan_nemotron3.model import build_model_config, flavor_args
 from torchtitan_nemotron3.sharding import set_moe_sharding
-from torchtitan_nemotron3.train import cpu_compat
 from torchtitan_nemotron3.tensor_parallel import (
     check_tensor_parallel,
     set_dense_sharding_config,
 )
+from torchtitan_nemotron3.train import cpu_compat
 
 LR = 1e-3
 

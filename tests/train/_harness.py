@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -43,13 +44,15 @@ def run_training(
     *,
     timeout: float = 300,
     env: dict[str, str] | None = None,
+    require_steps: bool = True,
 ) -> list[float]:
     """Train with ``NGPU=ngpu CONFIG_FILE=config_file ./run_train.sh overrides``.
 
     Outputs go to ``<tmp_path>/outputs`` (unless ``--dump_folder`` is among the
     overrides) and the full log to ``<tmp_path>/train.log``. Returns the losses of
     the steps this run trained, in step order; raises ``RuntimeError`` with the
-    log's tail if training fails, logs no step, or logs a non-finite loss.
+    log's tail if training fails, logs a non-finite loss, or logs no step (unless
+    ``require_steps`` is False: a run that trains none, e.g. a seed checkpoint).
     """
     tmp_path = Path(tmp_path)
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -84,6 +87,8 @@ def run_training(
             f"run_train.sh exited with {proc.returncode} (log: {log_file}):\n{tail}"
         )
     step_losses = parse_step_losses(proc.stdout)
+    if not require_steps:
+        return [step_losses[s] for s in sorted(step_losses)]
     if not step_losses:
         raise RuntimeError(
             f"no 'step: N loss: X' lines in the log ({log_file}):\n{tail}"
@@ -95,3 +100,92 @@ def run_training(
     if not all(math.isfinite(x) for x in losses):
         raise RuntimeError(f"non-finite loss: {losses} ({log_file})")
     return losses
+
+
+# ---- shared by the multi-layout tests (tests/parallel, tests/train)
+
+FP32_DEBUG_TOML = """\
+[job]
+{job}
+
+[training]
+local_batch_size = 4
+seq_len = 128
+mixed_precision_param = "float32"
+
+[metrics]
+log_freq = 1
+
+[debug]
+seed = 0  # same initial weights in every run, so runs can be compared
+"""
+
+
+def write_fp32_debug_toml(
+    path: str | os.PathLike,
+    config: str = "nemotron3_debugmodel",
+    module: str | None = None,
+) -> Path:
+    """The debug run in fp32 parameters (so "the same training" is checkable at
+    fp32 precision), from ``config`` in ``module`` (the package's registry when
+    None)."""
+    job = f'config = "{config}"'
+    if module is not None:
+        job = f'module = "{module}"\n{job}'
+    path = Path(path)
+    path.write_text(FP32_DEBUG_TOML.format(job=job))
+    return path
+
+
+def create_seed_checkpoint(config_file: str | os.PathLike, dump: Path) -> Path:
+    """One process's initial weights as TorchTitan's seed checkpoint (``step-0``):
+    layouts that initialise their shards with other random draws (TP, PP) start
+    from it."""
+    run_training(
+        config_file,
+        1,
+        ["--checkpoint.enable", "--checkpoint.create_seed_checkpoint",
+         "--dump_folder", str(dump)],
+        dump.parent / f"{dump.name}-log",
+        require_steps=False,
+    )  # fmt: skip
+    return dump / "checkpoint" / "step-0"
+
+
+def copy_checkpoint(src_dump: Path, step: int, dst_dump: Path) -> None:
+    """Start ``dst_dump`` with ``src_dump``'s checkpoint of ``step`` only, so a
+    run there resumes from it."""
+    (dst_dump / "checkpoint").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(
+        src_dump / "checkpoint" / f"step-{step}",
+        dst_dump / "checkpoint" / f"step-{step}",
+    )
+
+
+def hf_weights(checkpoint: Path, args) -> dict:
+    """A DCP checkpoint's weights (``<dump>/checkpoint/step-N``) in the hub's
+    format, converted once into ``hf-<dump>-N`` beside the dump folder."""
+    from safetensors.torch import load_file
+
+    from torchtitan_nemotron3.hf.dcp_convert import dcp_to_hf
+
+    dump = checkpoint.parent.parent
+    out = dump.parent / f"hf-{dump.name}-{checkpoint.name.removeprefix('step-')}"
+    if not out.exists():
+        dcp_to_hf(checkpoint, out, args)
+    return load_file(out / "model.safetensors")
+
+
+def max_rel_diff(got: list[float], ref: list[float]) -> float:
+    """Largest |a - b| / |b| over two equally long loss curves."""
+    assert len(got) == len(ref), (got, ref)
+    return max(abs(a - b) / abs(b) for a, b in zip(got, ref))
+
+
+def worst_weight_diff(got: dict, ref: dict) -> tuple[float, str]:
+    """Largest ‖Δ‖/‖W‖ over tensors of the same names, and its name."""
+    assert got.keys() == ref.keys(), set(got) ^ set(ref)
+    return max(
+        (float((got[n] - w).norm() / w.norm().clamp_min(1e-12)), n)
+        for n, w in ref.items()
+    )

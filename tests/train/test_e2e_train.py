@@ -5,38 +5,18 @@ fp32 parameters so that "the same loss" can be checked at fp32 precision.
 """
 
 import math
-import shutil
 
 import pytest
 import torch
-from _harness import run_training
-from safetensors.torch import load_file
+from _harness import copy_checkpoint, hf_weights, run_training, write_fp32_debug_toml
 
-from torchtitan_nemotron3.hf.dcp_convert import dcp_to_hf
 from torchtitan_nemotron3.model import flavor_args
-
-DEBUG_TOML = """\
-[job]
-config = "nemotron3_debugmodel"
-
-[training]
-local_batch_size = 4
-seq_len = 128
-mixed_precision_param = "float32"
-
-[metrics]
-log_freq = 1
-
-[debug]
-seed = 0  # same initial weights in every run, so runs can be compared
-"""
 
 
 @pytest.fixture(scope="module")
 def debug_toml(tmp_path_factory):
     path = tmp_path_factory.mktemp("config") / "nemotron3_debug.toml"
-    path.write_text(DEBUG_TOML)
-    return path
+    return write_fp32_debug_toml(path)
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +45,7 @@ def test_debugmodel_two_processes_fsdp_20_steps(debug_toml, tmp_path):
 
 
 def _final_weights(dump, step) -> dict[str, torch.Tensor]:
-    out = dump.parent / f"hf-{dump.name}"
-    dcp_to_hf(dump / "checkpoint" / f"step-{step}", out, flavor_args("debugmodel"))
-    return load_file(out / "model.safetensors")
+    return hf_weights(dump / "checkpoint" / f"step-{step}", flavor_args("debugmodel"))
 
 
 def test_resume_equals_uninterrupted_run_bitwise(debug_toml, tmp_path):
@@ -79,8 +57,7 @@ def test_resume_equals_uninterrupted_run_bitwise(debug_toml, tmp_path):
     full = run_training(debug_toml, 1, [*ckpt, "--dump_folder", str(full_dump)], tmp_path / "a")
 
     # The interrupted run: only the step-2 checkpoint exists when it restarts.
-    (resumed_dump / "checkpoint").mkdir(parents=True)
-    shutil.copytree(full_dump / "checkpoint" / "step-2", resumed_dump / "checkpoint" / "step-2")
+    copy_checkpoint(full_dump, 2, resumed_dump)
     resumed = run_training(
         debug_toml, 1, [*ckpt, "--dump_folder", str(resumed_dump)], tmp_path / "b"
     )

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torchtitan.models.common.linear import Linear
 from torchtitan.models.common.moe import TokenChoiceTopKRouter
 
@@ -38,9 +38,39 @@ class Float32Linear(Linear):
         return F.linear(input.float(), self.weight.float(), bias)
 
 
-def router_config(args: NemotronHArgs, gate_init: Callable) -> TokenChoiceTopKRouter.Config:
+class NemotronHRouter(TokenChoiceTopKRouter):
+    """TorchTitan's router; only its debug round-robin routing is made TP-safe."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(TokenChoiceTopKRouter.Config):
+        pass
+
+    def _debug_force_load_balance_routing(
+        self, scores_BLE: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Under TP the scores are a DTensor (replicated, or sequence shards with
+        EP) and TorchTitan's plain index tensor cannot gather from it: build the
+        global round-robin assignment (the same on every rank) and take this
+        rank's part with the scores' placements, so expert ``i`` gets the tokens
+        it gets on one rank."""
+        if not isinstance(scores_BLE, DTensor):
+            return super()._debug_force_load_balance_routing(scores_BLE)
+        B, L, _ = scores_BLE.shape
+        ids_BLK = (
+            torch.arange(B * L * self.top_k, device=scores_BLE.device).reshape(
+                B, L, self.top_k
+            )
+            % self.num_experts
+        )
+        ids_BLK = distribute_tensor(
+            ids_BLK, scores_BLE.device_mesh, scores_BLE.placements, src_data_rank=None
+        )
+        return ids_BLK, scores_BLE.gather(dim=-1, index=ids_BLK)
+
+
+def router_config(args: NemotronHArgs, gate_init: Callable) -> NemotronHRouter.Config:
     grouped = args.n_group > 1
-    return TokenChoiceTopKRouter.Config(
+    return NemotronHRouter.Config(
         num_experts=args.n_routed_experts,
         gate=Float32Linear.Config(
             in_features=args.hidden_size,
