@@ -156,6 +156,24 @@ def test_dcp_checkpoint_from_before_the_split_is_refused_and_converts(tmp_path):
         dcp.load(model.state_dict(), checkpoint_id=str(tmp_path / "old"), no_dist=True)
     with pytest.raises(ValueError, match="layers.0.mixer.conv1d.bias.*dcp-to-hf"):
         check_dcp_layout(tmp_path / "old")
+    # The trainer asks before loading: as initial_load_path, and as the latest
+    # step of the run's own checkpoint folder (a resumed run).
+    from torchtitan_nemotron3.train.__main__ import check_config
+    from torchtitan_nemotron3.train.toml_config import ConfigError, load_job
+
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "old").rename(tmp_path / "run" / "checkpoint" / "step-7")
+    for flags, where in (
+        (["--checkpoint.initial_load_path", str(tmp_path / "run/checkpoint/step-7")],
+         "command line: "),
+        (["--dump_folder", str(tmp_path / "run")], r"torchtitan_nemotron3:nemotron3_debugmodel\(\): "),
+    ):  # fmt: skip
+        config, source_of = load_job(
+            "train_configs/debug_model.toml", ["--checkpoint.enable", *flags]
+        )
+        with pytest.raises(ConfigError, match=f"^{where}.*step-7 stores the packed"):
+            check_config(config, source_of)
+    (tmp_path / "run" / "checkpoint" / "step-7").rename(tmp_path / "old")
 
     dcp_to_hf(tmp_path / "old", tmp_path / "hf", args)
     loaded = from_pretrained(tmp_path / "hf", kernel_backend="torch").state_dict()

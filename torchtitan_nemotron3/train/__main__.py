@@ -58,10 +58,12 @@ def check_config(config, source_of) -> None:
                 config.parallelism,
                 config.model_spec.model,
                 world_size=None if world is None else int(world),
+                seq_len=config.training.seq_len,
             )
         except ValueError as e:
-            key = re.findall(r"parallelism\.\w+", str(e)) or ["parallelism"]
+            key = re.findall(r"(?:parallelism|training)\.\w+", str(e)) or ["parallelism"]
             raise ConfigError(f"{source_of(key[0])}: {e}") from None
+    _check_dcp_checkpoint(config, source_of)
     loaders = {"dataloader": config.dataloader}
     if config.validator.enable:
         loaders["validator.dataloader"] = config.validator.dataloader
@@ -91,6 +93,40 @@ def check_config(config, source_of) -> None:
             f"{local_dir if local_dir.startswith('.') else './' + local_dir} "
             "--assets tokenizer config"
         )
+
+
+def _check_dcp_checkpoint(config, source_of) -> None:
+    """The DCP checkpoint TorchTitan will load (the latest ``step-N`` under the
+    run's checkpoint folder, else ``initial_load_path`` when not in HF format),
+    if written before Mamba2's ``in_proj``/``conv1d`` were split per part: one
+    line with the conversion command instead of DCP's missing-key error."""
+    from torchtitan_nemotron3.hf.dcp_convert import check_dcp_layout
+    from torchtitan_nemotron3.train.toml_config import ConfigError
+
+    ckpt = config.checkpoint
+    if not ckpt.enable:
+        return
+    folder, key = os.path.join(config.dump_folder, ckpt.folder), "checkpoint.folder"
+    steps = sorted(
+        (int(m.group(1)), os.path.join(folder, d))
+        for d in (os.listdir(folder) if os.path.isdir(folder) else [])
+        if (m := re.fullmatch(r"step-(\d+)", d))
+        and os.path.isfile(os.path.join(folder, d, ".metadata"))
+    )
+    if ckpt.load_step >= 0:
+        steps = [s for s in steps if s[0] == ckpt.load_step]
+    if steps:
+        path = steps[-1][1]
+    elif ckpt.initial_load_path and not ckpt.initial_load_in_hf:
+        path, key = ckpt.initial_load_path, "checkpoint.initial_load_path"
+        if not os.path.isfile(os.path.join(path, ".metadata")):
+            return
+    else:
+        return
+    try:
+        check_dcp_layout(path)
+    except ValueError as e:
+        raise ConfigError(f"{source_of(key)}: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
