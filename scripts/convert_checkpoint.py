@@ -15,9 +15,29 @@ saves none unless ``--checkpoint.enable`` is given::
         --assets_dir assets/hf/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16
 
 A DCP checkpoint records no architecture: give ``--flavor`` (a name from
-``torchtitan_nemotron3.model.FLAVORS``) or ``--config_json`` (an HF config.json, or
-a directory holding one). ``--assets_dir`` (a directory or Hub repo id) supplies
-the tokenizer, chat template and generation_config.json, copied where present.
+``torchtitan_nemotron3.model.FLAVORS``), ``--config_json`` (an HF config.json, or
+a directory holding one) or ``--config`` (the run's config function in
+``torchtitan_nemotron3.config_registry``). ``--assets_dir`` (a directory or Hub
+repo id) supplies the tokenizer, chat template and generation_config.json, copied
+where present.
+
+LoRA runs: their checkpoints hold the adapters (``<module>.lora_a.weight`` /
+``lora_b.weight``) beside the frozen base. dcp-to-hf writes each adapted weight
+merged, ``W + alpha/r·B·A``: full weights that vLLM and transformers load (vLLM
+cannot serve LoRA on MoE models' experts). The checkpoint records no alpha: give
+the run's ``--config`` (rank, alpha and targets from its ``model_spec``), or
+``--flavor``/``--config_json`` with ``--lora_alpha`` (targets and rank are read
+from the adapters). ``--adapters_only`` writes the adapters alone in PEFT's format
+(adapter_config.json + adapter_model.safetensors) instead::
+
+    python scripts/convert_checkpoint.py dcp-to-hf outputs/debug-lora/checkpoint/step-20 \
+        out/hf --config nemotron3_debug_lora --assets_dir "$TOKENIZER_DIR"
+    python scripts/convert_checkpoint.py dcp-to-hf outputs/debug-lora/checkpoint/step-20 \
+        out/peft --flavor debugmodel --lora_alpha 16 --adapters_only --mamba_out_proj
+
+PEFT refuses LoRA on Mamba ``out_proj``, one of the default targets:
+``--adapters_only`` then stops with that message unless ``--mamba_out_proj`` (a run
+trained with ``lora.converter.PEFT_TARGET_MODULES`` exports as is).
 
 HF export of the last step: with ``checkpoint.last_save_in_hf`` (the Nano config)
 the final step (``step-1000``) is already safetensors, without config.json or
@@ -69,6 +89,24 @@ def _parser() -> argparse.ArgumentParser:
         help="cast floating tensors (default: as stored; the router stays fp32)",
     )
     to_hf.add_argument("--max_shard_size", default="5GB")
+    to_hf.add_argument(
+        "--lora_alpha",
+        type=float,
+        help="LoRA alpha of the run (with --flavor/--config_json; --config has it)",
+    )
+    to_hf.add_argument(
+        "--adapters_only",
+        action="store_true",
+        help="LoRA: write the adapters alone in PEFT's format, not merged weights",
+    )
+    to_hf.add_argument(
+        "--base_model", help="--adapters_only: recorded as base_model_name_or_path"
+    )
+    to_hf.add_argument(
+        "--mamba_out_proj",
+        action="store_true",
+        help="--adapters_only: write Mamba out_proj adapters although PEFT refuses them",
+    )
 
     to_dcp = sub.add_parser(
         "hf-to-dcp", help="HF safetensors → TorchTitan DCP checkpoint"
@@ -103,6 +141,10 @@ def _parser() -> argparse.ArgumentParser:
         arch.add_argument(
             "--config_json", help="HF config.json (file or its directory)"
         )
+        arch.add_argument(
+            "--config",
+            help="the run's config function (torchtitan_nemotron3.config_registry)",
+        )
         p.add_argument(
             "--assets_dir",
             help="directory or Hub repo id with tokenizer / chat template / "
@@ -111,11 +153,74 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _model_config(opts):
+    """(NemotronHArgs, the run's model config tree or None) from --flavor,
+    --config_json or --config (the tree carries the LoRA converter, if any)."""
+    from torchtitan_nemotron3.hf.config import (
+        args_from_hf_config,
+        args_from_model_config,
+    )
+    from torchtitan_nemotron3.model import flavor_args
+
+    if opts.flavor:
+        return flavor_args(opts.flavor), None
+    if opts.config_json:
+        return args_from_hf_config(opts.config_json), None
+    from torchtitan_nemotron3 import config_registry
+
+    fn = getattr(config_registry, opts.config, None)
+    if fn is None or not callable(fn):
+        raise ValueError(
+            f"--config {opts.config}: no such config function in "
+            "torchtitan_nemotron3.config_registry"
+        )
+    model_config = fn().model_spec.model
+    return args_from_model_config(model_config), model_config
+
+
+def _lora_model_config(opts, args, run_config):
+    """The LoRA config tree to merge with (None for a checkpoint without adapters);
+    refuses a LoRA setting that does not fit the checkpoint."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from torchtitan_nemotron3.lora.converter import lora_scalings
+    from torchtitan_nemotron3.lora.export import lora_config_for_dcp
+    from torchtitan_nemotron3.lora.merge import is_adapter_key
+    from torchtitan_nemotron3.model import build_model_config
+
+    stored = FileSystemReader(opts.dcp_dir).read_metadata().state_dict_metadata
+    has_adapters = any(is_adapter_key(k) for k in stored)
+    run_lora = run_config is not None and bool(lora_scalings(run_config))
+    if opts.lora_alpha is not None and run_config is not None:
+        raise ValueError(
+            "--lora_alpha goes with --flavor/--config_json; --config gives the "
+            "run's own LoRA settings"
+        )
+    if not has_adapters:
+        if opts.adapters_only or opts.lora_alpha is not None or run_lora:
+            raise ValueError(
+                f"{opts.dcp_dir} holds no LoRA adapters (no *.lora_a.weight / "
+                "*.lora_b.weight tensors): not a LoRA run's checkpoint"
+            )
+        return None
+    if run_config is not None:
+        if not run_lora:
+            raise ValueError(
+                f"{opts.dcp_dir} holds LoRA adapters but --config {opts.config} "
+                "has no LoRA converter: give the LoRA run's config function"
+            )
+        return run_config
+    if opts.lora_alpha is None:
+        raise ValueError(
+            f"{opts.dcp_dir} holds LoRA adapters and the checkpoint records no "
+            "alpha: give --lora_alpha ALPHA (the run's) or --config RUN_CONFIG"
+        )
+    return lora_config_for_dcp(opts.dcp_dir, build_model_config(args), opts.lora_alpha)
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = _parser().parse_args(argv)
-    from torchtitan_nemotron3.hf.config import args_from_hf_config
     from torchtitan_nemotron3.hf.dcp_convert import add_hf_config, dcp_to_hf, hf_to_dcp
-    from torchtitan_nemotron3.model import flavor_args
 
     if opts.direction == "hf-to-dcp":
         hf_to_dcp(
@@ -123,14 +228,27 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"wrote {opts.out_dir}")
         return 0
-    args = (
-        flavor_args(opts.flavor)
-        if opts.flavor
-        else args_from_hf_config(opts.config_json)
-    )
+    args, run_config = _model_config(opts)
     if opts.direction == "hf-config":
         add_hf_config(opts.hf_dir, args, opts.dtype, assets_dir=opts.assets_dir)
         print(f"wrote {opts.hf_dir}/config.json")
+        return 0
+    if not opts.adapters_only and (opts.base_model or opts.mamba_out_proj):
+        raise ValueError("--base_model and --mamba_out_proj go with --adapters_only")
+    lora_config = _lora_model_config(opts, args, run_config)
+    if opts.adapters_only:
+        from torchtitan_nemotron3.lora.export import load_lora_adapters
+        from torchtitan_nemotron3.lora.peft import save_peft_adapters
+
+        save_peft_adapters(
+            load_lora_adapters(opts.dcp_dir, lora_config),
+            opts.out_dir,
+            lora_config,
+            base_model_name_or_path=opts.base_model,
+            dtype=opts.dtype,
+            mamba_out_proj=opts.mamba_out_proj,
+        )
+        print(f"wrote {opts.out_dir} (LoRA adapters, PEFT format)")
         return 0
     dcp_to_hf(
         opts.dcp_dir,
@@ -140,8 +258,10 @@ def main(argv: list[str] | None = None) -> int:
         max_shard_size=opts.max_shard_size,
         progress=not opts.no_progress,
         assets_dir=opts.assets_dir,
+        lora_model_config=lora_config,
     )
-    print(f"wrote {opts.out_dir}")
+    merged = " (LoRA adapters merged)" if lora_config is not None else ""
+    print(f"wrote {opts.out_dir}{merged}")
     return 0
 
 

@@ -230,8 +230,8 @@ def nemotron3_nano_30b_lora() -> NemotronHTrainer.Config:
     the released HF checkpoint (base weights loaded, adapters at init: B = 0), in
     ``nemotron3_nano_30b_sft``'s layout and data; the base, routed experts and
     routing bias included, stays fixed. ``last_save_in_hf`` writes merged full
-    weights (fp32, vLLM serves them); ``scripts/lora_export.py peft`` writes the
-    adapters alone."""
+    weights (fp32, vLLM serves them); ``scripts/convert_checkpoint.py dcp-to-hf
+    --adapters_only`` writes the adapters alone."""
     config = nemotron3_nano_30b_sft()
     config.model_spec = _lora_spec("nano-30B", rank=32, alpha=64.0)
     config.optimizer = default_adamw(lr=1e-4, weight_decay=0.0)

@@ -232,14 +232,14 @@ def test_sft_tokenizer_own_template(ckpt, capsys):
     """The debug SFT tokenizer carries its ChatML template (chat_template.jinja) and
     ends turns with its EOS ``<|im_end|>``: no template flag needed, and the template's
     options pass through."""
-    sft_assets = pytest.importorskip("torchtitan_nemotron3.sft.assets")
     from torchtitan_nemotron3.generate.chat import (
         load_tokenizer,
         render_prompt,
         stop_token_ids,
     )
+    from torchtitan_nemotron3.sft.assets import ensure_debug_sft_assets
 
-    tokenizer, _ = sft_assets.ensure_debug_sft_assets()
+    tokenizer, _ = ensure_debug_sft_assets()
     tok = load_tokenizer(tokenizer)
     _, text = render_prompt(
         tok, "What is two plus three?", template_kwargs={"enable_thinking": True}

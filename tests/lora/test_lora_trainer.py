@@ -6,8 +6,8 @@ the DCP checkpoint holds the adapters; between steps 2 and 4 no base tensor move
 (export vs checkpoint, bitwise, routing bias included); every adapted hub tensor
 moved by a matrix of rank <= r per part, i.e. the export is W + alpha/r·B·A (the
 merge itself is checked against transformers in test_lora_model.py); the export
-loads into transformers; ``scripts/lora_export.py`` turns the step-2 checkpoint into
-PEFT files and a merged directory that agree.
+loads into transformers; ``scripts/convert_checkpoint.py dcp-to-hf`` turns the step-2
+checkpoint into PEFT files (``--adapters_only``) and a merged directory that agree.
 """
 
 import importlib.util
@@ -104,19 +104,17 @@ def test_dcp_checkpoint_holds_adapters_and_export_is_merged(run):
         assert torch.isfinite(hf(torch.arange(16)[None]).logits).all()
 
 
-def test_lora_export_script_peft_and_merged_agree(run, tmp_path):
+def test_convert_script_peft_and_merged_agree(run, tmp_path):
     _, ckpt, _ = run
     script = importlib.util.spec_from_file_location(
-        "lora_export", REPO_ROOT / "scripts" / "lora_export.py"
+        "convert_checkpoint", REPO_ROOT / "scripts" / "convert_checkpoint.py"
     )
-    lora_export = importlib.util.module_from_spec(script)
-    script.loader.exec_module(lora_export)
+    convert = importlib.util.module_from_spec(script)
+    script.loader.exec_module(convert)
     for what in ("merged", "peft"):
-        extra = ["--mamba_out_proj"] if what == "peft" else []
-        args = [what, str(ckpt / "step-2"), str(tmp_path / what)]
-        assert (
-            lora_export.main([*args, "--config", "nemotron3_debug_lora", *extra]) == 0
-        )
+        extra = ["--adapters_only", "--mamba_out_proj"] if what == "peft" else []
+        args = ["dcp-to-hf", str(ckpt / "step-2"), str(tmp_path / what)]
+        assert convert.main([*args, "--config", "nemotron3_debug_lora", *extra]) == 0
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     peft = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     merged = load_file(tmp_path / "merged" / "model.safetensors")
@@ -136,8 +134,8 @@ def test_lora_export_script_peft_and_merged_agree(run, tmp_path):
 
 
 def test_plain_dcp_to_hf_refuses_a_lora_checkpoint(run, tmp_path):
-    """scripts/convert_checkpoint.py dcp-to-hf builds the plain model: on a LoRA
-    checkpoint it stops naming the adapter tensors, never exports unmerged."""
+    """dcp_to_hf without the run's LoRA config cannot merge: on a LoRA checkpoint
+    it stops naming the adapter tensors, never exports unmerged."""
     from torchtitan_nemotron3.hf.dcp_convert import dcp_to_hf
     from torchtitan_nemotron3.model import flavor_args
 

@@ -1,10 +1,9 @@
 """The adapters alone in PEFT's format, for transformers' module names.
 
-Without ``peft`` installed the format is checked by hand: the merged weight of
-every targeted hub module rebuilt from the PEFT files
-(``W_base + lora_alpha/r · lora_B @ lora_A``, with rank/alpha patterns) equals the
-merged export's. With ``peft`` installed, ``PeftModel`` on transformers' model also
-gives the LoRA model's logits."""
+Checked by hand: the merged weight of every targeted hub module rebuilt from the
+PEFT files (``W_base + lora_alpha/r · lora_B @ lora_A``, with rank/alpha patterns)
+equals the merged export's. And by PEFT itself (``peft`` is in the ``test`` extra):
+``PeftModel`` on transformers' model gives the LoRA model's logits."""
 
 import json
 
@@ -91,7 +90,7 @@ def test_peft_files_rebuild_the_merged_weights(which, request):
 
 
 def test_peft_loads_into_transformers(trained_for_peft):
-    peft = pytest.importorskip("peft")
+    import peft
     from transformers import NemotronHForCausalLM
 
     args, lora, tmp = trained_for_peft

@@ -1,16 +1,21 @@
-"""Merged exports of a LoRA model: a live model, or a DCP checkpoint.
+"""Exports of a LoRA model: a live model merged, a DCP checkpoint's adapters.
 
 TorchTitan's ``last_save_in_hf`` merges through the state dict adapter on its own.
-Our ``hf.save_pretrained`` and ``scripts/convert_checkpoint.py dcp-to-hf`` write one
-hub tensor at a time, so a base weight never meets its adapters there (they refuse a
-LoRA model rather than export it unmerged); these functions merge first:
+Our ``hf.save_pretrained`` writes one hub tensor at a time, so a base weight never
+meets its adapters there (it refuses a LoRA model rather than export it unmerged);
+these functions merge first:
 
 * ``merged_model(model)``: the plain NemotronH model ``W + alpha/r·B·A``, sharing
   every tensor LoRA does not touch (no copy of the experts);
 * ``save_pretrained(model, out_dir, ...)``: ``hf.save_pretrained`` of that model;
-* ``load_lora_dcp(dcp_dir, model_config)`` / ``dcp_to_merged_hf``: a LoRA DCP
-  checkpoint (``<dump_folder>/checkpoint/step-N``) into a LoRA model on CPU (one
-  full model in memory) and out as a merged hub directory.
+* ``load_lora_adapters(dcp_dir, model_config)``: the adapters alone of a LoRA DCP
+  checkpoint (``<dump_folder>/checkpoint/step-N``), for ``peft.save_peft_adapters``;
+* ``lora_config_for_dcp(dcp_dir, model_config, alpha)``: the LoRA config tree of
+  the run that wrote a checkpoint, from its adapters' names and rank.
+
+A DCP checkpoint is merged on its way to a hub directory by
+``hf.dcp_convert.dcp_to_hf(..., lora_model_config=...)`` (streaming, one shard in
+memory): ``scripts/convert_checkpoint.py dcp-to-hf``.
 """
 
 import os
@@ -23,8 +28,8 @@ from torchtitan.protocols.module import Module
 from ..hf import save_pretrained as hf_save_pretrained
 from ..hf.config import args_from_model_config
 from ..model import NemotronHModel, build_model_config
-from .converter import lora_scalings
-from .merge import is_adapter_key, merge_lora
+from .converter import NemotronHLoRAConverter, lora_scalings
+from .merge import LORA_A, is_adapter_key, merge_lora
 
 
 def merged_model(model: NemotronHModel) -> NemotronHModel:
@@ -72,30 +77,6 @@ def _check_stored(dcp_dir: str, names) -> None:
         )
 
 
-def load_lora_dcp(
-    dcp_dir: str | os.PathLike, model_config, dtype: torch.dtype | None = None
-) -> NemotronHModel:
-    """The LoRA model (built from ``model_config``, the converted tree of the run's
-    ``model_spec.model``) holding the weights of a DCP checkpoint, on CPU in fp32
-    (one full model in memory: ~120 GB for Nano-30B; the trainer's
-    ``last_save_in_hf`` avoids this). Raises ``ValueError`` naming the tensors the
-    checkpoint lacks (a run without LoRA, or with other targets)."""
-    dcp_dir = os.fspath(dcp_dir)
-    with torch.device("meta"):
-        model = model_config.build()
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, Module):
-                module._init_self_buffers()
-    state = model.state_dict()
-    _check_stored(dcp_dir, state)
-    dcp.load(state, storage_reader=FileSystemReader(dcp_dir), no_dist=True)
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()
-
-
 def load_lora_adapters(dcp_dir: str | os.PathLike, model_config) -> dict:
     """The model's state dict with only the adapters read from a DCP checkpoint
     (fp32, CPU); every other tensor stays on ``meta`` (shapes only). Enough for
@@ -113,10 +94,29 @@ def load_lora_adapters(dcp_dir: str | os.PathLike, model_config) -> dict:
     return {**state, **adapters}
 
 
-def dcp_to_merged_hf(
-    dcp_dir, out_dir, model_config, dtype: torch.dtype | None = None, **kwargs
-) -> None:
-    """A LoRA DCP checkpoint → a merged hub directory (``save_pretrained`` kwargs:
-    ``assets_dir``, ``max_shard_size``, ...). Merges in fp32, then casts."""
-    model = load_lora_dcp(dcp_dir, model_config)
-    save_pretrained(model, out_dir, dtype=dtype, **kwargs)
+def lora_config_for_dcp(dcp_dir: str | os.PathLike, model_config, alpha: float):
+    """The converted (LoRA) config of the run that wrote a DCP checkpoint, for a
+    run whose config function is not at hand: targets and rank are read from the
+    stored adapters (TorchTitan's converter targets last FQN segments with one
+    rank, so these rebuild the run's tree exactly), ``alpha`` (which the checkpoint
+    does not record) is the caller's. ``model_config``: the plain model config.
+    Raises ``ValueError`` for a checkpoint without adapters or with mixed ranks."""
+    dcp_dir = os.fspath(dcp_dir)
+    stored = FileSystemReader(dcp_dir).read_metadata().state_dict_metadata
+    ranks = {
+        k.removesuffix(LORA_A): md.size[0]
+        for k, md in stored.items()
+        if k.endswith(LORA_A) and hasattr(md, "size")
+    }
+    if not ranks:
+        raise ValueError(f"{dcp_dir} holds no LoRA adapters (no *{LORA_A} tensors)")
+    if len(set(ranks.values())) > 1:
+        raise ValueError(
+            f"{dcp_dir}: LoRA adapters of ranks {sorted(set(ranks.values()))}; "
+            "one converter has one rank: give the run's config function instead"
+        )
+    targets = sorted({fqn.rsplit(".", 1)[-1] for fqn in ranks})
+    converter = NemotronHLoRAConverter.Config(
+        rank=next(iter(ranks.values())), alpha=alpha, target_modules=targets
+    ).build()
+    return converter.convert(model_config)

@@ -2,7 +2,7 @@
 
 vLLM cannot serve adapters on MoE models' experts and serves merged weights fastest,
 so every HF export (TorchTitan's ``last_save_in_hf``, ``lora.export.save_pretrained``,
-``scripts/lora_export.py merged``) writes merged full weights. The merge runs on a
+``scripts/convert_checkpoint.py dcp-to-hf``) writes merged full weights. The merge runs on a
 state dict under our names, before the hub renames: the Mamba2 ``in_proj`` parts are
 merged one by one and then packed into the hub's fused ``in_proj`` like any other
 part, so its rows are exactly the merged parts'.

@@ -61,7 +61,8 @@ def peft_adapters(
             "refuses LoRA on out_proj of Mamba models (transformers' CUDA path "
             "bypasses it). Use the merged export, or train with "
             "target_modules=lora.converter.PEFT_TARGET_MODULES for PEFT adapters "
-            "(mamba_out_proj=True writes them anyway, for other loaders)"
+            "(mamba_out_proj=True, scripts/convert_checkpoint.py --mamba_out_proj, "
+            "writes them anyway, for other loaders)"
         )
     ranks = {fqn: state_dict[f"{fqn}{LORA_A}"].shape[0] for fqn in scalings}
     base_rank = max(set(ranks.values()), key=list(ranks.values()).count)

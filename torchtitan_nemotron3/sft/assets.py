@@ -27,8 +27,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..train.assets import (
@@ -37,6 +35,7 @@ from ..train.assets import (
     _NUMBER_WORDS,
     SPECIAL_TOKENS,
     VOCAB_SIZE,
+    build_once,
     default_assets_root,
     generate_corpus,
 )
@@ -242,22 +241,11 @@ def _write(out: Path) -> None:
 
 def ensure_debug_sft_assets(root: str | os.PathLike | None = None) -> tuple[str, str]:
     """``(tokenizer_dir, chat_dir)``, absolute, generated once under ``root``
-    (default: the debug assets root); ``chat_dir`` holds train/validation.jsonl."""
+    (default: the debug assets root; ``train.assets.build_once``); ``chat_dir``
+    holds train/validation.jsonl."""
     root = Path(root) if root is not None else default_assets_root()
     name = (
         f"sft-v{SFT_ASSETS_VERSION}-chats{NUM_TRAIN}-vocab{VOCAB_SIZE}-seed{TRAIN_SEED}"
     )
-    final = (root / name).resolve()
-    if not final.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-        try:
-            _write(tmp)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not final.exists():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    final = build_once(root, name, _write)
     return str(final / "tokenizer"), str(final / "chat")

@@ -27,6 +27,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -323,18 +324,17 @@ def _write_assets(out: Path) -> None:
         f.write("\n")
 
 
-def ensure_debug_assets(root: str | os.PathLike | None = None) -> tuple[str, str]:
-    """``(tokenizer_dir, dataset_dir)``, absolute, generated once under ``root``
-    (default :func:`default_assets_root`). Racing writers each build in their own
-    temporary directory; the first rename wins, the others discard theirs."""
-    root = Path(root) if root is not None else default_assets_root()
-    name = f"v{ASSETS_VERSION}-docs{NUM_DOCS}-vocab{VOCAB_SIZE}-seed{SEED}"
+def build_once(root: Path, name: str, write: Callable[[Path], None]) -> Path:
+    """``root / name`` (absolute), written once by ``write(directory)``: built in a
+    temporary sibling and renamed into place, so no reader sees half of it. Racing
+    writers (ranks, threads) each build their own; the first rename wins, the
+    others discard theirs."""
     final = (root / name).resolve()
     if not final.exists():
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
         try:
-            _write_assets(tmp)
+            write(tmp)
             try:
                 os.rename(tmp, final)
             except OSError:
@@ -342,6 +342,15 @@ def ensure_debug_assets(root: str | os.PathLike | None = None) -> tuple[str, str
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def ensure_debug_assets(root: str | os.PathLike | None = None) -> tuple[str, str]:
+    """``(tokenizer_dir, dataset_dir)``, absolute, generated once under ``root``
+    (default :func:`default_assets_root`; :func:`build_once`)."""
+    root = Path(root) if root is not None else default_assets_root()
+    name = f"v{ASSETS_VERSION}-docs{NUM_DOCS}-vocab{VOCAB_SIZE}-seed{SEED}"
+    final = build_once(root, name, _write_assets)
     return str(final / "tokenizer"), str(final / "dataset")
 
 
