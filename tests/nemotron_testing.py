@@ -98,6 +98,7 @@ def hf_reference(args) -> NemotronHForCausalLM:
         topk_group=args.topk_group,
         norm_topk_prob=args.norm_topk_prob,
         routed_scaling_factor=args.routed_scaling_factor,
+        moe_latent_size=args.moe_latent_size,
         layer_norm_epsilon=args.layer_norm_epsilon,
         tie_word_embeddings=False,
         use_cache=False,

@@ -61,7 +61,7 @@ def test_ep8_keeps_16_experts_per_rank_unsharded_by_fsdp():
 
 @pytest.mark.parametrize(
     "argv",
-    [["--ep", "3"], ["--ngpu", "6", "--tp", "4"], ["--cp", "2"], ["--dp_shard", "3"]],
+    [["--ep", "3"], ["--ngpu", "6", "--tp", "4"], ["--cp", "2", "--pp", "2"], ["--dp_shard", "3"]],
 )
 def test_refused_layouts_give_the_packages_one_line(argv, capsys):
     args = parse_args(["--flavor", "debugmodel", "--ngpu", "8", *argv])
@@ -71,6 +71,23 @@ def test_refused_layouts_give_the_packages_one_line(argv, capsys):
     assert main(["--flavor", "debugmodel", "--ngpu", "8", *argv]) == 2
     captured = capsys.readouterr()
     assert captured.err == f"error: {info.value}\n" and not captured.out
+
+
+@pytest.mark.parametrize(
+    "toml,cp,ac,tokens_per_rank",
+    [("nemotron3-nano-30B-64K.toml", 4, "selective", 16384),
+     ("nemotron3-nano-30B-256K.toml", 8, "full", 32768)],
+)  # fmt: skip
+def test_long_context_recipes_fit_a_b200(toml, cp, ac, tokens_per_rank, capsys):
+    """The long-context job files' layouts are the ones their comments justify,
+    and the dry run still finds them within a B200's memory."""
+    job = _job("--config", f"train_configs/{toml}")
+    assert (job.parallelism.context_parallel_degree, job.ac) == (cp, ac)
+    assert job.training.seq_len // cp == tokens_per_rank
+    assert main(["--config", f"train_configs/{toml}"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
+        "verdict: fits in 179 GiB per GPU"
+    )
 
 
 def test_toml_job_and_flags():

@@ -45,11 +45,14 @@ def model_registry(
     kernel_backend: str = "auto",
     moe_comm_backend: str = "standard",
     converters: list[ModelConfigConverter.Config] | None = None,
+    attn_backend: str = "auto",
 ) -> ModelSpec:
     """The TorchTitan ModelSpec of a flavor ("debugmodel", "nano-30B"); Mamba2 ops
     from ``kernel_backend`` ("auto": GPU kernels where available, else torch);
     expert-parallel token dispatch by ``moe_comm_backend`` (TorchTitan's
-    "standard" all-to-all, or "deepep" / "hybridep" where installed).
+    "standard" all-to-all, or "deepep" / "hybridep" where installed); attention
+    by ``attn_backend`` ("auto": FlexAttention with a document block mask on CUDA,
+    exact masked SDPA on CPU; or "sdpa", "flex", "varlen").
     ``converters`` transform the config tree as in TorchTitan's models (e.g.
     ``lora.NemotronHLoRAConverter.Config()``); with LoRA the whole base model stays
     fixed, so the MoE routing-bias update is off too."""
@@ -57,6 +60,7 @@ def model_registry(
         flavor_args(flavor),
         kernel_backend=kernel_backend,
         moe_comm_backend=moe_comm_backend,
+        attn_backend=attn_backend,
     )
     converters = converters or []
     validate_converter_order(converters)

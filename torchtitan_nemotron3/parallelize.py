@@ -7,13 +7,12 @@ in TorchTitan's order (``models/qwen3/parallelize.py``).
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+from torch import nn
 from torch.distributed.fsdp import FSDPModule
-
 from torchtitan.config import (
+    TORCH_DTYPE_MAP,
     CompileConfig,
     ParallelismConfig,
-    TORCH_DTYPE_MAP,
     TrainingConfig,
 )
 from torchtitan.distributed import ParallelDims
@@ -24,6 +23,8 @@ from torchtitan.distributed.activation_checkpoint import (
 from torchtitan.distributed.compile import apply_compile
 from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
 from torchtitan.tools.logging import logger
+
+from .model.context_parallel import CPLayout, set_context_parallel
 
 # Registers the custom ops selective AC saves (nemotron3::grouped_mm, ::mamba_ssd).
 from .ops import grouped_mm, ssd_kernel  # noqa: F401
@@ -71,6 +72,9 @@ def parallelize_nemotronh(
     if parallel_dims.tp_enabled or parallel_dims.ep_enabled:
         model.parallelize(parallel_dims)
 
+    if parallel_dims.cp_enabled:
+        _apply_context_parallel(model, parallel_dims, parallelism)
+
     if ac_config is not None:
         _build_ac(ac_config, dump_folder).apply(model)
 
@@ -100,6 +104,27 @@ def parallelize_nemotronh(
         f"TP {parallel_dims.tp})"
     )
     return model
+
+
+def _apply_context_parallel(
+    model: nn.Module, parallel_dims: ParallelDims, parallelism: ParallelismConfig
+) -> None:
+    """Each rank holds the shards of every row TorchTitan's trainer hands it
+    (``prepare_context_parallel_input``, head-tail order by default); the model
+    counts documents over the whole row and every Mamba2 and attention mixer
+    exchanges what crosses a shard boundary (``model/context_parallel.py``).
+    TorchTitan's ``apply_cp_to_forward`` is not used: it wraps its own attention
+    modules, and Mamba2 needs more than attention does."""
+    layout = CPLayout(
+        parallel_dims.get_mesh("cp").get_group(),
+        load_balanced=parallelism.context_parallel_load_balancer == "headtail",
+    )
+    model.cp_layout = layout
+    n = set_context_parallel(model, layout)
+    logger.info(
+        f"Applied context parallelism to {n} NemotronH mixers (CP {layout.size}, "
+        f"load balancer {parallelism.context_parallel_load_balancer})"
+    )
 
 
 def _reduce_with_plain_sum(model: nn.Module) -> None:

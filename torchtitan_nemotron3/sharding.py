@@ -13,7 +13,8 @@ is left on the data-parallel meshes (``parallelize.py``).
   needs its own declaration here (TorchTitan's assumes SwiGLU ``w1/w2/w3``).
 - Tensor (+ sequence) parallel: ``tensor_parallel.py``.
 - Pipeline parallel: ``pipeline.py``.
-- Context parallelism is refused, by name, at config time.
+- Context parallelism: ``model/context_parallel.py`` (the mixers exchange what
+  crosses a shard boundary), applied by ``parallelize.py``.
 """
 
 import spmd_types as spmd
@@ -29,7 +30,7 @@ from torchtitan.models.common.decoder_sharding import (
 from torchtitan.models.common.moe_sharding import set_moe_sharding_config
 from torchtitan.protocols.sharding import ShardingConfig
 
-from .model.pattern import MOE
+from .model.pattern import MAMBA, MOE
 
 # Our relu² routed experts: up (F from D) is colwise, down (D from F) rowwise, when
 # TP shards experts without EP.
@@ -37,11 +38,15 @@ _RELU2_EXPERTS_TP_LAYOUT = {"w1_EFD": spmd.S(1), "w2_EDF": spmd.S(2)}
 
 
 def check_parallelism(
-    parallelism: ParallelismConfig, model_config=None, world_size: int | None = None
+    parallelism: ParallelismConfig,
+    model_config=None,
+    world_size: int | None = None,
+    seq_len: int | None = None,
 ) -> None:
     """Raise ``ValueError`` (one line, naming the values) for a layout NemotronH
     cannot run. ``model_config`` (a ``NemotronHModel.Config``) enables the checks
-    against the architecture; ``world_size`` the ones against the rank count."""
+    against the architecture; ``world_size`` the ones against the rank count;
+    ``seq_len`` (``training.seq_len``) the ones against the row length."""
     if parallelism.spmd_backend != "partial_dtensor":
         raise ValueError(
             f"parallelism.spmd_backend={parallelism.spmd_backend!r}: NemotronH's "
@@ -49,10 +54,7 @@ def check_parallelism(
         )
     cp = parallelism.context_parallel_degree
     if cp > 1:
-        raise ValueError(
-            f"parallelism.context_parallel_degree={cp}: context parallelism is not "
-            "implemented for NemotronH's Mamba2 layers yet; set it to 1"
-        )
+        _check_context_parallel(parallelism, model_config, seq_len)
     ep, tp = parallelism.expert_parallel_degree, parallelism.tensor_parallel_degree
     if world_size is not None:
         _check_degrees(parallelism, world_size)
@@ -79,6 +81,57 @@ def check_parallelism(
     check_tensor_parallel(model_config, tp)
 
     check_pipeline_parallel(model_config, parallelism)
+
+
+def _check_context_parallel(
+    parallelism: ParallelismConfig, model_config, seq_len: int | None
+) -> None:
+    """CP shards every row into ``2·cp`` segments (head-tail order) or ``cp``
+    (no balancer); Mamba2's conv takes its first inputs from the previous
+    segment, so a segment must hold at least ``conv_kernel - 1`` tokens."""
+    cp, balancer = (
+        parallelism.context_parallel_degree,
+        parallelism.context_parallel_load_balancer,
+    )
+    if balancer not in ("headtail", None):
+        raise ValueError(
+            f"parallelism.context_parallel_load_balancer={balancer!r}: NemotronH's "
+            "Mamba2 and attention follow the 'headtail' order or contiguous shards "
+            "(None), not a reordering by attention-mask blocks"
+        )
+    if parallelism.pipeline_parallel_degree > 1:
+        raise ValueError(
+            f"parallelism.context_parallel_degree={cp} with "
+            f"pipeline_parallel_degree={parallelism.pipeline_parallel_degree}: "
+            "CP is not wired into NemotronH's pipeline stages yet"
+        )
+    if model_config is not None and getattr(model_config, "mtp", None) is not None:
+        raise ValueError(
+            f"parallelism.context_parallel_degree={cp}: multi-token prediction "
+            "shifts tokens across shard boundaries and is not CP-aware yet"
+        )
+    if seq_len is None:
+        return
+    segments = 2 * cp if balancer == "headtail" else cp
+    # TorchTitan's trainer asks 2·cp of every CP layout (and ×tp with SP).
+    divisor = 2 * cp * (
+        parallelism.tensor_parallel_degree if parallelism.enable_sequence_parallel else 1
+    )
+    if seq_len % divisor:
+        raise ValueError(
+            f"training.seq_len={seq_len} must be divisible by {divisor} "
+            f"(2 × context_parallel_degree={cp}"
+            + (" × tensor_parallel_degree with SP)" if divisor != 2 * cp else ")")
+        )
+    if model_config is not None:
+        mamba = [layer.mixer for layer in model_config.layers if layer.layer_type == MAMBA]
+        width = mamba[0].conv1d.kernel_size if mamba else 1
+        if seq_len // segments < width - 1:
+            raise ValueError(
+                f"training.seq_len={seq_len} / {segments} CP segments = "
+                f"{seq_len // segments} tokens, fewer than the Mamba2 conv's "
+                f"{width - 1}-token history"
+            )
 
 
 def _check_degrees(parallelism: ParallelismConfig, world_size: int) -> None:
@@ -184,9 +237,9 @@ def expert_data_parallel_mesh(parallel_dims: ParallelDims) -> DeviceMesh | None:
     return parallel_dims.get_optional_mesh(names)
 
 
-def apply_layout(model_config, parallelism: ParallelismConfig) -> None:
+def apply_layout(model_config, parallelism: ParallelismConfig, seq_len=None) -> None:
     """The model config's layout step before building: check, then declare."""
-    check_parallelism(parallelism, model_config)
+    check_parallelism(parallelism, model_config, seq_len=seq_len)
     set_sharding_config(model_config, parallelism)
 
 

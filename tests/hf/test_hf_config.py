@@ -81,8 +81,9 @@ def test_aliases_and_legacy_spellings():
     [
         ({"model_type": "llama"}, "model_type='llama'"),
         ({"model_type": None}, "model_type=None"),
-        ({"moe_latent_size": 1024}, "moe_latent_size"),
-        ({"num_nextn_predict_layers": 1}, "num_nextn_predict_layers"),
+        ({"moe_latent_size": 0}, "moe_latent_size=0"),
+        ({"num_nextn_predict_layers": 2}, "num_nextn_predict_layers=2"),
+        ({"mtp_hybrid_override_pattern": "*E", "mtp_layers_block_type": ["moe"]}, "disagrees with mtp_layers_block_type"),
         ({"sliding_window": 4096}, "sliding_window"),
         ({"num_hidden_layers": 51}, "num_hidden_layers is 51"),
         ({"hybrid_override_pattern": "M*X"}, "invalid character 'X'"),

@@ -13,12 +13,13 @@ DENSE = build_model_config(
 )
 
 
-def _error(model_config=DEBUG, world_size=None, **degrees) -> str:
+def _error(model_config=DEBUG, world_size=None, seq_len=None, **degrees) -> str:
     with pytest.raises(ValueError) as info:
         check_parallelism(
             ParallelismConfig(spmd_backend="partial_dtensor", **degrees),
             model_config,
             world_size=world_size,
+            seq_len=seq_len,
         )
     message = str(info.value)
     assert "\n" not in message
@@ -47,8 +48,29 @@ def test_degrees_must_multiply_to_the_world():
     assert "data_parallel_shard_degree=3" in msg and "!= 8 ranks" in msg
 
 
-def test_context_parallelism_and_other_backends_are_refused():
-    assert "context_parallel_degree=2" in _error(context_parallel_degree=2)
+def test_tensor_parallel_degree_must_divide_the_heads():
+    # debugmodel: 8 query heads, 2 KV heads, 8 Mamba heads, 2 groups
+    msg = _error(tensor_parallel_degree=4)
+    assert msg == (
+        "parallelism.tensor_parallel_degree=4 must divide num_key_value_heads=2 "
+        "(KV heads are not replicated across TP ranks)"
+    )
+
+
+def test_context_parallel_rows_and_combinations():
+    msg = _error(seq_len=100, context_parallel_degree=4)
+    assert msg == (
+        "training.seq_len=100 must be divisible by 8 (2 × context_parallel_degree=4)"
+    )
+    msg = _error(seq_len=32, context_parallel_degree=8)  # 16 segments of 2 tokens
+    assert "2 tokens, fewer than the Mamba2 conv's 3-token history" in msg
+    msg = _error(context_parallel_degree=2, context_parallel_load_balancer="ptrr")
+    assert "context_parallel_load_balancer='ptrr'" in msg
+    msg = _error(context_parallel_degree=2, pipeline_parallel_degree=2)
+    assert "context_parallel_degree=2 with pipeline_parallel_degree=2" in msg
+
+
+def test_other_spmd_backends_are_refused():
     with pytest.raises(ValueError, match="spmd_backend='full_dtensor'"):
         check_parallelism(ParallelismConfig(spmd_backend="full_dtensor"))
 
@@ -58,9 +80,15 @@ def test_valid_layouts_pass():
         {},
         {"expert_parallel_degree": 8, "data_parallel_shard_degree": -1},
         {"expert_parallel_degree": 2, "data_parallel_replicate_degree": 2},
+        {"tensor_parallel_degree": 2, "expert_parallel_degree": 4},
+        {"context_parallel_degree": 4, "expert_parallel_degree": 8},
+        {"context_parallel_degree": 2, "context_parallel_load_balancer": None},
     ):
         check_parallelism(
-            ParallelismConfig(spmd_backend="partial_dtensor", **degrees), DEBUG, world_size=8
+            ParallelismConfig(spmd_backend="partial_dtensor", **degrees),
+            DEBUG,
+            world_size=8,
+            seq_len=256,
         )
 
 

@@ -260,7 +260,8 @@ def test_help_lists_fields():
         (["--config_file", "nope.toml"], "nope.toml: job file not found"),
         (["[training]\nstepz = 3\n"], "training.stepz = 3: unknown key 'training.stepz'; did you mean"),
         (["--training.steps", "x"], "command line: --training.steps x: Error parsing"),
-        (["--parallelism.tensor_parallel_degree", "2"], "command line: parallelism.tensor_parallel_degree=2"),
+        (["--parallelism.tensor_parallel_degree", "4"], "command line: parallelism.tensor_parallel_degree=4 must divide num_key_value_heads=2"),
+        (["--parallelism.context_parallel_degree", "3"], "training.seq_len=256 must be divisible by 6"),
         (["--hf_assets_path", "/nowhere/Model"], "download_hf_assets.py --repo_id <org>/Model --local_dir"),
     ],
 )  # fmt: skip

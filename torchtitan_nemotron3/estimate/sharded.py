@@ -45,7 +45,9 @@ def build_sharded(job: Job):
     from ..train import cpu_compat
 
     model_config = copy.deepcopy(job.model_spec.model)
-    check_parallelism(job.parallelism, model_config, world_size=job.ngpu)
+    check_parallelism(
+        job.parallelism, model_config, world_size=job.ngpu, seq_len=job.training.seq_len
+    )
     cpu_compat.apply()  # TorchTitan's device type: cpu on this machine
     _fake_world(job.ngpu)
     dims = ParallelDims.from_config(job.parallelism, job.ngpu)

@@ -102,9 +102,6 @@ _IGNORED = {
     "mamba_expand",
     # transformers reads ``use_bias`` for the Mamba projections and ignores this one
     "mamba_proj_bias",
-    # only meaningful with num_nextn_predict_layers > 0, which validate() rejects
-    "mtp_layers_block_type",
-    "mtp_hybrid_override_pattern",
     # derived from the pattern here; checked against it when present
     "num_hidden_layers",
 }
@@ -116,9 +113,19 @@ _REQUIRED_VALUES = {
 }
 
 _FIELDS = {f.name for f in dataclasses.fields(NemotronHArgs)}
+# transformers' list spellings of the main and the MTP pattern.
+_PATTERN_LISTS = {"layers_block_type", "mtp_layers_block_type"}
 # Ours only (aux-loss-free balancing rate, pipeline stage boundaries): never read
 # from or written to config.json.
-_NOT_HF = {"load_balance_coeff", "pipeline_segments"}
+# MTP depth and loss weight are training choices (the checkpoint only says whether
+# an MTP block is stored).
+_NOT_HF = {
+    "load_balance_coeff",
+    "moe_seq_aux_loss_coeff",
+    "pipeline_segments",
+    "mtp_num_layers",
+    "mtp_loss_scaling_factor",
+}
 
 
 def _decode_float(value: Any, field: str) -> float:
@@ -166,7 +173,7 @@ def args_from_hf_config(
     ``overrides`` replace fields afterwards (e.g. ``load_balance_coeff``). Raises
     ``ValueError`` naming the field for another ``model_type``, conflicting
     aliases, a pattern that disagrees with ``num_hidden_layers``, or a value the
-    model does not implement (``moe_latent_size``, MTP layers, sliding window, ...).
+    model does not implement (MTP layers, sliding window, ...).
     """
     if not isinstance(config, dict):
         config = load_hf_config(config)
@@ -191,7 +198,7 @@ def args_from_hf_config(
                 f"config.json sets {name} twice with different values "
                 f"({values[name]!r} and {key}={value!r})"
             )
-        if (name in _FIELDS and name not in _NOT_HF) or name == "layers_block_type":
+        if (name in _FIELDS and name not in _NOT_HF) or name in _PATTERN_LISTS:
             values[name] = value
         elif name not in _IGNORED:
             unknown.append(key)
@@ -218,6 +225,21 @@ def args_from_hf_config(
             f"{block_types!r}"
         )
     values["hybrid_override_pattern"] = block_types if pattern is None else pattern
+    mtp_pattern = values.pop("mtp_hybrid_override_pattern", None)
+    mtp_block_types = values.pop("mtp_layers_block_type", None)
+    if (
+        mtp_pattern is not None
+        and mtp_block_types is not None
+        and parse_hybrid_pattern(mtp_pattern) != parse_hybrid_pattern(mtp_block_types)
+    ):
+        raise ValueError(
+            f"mtp_hybrid_override_pattern {mtp_pattern!r} disagrees with "
+            f"mtp_layers_block_type {mtp_block_types!r}"
+        )
+    if mtp_pattern is not None or mtp_block_types is not None:
+        values["mtp_hybrid_override_pattern"] = (
+            mtp_block_types if mtp_pattern is None else mtp_pattern
+        )
     num_layers = config.get("num_hidden_layers")
     if num_layers is not None:
         values["num_hidden_layers"] = num_layers
@@ -257,6 +279,7 @@ def hf_config_from_args(
         "model_type": MODEL_TYPE,
         "layers_block_type": to_hf_block_types(args.hybrid_override_pattern),
         "hybrid_override_pattern": args.hybrid_override_pattern,
+        "mtp_layers_block_type": to_hf_block_types(args.mtp_hybrid_override_pattern),
     }
     for field in dataclasses.fields(NemotronHArgs):
         if field.name in _NOT_HF or field.name == "hybrid_override_pattern":
@@ -350,8 +373,26 @@ def _moe_fields(m) -> dict[str, Any]:
         norm_topk_prob=router.route_norm,
         routed_scaling_factor=router.route_scale,
         load_balance_coeff=m.load_balance_coeff,
+        moe_seq_aux_loss_coeff=m.seq_aux_loss_coeff,
         mlp_bias=m.shared_experts.up_proj.bias,
+        moe_latent_size=(
+            None if m.fc1_latent_proj is None else m.fc1_latent_proj.out_features
+        ),
     )
+
+
+def _mtp_fields(mtp) -> dict[str, Any]:
+    """One stored MTP block with its pattern and depth; none when MTP is off."""
+    if mtp is None:
+        return {"num_nextn_predict_layers": 0}
+    return {
+        "num_nextn_predict_layers": 1,
+        "mtp_hybrid_override_pattern": "".join(
+            layer.layer_type for layer in mtp.layers
+        ),
+        "mtp_num_layers": mtp.num_depths,
+        "mtp_loss_scaling_factor": mtp.loss_scaling_factor,
+    }
 
 
 def args_from_model_config(model_config) -> NemotronHArgs:
@@ -378,6 +419,10 @@ def args_from_model_config(model_config) -> NemotronHArgs:
         (MLP, "MLP", _mlp_fields),
         (MOE, "MoE", _moe_fields),
     )
+    mtp = getattr(model_config, "mtp", None)
+    kw.update(_mtp_fields(mtp))
+    if mtp is not None:
+        layers = [*layers, *mtp.layers]  # the same sizes as the main layers
     for symbol, what, extract in layer_kinds:
         for name, value in _same_for_all(layers, symbol, what, extract).items():
             if name in kw and kw[name] != value:

@@ -3,6 +3,10 @@
 A TorchTitan checkpoint (``outputs/checkpoint/step-N``) stores the model under our
 names at the top level (beside ``optimizer``, ``lr_scheduler``, ... in full
 checkpoints) but no architecture: the caller names it (flavor or config.json).
+A LoRA run's checkpoint also holds the adapters (``<module>.lora_a.weight`` /
+``lora_b.weight``) and no rank or alpha: the caller passes the run's converted
+model config (``lora_model_config``) and each adapted weight is written merged,
+``W + alpha/r · B A`` (``lora.merge.merge_lora``), what vLLM serves.
 
 DCP → HF streams: the shard plan is made from the DCP metadata, and each output
 shard loads only its own tensors (``dcp.load`` of a partial state dict), so memory
@@ -22,6 +26,8 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from torchtitan_nemotron3.model import NemotronHArgs
 
+from ..lora.converter import lora_scalings
+from ..lora.merge import LORA_A, LORA_B, is_adapter_key, merge_lora
 from .config import hf_config_from_args, write_hf_config
 from .errors import CheckpointMismatchError
 from .files import check_finite, scan_checkpoint
@@ -36,7 +42,7 @@ from .writer import (
 
 # First name component of every model tensor (everything else in a TorchTitan
 # checkpoint is optimizer / scheduler / dataloader / train state).
-_MODEL_ROOTS = {"tok_embeddings", "layers", "norm", "lm_head"}
+_MODEL_ROOTS = {"tok_embeddings", "layers", "norm", "lm_head", "mtp"}
 
 
 def dcp_to_hf(
@@ -47,17 +53,31 @@ def dcp_to_hf(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     progress: bool = False,
     assets_dir: str | os.PathLike | None = None,
+    lora_model_config=None,
 ) -> None:
     """Write the model of a DCP checkpoint as a hub-format directory.
 
     ``dtype`` casts floating tensors (default: as stored; the router stays fp32).
     ``assets_dir`` supplies tokenizer / chat template / generation config files.
+    ``lora_model_config``: for a LoRA run's checkpoint, the run's converted model
+    config (``model_spec.model``, or ``lora.export.lora_config_for_dcp``); each
+    adapted weight is merged with its adapters (in the stored dtype, computed in
+    fp32, then cast) and the adapters are not written.
     Raises ``CheckpointMismatchError`` naming model tensors the checkpoint lacks
-    or stores with another shape, ``CorruptCheckpointError`` naming a tensor
-    holding NaN/inf (a diverged run).
+    or stores with another shape (adapters included), ``CorruptCheckpointError``
+    naming a tensor holding NaN/inf (a diverged run), ``ValueError`` for a
+    checkpoint holding adapters when no ``lora_model_config`` is given.
     """
     dcp_dir = os.fspath(dcp_dir)
     metadata = FileSystemReader(dcp_dir).read_metadata().state_dict_metadata
+    if (
+        args.num_nextn_predict_layers
+        and not args.mtp_num_layers
+        and any(name.startswith("mtp.") for name in metadata)
+    ):
+        # A run that trained MTP: export its stored block too (the depth it was
+        # applied for does not change the weights).
+        args = args.replace(mtp_num_layers=1)
     model, adapter = _build_on_meta(args)
     # Only the model part of the checkpoint is ours to check, not optimizer or
     # dataloader state stored beside it in a full checkpoint.
@@ -66,8 +86,10 @@ def dcp_to_hf(
         for name, md in metadata.items()
         if name.split(".", 1)[0] in _MODEL_ROOTS and hasattr(md, "size")
     }
+    scalings, meta_adapters = _lora_plan(dcp_dir, found, lora_model_config)
     meta_state = _as_stored(model.state_dict(), adapter, found)
     expected = {name: t.shape for name, t in meta_state.items()}
+    expected.update({name: t.shape for name, t in meta_adapters.items()})
     check_checkpoint(expected, found, dcp_dir)
 
     def out_dtype(name: str) -> torch.dtype:
@@ -82,13 +104,18 @@ def dcp_to_hf(
 
     # Hub tensor → the stored tensors it is made of (a packed Mamba2 tensor: its
     # parts; in a checkpoint from before the split, the packed tensor itself).
+    # A LoRA-adapted weight's group also holds its two adapters.
     groups = defaultdict(list)
     for name in meta_state:
         part = packed_part(name)
-        groups[part[0] if part else ours_to_hub(name)].append(name)
+        group = groups[part[0] if part else ours_to_hub(name)]
+        group.append(name)
+        fqn = name.removesuffix(".weight")
+        if fqn in scalings:
+            group += [f"{fqn}{LORA_A}", f"{fqn}{LORA_B}"]
     owner, hub_meta = {}, {}
     for names in groups.values():
-        meta = {name: meta_state[name] for name in names}
+        meta = {name: meta_state[name] for name in names if not is_adapter_key(name)}
         for hub, t in adapter.to_hf(meta).items():
             owner[hub] = tuple(names)
             hub_meta[hub] = torch.empty(
@@ -109,7 +136,15 @@ def dcp_to_hf(
         for group in groups_wanted:
             for key in group:
                 check_finite(state[key], key, dcp_dir)
-            converted = adapter.to_hf({k: state[k].to(out_dtype(k)) for k in group})
+            # Merge before the cast: W' = W + alpha/r·B·A in fp32, in W's dtype.
+            fqns = (k.removesuffix(".weight") for k in group)
+            merged = merge_lora(
+                {k: state[k] for k in group},
+                {f: scalings[f] for f in fqns if f in scalings},
+            )
+            converted = adapter.to_hf(
+                {k: v.to(out_dtype(k)) for k, v in merged.items()}
+            )
             for hub, tensor in converted.items():
                 if hub in wanted:
                     out[hub] = tensor.contiguous()
@@ -125,6 +160,33 @@ def dcp_to_hf(
         progress=progress,
         assets_dir=assets_dir,
     )
+
+
+def _lora_plan(
+    dcp_dir: str, found: dict[str, tuple], lora_model_config
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """({adapted module: alpha/rank}, the adapters' meta tensors) of
+    ``lora_model_config`` (both empty without one). Raises ``ValueError`` when the
+    checkpoint holds adapters and no LoRA config was given (the reverse, a LoRA
+    config for a checkpoint without adapters, fails ``check_checkpoint``, which
+    names the missing adapters)."""
+    stored = sorted(name for name in found if is_adapter_key(name))
+    if lora_model_config is None:
+        if stored:
+            modules = {name.rsplit(".", 2)[0] for name in stored}
+            raise ValueError(
+                f"{dcp_dir} holds LoRA adapters ({len(modules)} modules, e.g. "
+                f"{stored[0]}) and no LoRA config was given to merge them: "
+                "scripts/convert_checkpoint.py dcp-to-hf merges them with --config "
+                "RUN_CONFIG or --lora_alpha ALPHA (lora_model_config here)"
+            )
+        return {}, {}
+    scalings = lora_scalings(lora_model_config)
+    if not scalings:
+        raise ValueError("lora_model_config adapts no module (no LoRA converter)")
+    with torch.device("meta"):
+        state = lora_model_config.build().state_dict()
+    return scalings, {k: v for k, v in state.items() if is_adapter_key(k)}
 
 
 def _as_stored(
@@ -174,12 +236,16 @@ def hf_to_dcp(
     out_dir: str | os.PathLike,
     dtype: torch.dtype | None = None,
     progress: bool = False,
+    mtp_num_layers: int = 0,
 ) -> None:
     """Write a hub-format directory (or Hub repo id) as a model-only DCP checkpoint
     under our names (what ``checkpoint.initial_load_path`` loads without
     ``initial_load_in_hf``). ``dtype`` defaults to the checkpoint's; the router
-    stays fp32."""
-    model = from_pretrained(hf_dir, dtype=dtype, progress=progress)
+    stays fp32. The MTP block is kept only with ``mtp_num_layers`` > 0 (as in
+    ``from_pretrained``)."""
+    model = from_pretrained(
+        hf_dir, dtype=dtype, progress=progress, mtp_num_layers=mtp_num_layers
+    )
     with atomic_directory(out_dir) as tmp:
         dcp.save(model.state_dict(), checkpoint_id=tmp, no_dist=True)
 

@@ -22,7 +22,7 @@ from .config import args_from_hf_config, hf_config_from_args, load_hf_config
 from .errors import CheckpointMismatchError, listing
 from .files import check_finite, open_safetensors, read_stored, scan_checkpoint
 from .hub import MODEL_FILES, local_dir
-from .naming import keep_fp32, ours_to_hub, packed_part, packed_parts
+from .naming import is_mtp, keep_fp32, ours_to_hub, packed_part, packed_parts
 from .state_dict_adapter import NemotronHStateDictAdapter
 from .writer import DEFAULT_MAX_SHARD_SIZE, write_hf_checkpoint
 
@@ -72,6 +72,7 @@ def from_pretrained(
     progress: bool = False,
     allow_non_finite: bool = False,
     kernel_backend: str = "auto",
+    mtp_num_layers: int = 0,
 ) -> NemotronHModel:
     """Our ``NemotronHModel`` from a hub-format directory (``config.json`` plus
     ``model.safetensors`` or shards with ``model.safetensors.index.json``; the
@@ -89,11 +90,24 @@ def from_pretrained(
     shape mismatches) and ``CorruptCheckpointError`` (unreadable or truncated
     file, malformed JSON, NaN/inf in a weight unless ``allow_non_finite``).
     ``kernel_backend`` picks the Mamba2 ops as in ``model_registry``.
+
+    ``mtp_num_layers`` > 0 turns multi-token prediction on (its stored block
+    applied that many times) and needs the checkpoint's ``mtp.*`` tensors; with
+    MTP off (the default) they are skipped, as transformers skips them.
     """
     path = local_dir(path, MODEL_FILES)
     args = args_from_hf_config(load_hf_config(path))
     stored = scan_checkpoint(path)
+    if mtp_num_layers and not any(is_mtp(n) for n in stored):
+        raise CheckpointMismatchError(
+            f"checkpoint {path} has no MTP (mtp.*) tensors, so it cannot be loaded "
+            f"with mtp_num_layers={mtp_num_layers}; load it with MTP off "
+            "(mtp_num_layers=0)"
+        )
+    args = args.replace(mtp_num_layers=mtp_num_layers)
     model, adapter = _build_on_meta(args, kernel_backend)
+    if model.mtp is None:
+        stored = {n: entry for n, entry in stored.items() if not is_mtp(n)}
     expected = {n: t.shape for n, t in adapter.to_hf(model.state_dict()).items()}
     check_checkpoint(expected, {n: s.shape for n, s in stored.items()}, path)
 

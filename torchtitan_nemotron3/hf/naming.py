@@ -13,6 +13,11 @@ The Mamba2 mixer holds the hub's packed ``in_proj`` (rows z | x | B | C | dt) an
 ``conv1d.x.weight``, ...), so tensor parallelism can shard each part by head:
 ``PACKED`` names the parts of each packed hub tensor, in order.
 
+The multi-token-prediction block (Super, Ultra) has no ``backbone.`` prefix on the
+hub: ``mtp.layers.{i}.*``, its sub-layers flattened, the first also holding
+``enorm`` / ``hnorm`` / ``eh_proj`` and the last ``final_layernorm``; ours has the
+same layout (``model/mtp.py``), so only the mixer renames apply.
+
 Other spellings seen on disk, accepted when reading: transformers' in-memory names
 (``model.`` prefix) written by ``save_pretrained(save_original_format=False)``, with
 3-D experts ``model.layers.{i}.mixer.experts.up_proj`` [E, F, D].
@@ -21,6 +26,8 @@ Other spellings seen on disk, accepted when reading: transformers' in-memory nam
 import re
 
 HUB_PREFIX = "backbone."
+# The multi-token-prediction block's tensors, ours and the hub's alike.
+MTP_PREFIX = "mtp."
 
 _TOP_LEVEL = {
     "tok_embeddings.weight": "backbone.embeddings.weight",
@@ -67,13 +74,29 @@ FP32_SUFFIXES = (
     ".mixer.expert_bias_E",
 )
 
-_OURS_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
-_HUB_LAYER = re.compile(r"^backbone\.layers\.(\d+)\.(.+)$")
+# Block stacks, ours → hub: the main layers and the MTP block's layers.
+_STACKS = {"layers": f"{HUB_PREFIX}layers", "mtp.layers": "mtp.layers"}
+_STACKS_FROM_HUB = {v: k for k, v in _STACKS.items()}
+_OURS_LAYER = re.compile(r"^((?:mtp\.)?layers)\.(\d+)\.(.+)$")
+_HUB_LAYER = re.compile(r"^(backbone\.layers|mtp\.layers)\.(\d+)\.(.+)$")
+# What a block holds: its norm and mixer; an MTP layer also the fusion of the
+# shifted embedding with the previous hidden state (first) or the final norm (last).
+_BLOCK_PARTS = ("norm.", "mixer.")
+_MTP_BLOCK_PARTS = _BLOCK_PARTS + ("enorm.", "hnorm.", "eh_proj.", "final_layernorm.")
+
+
+def _block_part_ok(stack: str, rest: str) -> bool:
+    return rest.startswith(_MTP_BLOCK_PARTS if stack == "mtp.layers" else _BLOCK_PARTS)
 _HUB_EXPERT = re.compile(r"^mixer\.experts\.(\d+)\.(up_proj|down_proj)\.weight$")
 # 3-D experts as transformers holds them in memory
 _STACKED_EXPERTS = re.compile(
     r"^(?:model|backbone)\.layers\.(\d+)\.mixer\.experts\.(up_proj|down_proj)(?:\.weight)?$"
 )
+
+
+def is_mtp(name: str) -> bool:
+    """True for a tensor of the MTP block (our name or the hub's)."""
+    return name.startswith(MTP_PREFIX)
 
 
 def is_expert_weight(ours: str) -> bool:
@@ -86,11 +109,11 @@ def packed_part(ours: str) -> tuple[str, str] | None:
     match = _OURS_LAYER.match(ours)
     if match is None:
         return None
-    layer, rest = match.groups()
+    stack, layer, rest = match.groups()
     inner = rest.removeprefix("mixer.")
     if inner == rest or inner not in _PACKED_FROM_PART:
         return None
-    return f"{HUB_PREFIX}layers.{layer}.mixer.{_PACKED_FROM_PART[inner]}", inner
+    return f"{_STACKS[stack]}.{layer}.mixer.{_PACKED_FROM_PART[inner]}", inner
 
 
 def packed_parts(hub: str) -> list[str] | None:
@@ -98,11 +121,11 @@ def packed_parts(hub: str) -> list[str] | None:
     match = _HUB_LAYER.match(hub)
     if match is None:
         return None
-    layer, rest = match.groups()
+    stack, layer, rest = match.groups()
     parts = PACKED.get(rest.removeprefix("mixer."))
     if parts is None or not rest.startswith("mixer."):
         return None
-    return [f"layers.{layer}.mixer.{part}" for part in parts]
+    return [f"{_STACKS_FROM_HUB[stack]}.{layer}.mixer.{part}" for part in parts]
 
 
 def keep_fp32(name: str) -> bool:
@@ -117,9 +140,9 @@ def ours_to_hub(ours: str) -> str:
     if ours in _TOP_LEVEL:
         return _TOP_LEVEL[ours]
     match = _OURS_LAYER.match(ours)
-    if match is None or not match.group(2).startswith(("norm.", "mixer.")):
+    if match is None or not _block_part_ok(match.group(1), match.group(3)):
         raise KeyError(f"{ours!r} is not a NemotronH parameter or buffer name")
-    layer, rest = match.groups()
+    stack, layer, rest = match.groups()
     if rest.startswith("mixer."):
         inner = rest.removeprefix("mixer.")
         if inner in _PACKED_FROM_PART:
@@ -128,7 +151,7 @@ def ours_to_hub(ours: str) -> str:
             rest = f"mixer.experts.{{expert}}.{EXPERT_WEIGHTS[inner]}.weight"
         else:
             rest = "mixer." + _MIXER_RENAMES.get(inner, inner)
-    return f"{HUB_PREFIX}layers.{layer}.{rest}"
+    return f"{_STACKS[stack]}.{layer}.{rest}"
 
 
 def hub_to_ours(hub: str) -> tuple[str, int | None]:
@@ -136,17 +159,20 @@ def hub_to_ours(hub: str) -> tuple[str, int | None]:
     if hub in _TOP_LEVEL_FROM_HUB:
         return _TOP_LEVEL_FROM_HUB[hub], None
     match = _HUB_LAYER.match(hub)
-    if match is None or not match.group(2).startswith(("norm.", "mixer.")):
+    if match is None:
         raise KeyError(f"{hub!r} is not a NemotronH hub tensor name")
-    layer, rest = match.groups()
+    stack, layer, rest = match.groups()
+    stack = _STACKS_FROM_HUB[stack]
+    if not _block_part_ok(stack, rest):
+        raise KeyError(f"{hub!r} is not a NemotronH hub tensor name")
     expert = _HUB_EXPERT.match(rest)
     if expert is not None:
         index, proj = expert.groups()
-        return f"layers.{layer}.mixer.{_EXPERT_WEIGHTS_FROM_HUB[proj]}", int(index)
+        return f"{stack}.{layer}.mixer.{_EXPERT_WEIGHTS_FROM_HUB[proj]}", int(index)
     if rest.startswith("mixer."):
         inner = rest.removeprefix("mixer.")
         rest = "mixer." + _MIXER_RENAMES_FROM_HUB.get(inner, inner)
-    return f"layers.{layer}.{rest}", None
+    return f"{stack}.{layer}.{rest}", None
 
 
 def hub_names_on_disk(key: str, shape: tuple[int, ...]) -> list[tuple[str, int | None]]:

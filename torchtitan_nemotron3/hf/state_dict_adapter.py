@@ -27,11 +27,14 @@ from typing import Any
 import torch
 from torchtitan.protocols.state_dict_adapter import StateDictAdapter
 
+from .errors import CheckpointMismatchError
 from .experts import ExpertLayout, join_experts, split_experts
+from .files import scan_checkpoint
 from .naming import (
     hub_names_on_disk,
     hub_to_ours,
     is_expert_weight,
+    is_mtp,
     keep_fp32,
     ours_to_hub,
     packed_part,
@@ -124,8 +127,11 @@ class NemotronHStateDictAdapter(StateDictAdapter):
         """Rows of each Mamba2 part, from the model config."""
         sizes = []
         for name in names:
+            layers = self.model_config.layers
+            if is_mtp(name):
+                layers, name = self.model_config.mtp.layers, name.removeprefix("mtp.")
             _, layer, _, module, part, _ = name.split(".")
-            cfg = getattr(getattr(self.model_config.layers[int(layer)].mixer, module), part)
+            cfg = getattr(getattr(layers[int(layer)].mixer, module), part)
             sizes.append(cfg.out_features if module == "in_proj" else cfg.in_channels)
         return sizes
 
@@ -164,4 +170,12 @@ class NemotronHStateDictAdapter(StateDictAdapter):
                 "checkpoint.initial_load_in_hf_quantized: quantized NemotronH "
                 "checkpoints are not supported"
             )
-        return NemotronHStorageReader(os.fspath(path))
+        path = os.fspath(path)
+        if getattr(self.model_config, "mtp", None) is not None and not any(
+            is_mtp(name) for name in scan_checkpoint(path)
+        ):
+            raise CheckpointMismatchError(
+                f"checkpoint {path} has no MTP (mtp.*) tensors, so it cannot be "
+                "loaded into a model with MTP on; train with mtp_num_layers=0"
+            )
+        return NemotronHStorageReader(path)

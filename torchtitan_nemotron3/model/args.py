@@ -56,9 +56,22 @@ class NemotronHArgs:
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 2.5
     load_balance_coeff: float | None = 1e-3  # aux-loss-free bias update rate
-    # fields of larger Nemotron-3 models that are not implemented here
+    # Ours, not in config.json: NVIDIA's sequence-level balance loss (NVIDIA
+    # trains with 1e-4); 0 is off.
+    moe_seq_aux_loss_coeff: float = 0.0
+    # Latent MoE (Super, Ultra): routed experts work in this width, between
+    # fc1_latent_proj (hidden → latent) and fc2_latent_proj (latent → hidden).
     moe_latent_size: int | None = None
+    # Multi-token prediction (Super, Ultra): the checkpoint stores
+    # ``num_nextn_predict_layers`` MTP blocks (0 or 1 here), each of the layers in
+    # ``mtp_hybrid_override_pattern`` ("*E": attention, then MoE).
     num_nextn_predict_layers: int = 0
+    mtp_hybrid_override_pattern: str = "*E"
+    # Ours (job file), not in config.json: the depths D the stored block is
+    # applied for in training (0: MTP off, its parameters are not built), and λ in
+    # L_main + λ/D · Σ_k CE_k.
+    mtp_num_layers: int = 0
+    mtp_loss_scaling_factor: float = 0.3
     # Layers per pipeline stage, from the ``|`` of a Megatron pattern (which
     # ``hybrid_override_pattern`` itself drops); ours only, not in config.json.
     pipeline_segments: tuple[int, ...] | None = None
@@ -73,6 +86,9 @@ class NemotronHArgs:
         else:
             self.pipeline_segments = tuple(int(n) for n in self.pipeline_segments)
         self.num_hidden_layers = len(self.hybrid_override_pattern)
+        self.mtp_hybrid_override_pattern = parse_hybrid_pattern(
+            self.mtp_hybrid_override_pattern
+        )
         self.time_step_limit = tuple(float(v) for v in self.time_step_limit)
         self.validate()
 
@@ -101,12 +117,22 @@ class NemotronHArgs:
                 raise bad(field, "must be positive")
         if self.tie_word_embeddings:
             raise bad("tie_word_embeddings", "NemotronH has an untied lm_head")
-        if self.moe_latent_size is not None:
-            raise bad("moe_latent_size", "latent MoE projections are not implemented")
-        if self.num_nextn_predict_layers:
+        if self.moe_latent_size is not None and self.moe_latent_size <= 0:
+            raise bad("moe_latent_size", "must be positive (None: no latent MoE)")
+        if self.num_nextn_predict_layers not in (0, 1):
             raise bad(
-                "num_nextn_predict_layers", "multi-token prediction is not implemented"
+                "num_nextn_predict_layers",
+                "only one stored MTP block (applied mtp_num_layers times) is implemented",
             )
+        if self.mtp_num_layers and not self.num_nextn_predict_layers:
+            raise bad(
+                "mtp_num_layers",
+                "MTP needs num_nextn_predict_layers=1 (the stored block it repeats)",
+            )
+        if not self.moe_seq_aux_loss_coeff >= 0.0:
+            raise bad("moe_seq_aux_loss_coeff", "must be >= 0")
+        if not self.mtp_loss_scaling_factor >= 0.0:
+            raise bad("mtp_loss_scaling_factor", "must be >= 0")
         if self.mamba_hidden_act != "silu":
             raise bad("mamba_hidden_act", "only 'silu' is implemented")
         if self.mlp_hidden_act != "relu2":
@@ -125,6 +151,8 @@ class NemotronHArgs:
             )
 
         kinds = set(self.hybrid_override_pattern)
+        if self.num_nextn_predict_layers:
+            kinds |= set(self.mtp_hybrid_override_pattern)
         if ATTENTION in kinds:
             if self.num_attention_heads <= 0 or self.head_dim <= 0:
                 raise bad("num_attention_heads", "attention needs heads and head_dim > 0")

@@ -21,11 +21,12 @@ from torchtitan.models.common.nn_modules import Conv1d, RMSNorm
 from torchtitan.models.common.config_utils import make_token_dispatcher_config
 
 from .args import NemotronHArgs
-from .attention import Attention
+from .attention import Attention, DocumentCausalAttention
 from .mamba2 import GatedGroupRMSNorm, Mamba2Conv, Mamba2InProj, Mamba2Mixer
 from .mlp import ReluSquaredMLP
 from .model import NemotronHBlock, NemotronHModel
 from .moe import NemotronHMoE, ReluSquaredGroupedExperts
+from .mtp import MTPBlock, MultiTokenPrediction
 from .pattern import ATTENTION, MAMBA, MLP, MOE
 from .router import router_config
 
@@ -87,7 +88,9 @@ def _mamba(args: NemotronHArgs, std: float, out_std: float, kernel_backend: str)
     )
 
 
-def _attention(args: NemotronHArgs, std: float, out_std: float) -> Attention.Config:
+def _attention(
+    args: NemotronHArgs, std: float, out_std: float, backend: str
+) -> Attention.Config:
     D, hd = args.hidden_size, args.head_dim
     return Attention.Config(
         n_heads=args.num_attention_heads,
@@ -97,6 +100,7 @@ def _attention(args: NemotronHArgs, std: float, out_std: float) -> Attention.Con
         k_proj=_linear(D, args.num_key_value_heads * hd, std),
         v_proj=_linear(D, args.num_key_value_heads * hd, std),
         o_proj=_linear(args.num_attention_heads * hd, D, out_std),
+        inner_attention=DocumentCausalAttention.Config(backend=backend),
     )
 
 
@@ -109,35 +113,47 @@ def _mlp(D: int, hidden: int, std: float, out_std: float, bias: bool):
 def _moe(
     args: NemotronHArgs, std: float, out_std: float, comm_backend: str
 ) -> NemotronHMoE.Config:
-    D, E = args.hidden_size, args.n_routed_experts
+    D, E, S = args.hidden_size, args.n_routed_experts, args.moe_latent_size
+    latent = S is not None
+    # Routed experts work in the latent width when there is one; then fc2, not the
+    # experts' down projection, writes into the residual stream and is scaled.
+    expert_dim = S if latent else D
+    expert_out_std = std if latent else out_std
     return NemotronHMoE.Config(
         num_experts=E,
         router=router_config(args, _normal(std)),
         routed_experts=RoutedExperts.Config(
             inner_experts=ReluSquaredGroupedExperts.Config(
-                dim=D,
+                dim=expert_dim,
                 hidden_dim=args.moe_intermediate_size,
                 num_experts=E,
-                param_init={"w1_EFD": _normal(std), "w2_EDF": _normal(out_std)},
+                param_init={"w1_EFD": _normal(std), "w2_EDF": _normal(expert_out_std)},
             ),
             # TorchTitan's dispatcher for the backend: "standard" all-to-all
-            # (local when there is no EP mesh), or DeepEP/HybridEP on GPUs.
+            # (local when there is no EP mesh), or DeepEP/HybridEP on GPUs; it
+            # moves expert_dim-wide tokens.
             token_dispatcher=make_token_dispatcher_config(
                 num_experts=E,
                 top_k=args.num_experts_per_tok,
                 comm_backend=comm_backend,
-                hidden_dim=D,
+                hidden_dim=expert_dim,
             ),
         ),
         load_balance_coeff=args.load_balance_coeff,
+        seq_aux_loss_coeff=args.moe_seq_aux_loss_coeff,
         shared_experts=_mlp(
             D, args.moe_shared_expert_intermediate_size, std, out_std, args.mlp_bias
         ),
+        fc1_latent_proj=_linear(D, S, std, args.mlp_bias) if latent else None,
+        fc2_latent_proj=_linear(S, D, out_std, args.mlp_bias) if latent else None,
     )
 
 
 def build_model_config(
-    args: NemotronHArgs, kernel_backend: str = "auto", moe_comm_backend: str = "standard"
+    args: NemotronHArgs,
+    kernel_backend: str = "auto",
+    moe_comm_backend: str = "standard",
+    attn_backend: str = "auto",
 ) -> NemotronHModel.Config:
     """The module-config tree for ``args``: one block config per pattern symbol.
 
@@ -145,7 +161,11 @@ def build_model_config(
     uses mamba-ssm / causal-conv1d kernels on CUDA tensors when installed and is
     exactly the torch path otherwise; "torch" and "cuda" force one side.
     ``moe_comm_backend`` is TorchTitan's token-dispatch backend for expert
-    parallelism ("standard", "deepep", "hybridep", "minimal_async_ep")."""
+    parallelism ("standard", "deepep", "hybridep", "minimal_async_ep").
+    ``attn_backend`` runs attention (``attention.DocumentCausalAttention``):
+    "sdpa" (exact, dense document mask: the CPU path), "flex" (FlexAttention with
+    a document block mask), "varlen" (flash varlen, no CP), or "auto": flex on
+    CUDA tensors, sdpa elsewhere; an unknown name raises ``ValueError``."""
     D, std = args.hidden_size, args.initializer_range
     out_std = std / math.sqrt(args.num_hidden_layers) if args.rescale_prenorm_residual else std
 
@@ -158,7 +178,7 @@ def build_model_config(
         if symbol == MAMBA:
             return _mamba(args, std, out_std, kernel_backend)
         if symbol == ATTENTION:
-            return _attention(args, std, out_std)
+            return _attention(args, std, out_std, attn_backend)
         if symbol == MLP:
             return _mlp(D, args.intermediate_size, std, out_std, args.mlp_bias)
         assert symbol == MOE
@@ -179,6 +199,37 @@ def build_model_config(
         norm=norm(D),
         lm_head=_linear(D, args.vocab_size, std),
         pipeline_segments=args.pipeline_segments,
+        mtp=_mtp(args, norm, mixer, std),
+    )
+
+
+def _mtp(
+    args: NemotronHArgs, norm, mixer, std: float
+) -> MultiTokenPrediction.Config | None:
+    """The stored MTP block when MTP is on (``mtp_num_layers`` > 0): one sub-layer
+    per symbol of ``mtp_hybrid_override_pattern``, the first with the
+    embedding/hidden fusion, the last with the final norm."""
+    if not args.mtp_num_layers:
+        return None
+    D, pattern = args.hidden_size, args.mtp_hybrid_override_pattern
+    layers = []
+    for i, symbol in enumerate(pattern):
+        first, last = i == 0, i == len(pattern) - 1
+        layers.append(
+            MTPBlock.Config(
+                layer_type=symbol,
+                norm=norm(D),
+                mixer=mixer(symbol),
+                enorm=norm(D) if first else None,
+                hnorm=norm(D) if first else None,
+                eh_proj=_linear(2 * D, D, std) if first else None,
+                final_layernorm=norm(D) if last else None,
+            )
+        )
+    return MultiTokenPrediction.Config(
+        num_depths=args.mtp_num_layers,
+        layers=layers,
+        loss_scaling_factor=args.mtp_loss_scaling_factor,
     )
 
 
@@ -230,7 +281,93 @@ DEBUG = NemotronHArgs(
     routed_scaling_factor=2.5,
 )
 
-FLAVORS: dict[str, NemotronHArgs] = {"debugmodel": DEBUG, "nano-30B": NANO_30B}
+# nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16, config.json (docs/super.md): latent
+# MoE, one stored MTP block ("*E") that training applies twice with λ = 0.3, as
+# NVIDIA's Megatron-Bridge recipe does. 123,611,033,088 parameters and routing
+# biases with MTP, 120,668,707,840 without (mtp_num_layers=0).
+SUPER_120B = NemotronHArgs(
+    vocab_size=131072,
+    hidden_size=4096,
+    hybrid_override_pattern=(
+        "MEMEMEM*EMEMEMEM*EMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*"
+        "EMEMEMEM*EMEMEMEME"
+    ),
+    num_hidden_layers=88,
+    num_attention_heads=32,
+    num_key_value_heads=2,
+    head_dim=128,
+    mamba_num_heads=128,
+    mamba_head_dim=64,
+    ssm_state_size=128,
+    n_groups=8,
+    conv_kernel=4,
+    chunk_size=128,
+    n_routed_experts=512,
+    num_experts_per_tok=22,
+    moe_intermediate_size=2688,
+    moe_shared_expert_intermediate_size=5376,
+    moe_latent_size=1024,
+    intermediate_size=2688,  # no dense '-' layers: unused
+    n_group=1,
+    topk_group=1,
+    routed_scaling_factor=5.0,
+    num_nextn_predict_layers=1,
+    mtp_hybrid_override_pattern="*E",
+    mtp_num_layers=2,
+    mtp_loss_scaling_factor=0.3,
+)
+
+
+def _ultra_pattern() -> str:
+    """Ultra's 108 layers: attention at the 12 indices its configs publish, the
+    rest alternating Mamba and MoE straight through them (the rule Super's
+    published pattern follows too; tests/model/test_super_flavors.py checks it)."""
+    attention = {7, 14, 23, 32, 39, 48, 57, 64, 73, 82, 89, 98}
+    symbols, other = [], 0
+    for i in range(108):
+        if i in attention:
+            symbols.append(ATTENTION)
+        else:
+            symbols.append((MAMBA, MOE)[other])
+            other ^= 1
+    return "".join(symbols)
+
+
+# nvidia/NVIDIA-Nemotron-3-Ultra-550B-A55B-BF16, from copies of its config.json
+# (docs/super.md; the Mamba head dim 64 follows from its 18,432 conv channels).
+# Verify against the released config.json before relying on it.
+ULTRA_550B = SUPER_120B.replace(
+    hidden_size=8192,
+    hybrid_override_pattern=_ultra_pattern(),
+    num_hidden_layers=108,
+    num_attention_heads=64,
+    num_key_value_heads=2,
+    head_dim=128,
+    mamba_num_heads=256,
+    mamba_head_dim=64,
+    moe_intermediate_size=5120,
+    moe_shared_expert_intermediate_size=10240,
+    moe_latent_size=2048,
+    intermediate_size=5120,  # no dense '-' layers: unused
+)
+
+# The debug model with Super's two features: latent MoE (256 → 128) and one MTP
+# block ("*E") applied twice.
+DEBUG_MTP = DEBUG.replace(
+    moe_latent_size=128,
+    num_nextn_predict_layers=1,
+    mtp_hybrid_override_pattern="*E",
+    mtp_num_layers=2,
+    mtp_loss_scaling_factor=0.3,
+)
+
+FLAVORS: dict[str, NemotronHArgs] = {
+    "debugmodel": DEBUG,
+    "debugmodel-mtp": DEBUG_MTP,
+    "nano-30B": NANO_30B,
+    "super-120B": SUPER_120B,
+    "ultra-550B": ULTRA_550B,
+}
 
 
 def flavor_args(flavor: str) -> NemotronHArgs:

@@ -13,6 +13,8 @@ from torchtitan.models.common.nn_modules import Conv1d
 from torchtitan.protocols.module import Module
 
 from ..ops import KERNEL_BACKENDS, TorchMambaOps, mamba_ops
+from .context_parallel import CPLayout
+from .mamba2_cp import ContextParallelMambaOps
 
 
 class GatedGroupRMSNorm(Module):
@@ -187,6 +189,10 @@ class Mamba2Mixer(Module):
     tensor is sharded by head, so the core (conv, scan, gated norm) runs on this
     rank's heads and groups as plain local tensors; the sizes below are then read
     off the local tensors, never assumed global. ``out_proj`` sums the ranks.
+
+    Under context parallelism (``set_context_parallel``) the ops are wrapped to run
+    on this rank's sequence shard exactly (``mamba2_cp.py``); ``seq_idx`` must then
+    be the global document ids (``context_parallel.global_seq_idx``).
     """
 
     @dataclass(kw_only=True, slots=True)
@@ -239,6 +245,13 @@ class Mamba2Mixer(Module):
         self.dt_bias = nn.Parameter(torch.empty(config.num_heads))
         self.ops = mamba_ops(config.kernel_backend)
 
+    def set_context_parallel(self, layout: CPLayout | None) -> None:
+        """Run on the CP shard ``layout`` describes (None: the whole row again)."""
+        ops = self.ops
+        if isinstance(ops, ContextParallelMambaOps):
+            ops = ops.inner
+        self.ops = ops if layout is None else ContextParallelMambaOps(ops, layout)
+
     def forward(
         self, x_BLD: torch.Tensor, seq_idx_BL: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -272,7 +285,8 @@ class Mamba2Mixer(Module):
         y_BLHP = self.ops.scan(
             x_BLI.unflatten(-1, (H, P)),
             dt_BLH,
-            -torch.exp(A_log_H.float()),
+            # fp32 (fp64 for an fp64 model, so its gradient is exact too)
+            -torch.exp(A_log_H.to(torch.promote_types(A_log_H.dtype, torch.float32))),
             B_BLG.unflatten(-1, (G, N)),
             C_BLG.unflatten(-1, (G, N)),
             D_H=_local(self.D),

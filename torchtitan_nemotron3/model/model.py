@@ -12,9 +12,8 @@ from torchtitan.models.common.token_dispatcher import update_ep_token_dispatcher
 from torchtitan.protocols.model import BaseModel
 from torchtitan.protocols.module import Module, ModuleDict
 
-from .attention import Attention
-from .mamba2 import Mamba2Mixer
-from .mlp import ReluSquaredMLP
+from .attention import AttentionMasks, attention_masks_for
+from .context_parallel import CPLayout, global_seq_idx
 from .moe import NemotronHMoE
 from .pattern import ATTENTION, MAMBA, MOE
 
@@ -25,6 +24,44 @@ def seq_idx_from_positions(positions_BL: torch.Tensor) -> torch.Tensor:
     starts_BL = positions_BL == 0
     starts_BL[:, 0] = True
     return (torch.cumsum(starts_BL, dim=-1, dtype=torch.int32) - 1).contiguous()
+
+
+def _check_mtp_layout(parallelism) -> None:
+    """MTP runs with FSDP (and AC, compile); the layouts whose sharding does not
+    yet cover the MTP block are refused by name."""
+    degrees = {
+        name: getattr(parallelism, name, 1)
+        for name in (
+            "expert_parallel_degree",
+            "tensor_parallel_degree",
+            "pipeline_parallel_degree",
+            "context_parallel_degree",
+        )
+    }
+    wrong = [f"parallelism.{name}={d}" for name, d in degrees.items() if d > 1]
+    if wrong:
+        raise NotImplementedError(
+            f"{', '.join(wrong)}: the MTP block's sharding is not wired for this "
+            "layout yet; train with mtp_num_layers=0 or FSDP only"
+        )
+
+
+def _check_latent_layout(layers, parallelism) -> None:
+    """Under TP every module needs a declared layout; until the layout code
+    declares the latent projections, refuse TP with latent MoE by name rather
+    than fail inside a matmul."""
+    tp = getattr(parallelism, "tensor_parallel_degree", 1)
+    if tp <= 1:
+        return
+    for i, layer in enumerate(layers):
+        if layer.layer_type != MOE or layer.mixer.fc1_latent_proj is None:
+            continue
+        if layer.mixer.fc1_latent_proj.sharding_config is None:
+            raise NotImplementedError(
+                f"parallelism.tensor_parallel_degree={tp}: layer {i}'s latent MoE "
+                "projections (fc1/fc2_latent_proj) have no tensor-parallel layout "
+                "yet; use EP and FSDP for latent MoE"
+            )
 
 
 class NemotronHBlock(Module):
@@ -54,9 +91,16 @@ class NemotronHBlock(Module):
         return self.mixer
 
     def forward(
-        self, h_BLD: torch.Tensor, seq_idx_BL: torch.Tensor | None = None
+        self,
+        h_BLD: torch.Tensor,
+        seq_idx_BL: torch.Tensor | None = None,
+        attention_masks: AttentionMasks | None = None,
     ) -> torch.Tensor:
+        """``attention_masks``: the forward's shared block mask / ``cu_seqlens``
+        for an attention mixer (``attention.attention_masks_for``)."""
         x_BLD = self.norm(h_BLD)
+        if self.layer_type == ATTENTION:
+            return h_BLD + self.mixer(x_BLD, seq_idx_BL, attention_masks)
         if self.needs_seq_idx:
             return h_BLD + self.mixer(x_BLD, seq_idx_BL)
         return h_BLD + self.mixer(x_BLD)
@@ -80,6 +124,8 @@ class NemotronHModel(BaseModel):
         lm_head: Linear.Config
         # Layers per pipeline stage from a Megatron ``|`` pattern (``pipeline.py``).
         pipeline_segments: tuple[int, ...] | None = None
+        # Multi-token prediction (``mtp.py``), None when off.
+        mtp: Module.Config | None = None
 
         @property
         def hybrid_override_pattern(self) -> str:
@@ -89,23 +135,30 @@ class NemotronHModel(BaseModel):
             """TorchTitan's hook before building: refuse layouts NemotronH cannot
             run, declare every module's sharding for the layout asked for, size the
             EP dispatchers, and pass the debug load-balance override to the routers."""
+            if self.mtp is not None:
+                _check_mtp_layout(config.parallelism)
             # The layout code (``sharding.py``) sits above the model and registers
             # itself here, so the model imports nothing that imports it.
             if NemotronHModel.layout_hook is not None:
-                NemotronHModel.layout_hook(self, config.parallelism)
+                NemotronHModel.layout_hook(
+                    self, config.parallelism, seq_len=config.training.seq_len
+                )
+            _check_latent_layout(self.layers, config.parallelism)
             # TorchTitan's helper walks ``layers[i].moe``; ours hold ``mixer``.
+            # The MTP block's MoE layers are dispatched like the main ones.
+            blocks = list(self.layers) + (self.mtp.layers if self.mtp else [])
             moe_view = SimpleNamespace(
                 dim=self.dim,
                 layers=[
                     SimpleNamespace(moe=layer.mixer)
-                    for layer in self.layers
+                    for layer in blocks
                     if layer.layer_type == MOE
                 ],
             )
             update_ep_token_dispatcher_config(moe_view, config)
             debug = getattr(config, "debug", None)
             if debug is not None:
-                for layer in self.layers:
+                for layer in blocks:
                     if layer.layer_type == MOE:
                         router = layer.mixer.router
                         router._debug_force_load_balance = debug.moe_force_load_balance
@@ -131,23 +184,58 @@ class NemotronHModel(BaseModel):
         )
         self.norm = config.norm.build()
         self.lm_head = config.lm_head.build()
+        self.mtp = None if config.mtp is None else config.mtp.build()
+
+    # This rank's share of each row under context parallelism (``parallelize.py``
+    # sets it; the mixers get it through ``context_parallel.set_context_parallel``).
+    cp_layout: CPLayout | None = None
+
+    def _document_index(self, positions_BL: torch.Tensor | None) -> torch.Tensor | None:
+        """Document index per token; under CP counted over the whole row, not the
+        shard, so a document crossing a shard boundary keeps one index."""
+        if positions_BL is None:
+            return None
+        if self.cp_layout is not None:
+            return global_seq_idx(positions_BL, self.cp_layout)
+        return seq_idx_from_positions(positions_BL)
 
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | list[torch.Tensor]:
         """``tokens`` [B, L] ids; on a pipeline stage without ``tok_embeddings``
         (TorchTitan's split sets absent modules to None) the previous stage's
         hidden states [B, L, D]. Every stage gets ``positions`` and rebuilds the
-        document layout from it, so packed documents stay apart on every stage."""
-        seq_idx_BL = None if positions is None else seq_idx_from_positions(positions)
+        document layout from it, so packed documents stay apart on every stage.
+
+        With MTP (``mtp.py``): ``[main logits, depth-1 logits, ...]``."""
+        seq_idx_BL = self._document_index(positions)
         if self.tok_embeddings is not None:
             h_BLD = self.tok_embeddings(tokens)
         else:
             h_BLD = tokens
+        # Built once here, shared by every attention layer (None for SDPA).
+        attention_masks = attention_masks_for(
+            self.layers, seq_idx_BL, h_BLD.size(0), h_BLD.size(1), h_BLD.device
+        )
         for layer in self.layers.values():
-            h_BLD = layer(h_BLD, seq_idx_BL)
+            h_BLD = layer(h_BLD, seq_idx_BL, attention_masks)
         if self.norm is not None:
             h_BLD = self.norm(h_BLD)
+        if self.mtp is not None:
+            if self.tok_embeddings is None:
+                raise NotImplementedError(
+                    "MTP needs the input ids and the shared embedding on the stage "
+                    "that runs it; pipeline parallelism with MTP is not wired yet"
+                )
+            hidden = [
+                h_BLD,
+                *self.mtp(
+                    h_BLD, tokens, seq_idx_BL, self.tok_embeddings, attention_masks
+                ),
+            ]
+            if self.lm_head is None or self._skip_lm_head:
+                return hidden
+            return [self.lm_head(h) for h in hidden]
         if self.lm_head is None or self._skip_lm_head:
             return h_BLD
         return self.lm_head(h_BLD)

@@ -58,8 +58,9 @@ class MambaOps(Protocol):
     ) -> torch.Tensor:
         """``weight * RMSNorm(y * silu(z))``, the norm over each of ``n_groups`` groups
         of ``I / n_groups`` channels: gate first, then norm (NemotronH's order),
-        computed in fp32. The result is in ``y``'s dtype (torch: promoted with the
-        weight's); the mixer casts it for ``out_proj``."""
+        computed in fp32 (torch: fp64 for fp64 inputs). The result is in ``y``'s
+        dtype (torch: promoted with the weight's); the mixer casts it for
+        ``out_proj``."""
         ...
 
 
@@ -101,7 +102,9 @@ class TorchMambaOps:
 
     def gated_norm(self, y_BLI, z_BLI, weight_I, *, eps, n_groups):
         in_dtype = y_BLI.dtype
-        h_BLI = y_BLI.float() * F.silu(z_BLI.float())
+        # fp32, or fp64 for fp64 inputs (exact references stay exact)
+        cd = torch.promote_types(in_dtype, torch.float32)
+        h_BLI = y_BLI.to(cd) * F.silu(z_BLI.to(cd))
         h_BLGW = h_BLI.unflatten(-1, (n_groups, -1))
         h_BLGW = h_BLGW * torch.rsqrt(h_BLGW.pow(2).mean(-1, keepdim=True) + eps)
         return weight_I * h_BLGW.flatten(-2).to(in_dtype)

@@ -42,6 +42,7 @@ from torchtitan.trainer import Trainer
 
 from ..hf.config import args_from_model_config
 from ..hf.dcp_convert import add_hf_config
+from .mtp_loss import MTPLoss
 
 
 @dataclass(kw_only=True, slots=True)
@@ -86,12 +87,57 @@ class NemotronHTrainer(Trainer):
         "auto" (GPU kernels where installed and the tensors are on CUDA, else torch),
         "torch", "cuda"; None keeps what the config function chose."""
 
+        moe_seq_aux_loss_coeff: float | None = None
+        """NVIDIA's sequence-level MoE balance loss (``model/moe.py``; NVIDIA uses
+        1e-4), added to the gradients of every MoE layer, logged as
+        ``loss_metrics/moe_seq_aux_loss``; 0 is off; None keeps the model's."""
+
+        mtp_num_layers: int | None = None
+        """Multi-token prediction depth D: the flavor's stored MTP block applied D
+        times (``model/mtp.py``); 0 turns MTP off (the block is not built); None
+        keeps the flavor's (super-120B, ultra-550B: 2; others have no MTP)."""
+
+        mtp_loss_scaling_factor: float | None = None
+        """λ in L_main + λ/D · Σ_k CE_k; None keeps the flavor's (0.3)."""
+
         def __post_init__(self):
             Trainer.Config.__post_init__(self)  # (no super() in slots dataclasses)
+            if self.model_spec is not None:
+                self._apply_mtp_options()
             if self.kernel_backend is not None and self.model_spec is not None:
                 for layer in self.model_spec.model.layers:
                     if hasattr(layer.mixer, "kernel_backend"):
                         layer.mixer.kernel_backend = self.kernel_backend
+            coeff = self.moe_seq_aux_loss_coeff
+            if coeff is not None and self.model_spec is not None:
+                if not coeff >= 0:
+                    raise ValueError(f"moe_seq_aux_loss_coeff={coeff}: must be >= 0")
+                model = self.model_spec.model
+                mtp = getattr(model, "mtp", None)
+                for layer in [*model.layers, *(mtp.layers if mtp else [])]:
+                    if hasattr(layer.mixer, "seq_aux_loss_coeff"):
+                        layer.mixer.seq_aux_loss_coeff = coeff
+
+        def _apply_mtp_options(self) -> None:
+            model, depth = self.model_spec.model, self.mtp_num_layers
+            if depth is not None:
+                if depth < 0:
+                    raise ValueError(f"mtp_num_layers={depth}: must be >= 0")
+                if depth == 0:
+                    model.mtp = None
+                elif getattr(model, "mtp", None) is None:
+                    raise ValueError(
+                        f"mtp_num_layers={depth}: flavor {self.model_spec.flavor!r} "
+                        "has no MTP block (num_nextn_predict_layers=0)"
+                    )
+                else:
+                    model.mtp.num_depths = depth
+            scale = self.mtp_loss_scaling_factor
+            if scale is not None:
+                if not scale >= 0:
+                    raise ValueError(f"mtp_loss_scaling_factor={scale}: must be >= 0")
+                if getattr(model, "mtp", None) is not None:
+                    model.mtp.loss_scaling_factor = scale
 
     def __init__(self, config: Config):
         super().__init__(config)
@@ -102,6 +148,137 @@ class NemotronHTrainer(Trainer):
         # Before TorchTitan's MoE load-balancing hook: a refused step must not move
         # the routing bias either.
         self.optimizers._optimizer_step_pre_hooks.move_to_end(handle.id, last=False)
+        self._mtp_loss: MTPLoss | None = None
+        mtp = getattr(config.model_spec.model, "mtp", None)
+        if mtp is not None:
+            self._wire_mtp(mtp)
+        self._aux_moes = [
+            m
+            for part in self.model_parts
+            for m in part.modules()
+            if getattr(m, "seq_aux_loss_coeff", 0) > 0
+        ]
+        # What holds each forward's aux loss for logging: the main layers' MoEs,
+        # and the MTP block (its MoE runs once per depth; the block sums them).
+        self._aux_sources = [
+            block.moe
+            for part in self.model_parts
+            for block in part.get_submodule("layers").values()
+            if block.moe_enabled and block.moe.seq_aux_loss_coeff > 0
+        ] + [
+            part.mtp
+            for part in self.model_parts
+            if getattr(part, "mtp", None) is not None
+            and any(m.seq_aux_loss_coeff > 0 for m in self._aux_moes)
+        ]
+        self._aux_loss_sum: torch.Tensor | None = None
+        if self._aux_moes:
+            self._wire_seq_aux_loss()
+        if self._mtp_loss is not None or self._aux_moes:
+            self._log_extra_losses()
+
+    def _wire_seq_aux_loss(self) -> None:
+        """Each MoE layer's sequence aux loss is a sum over its batch rows; scaled
+        by 1 / (rows of the global batch) it is a mean over rows, summed over
+        layers, as Megatron's."""
+        batch_ranks = 1
+        if self.parallel_dims.dp_enabled:
+            batch_ranks = self.parallel_dims.get_mesh("batch").size()
+        rows = (
+            self.config.training.local_batch_size
+            * self.gradient_accumulation_steps
+            * batch_ranks
+        )
+        for moe in self._aux_moes:
+            moe.aux_loss_scale = 1.0 / rows
+
+    def _log_extra_losses(self) -> None:
+        """Per-depth MTP losses and the sequence aux loss join TorchTitan's log
+        line's metrics (the logged loss stays the main LM loss)."""
+        log = self.metrics_processor.log
+
+        def log_with_extra_losses(step, *args, extra_metrics=None, **kwargs):
+            terms = self._extra_loss_terms()
+            if terms:
+                logger.info(
+                    "losses: " + "  ".join(f"{k}: {v:8.5f}" for k, v in terms.items())
+                )
+            extra = {f"loss_metrics/{k}": v for k, v in terms.items()}
+            extra.update(extra_metrics or {})
+            return log(step, *args, extra_metrics=extra, **kwargs)
+
+        self.metrics_processor.log = log_with_extra_losses
+
+    def _wire_mtp(self, mtp) -> None:
+        """Multi-token prediction: the loss becomes ``L_main + λ/D · Σ CE_k``
+        (``mtp_loss.py``); the logged loss stays the main LM loss and each depth's
+        CE is logged as ``loss_metrics/mtp_k``; validation scores the main output."""
+        if self.parallel_dims.pp_enabled:
+            raise NotImplementedError(
+                "multi-token prediction with pipeline parallelism is not wired yet; "
+                "set mtp_num_layers=0 or pipeline_parallel_degree=1"
+            )
+        self._mtp_loss = MTPLoss(self.loss_fn, mtp.num_depths, mtp.loss_scaling_factor)
+        self.loss_fn = self._mtp_loss
+        validator = getattr(self, "validator", None)
+        if validator is not None and hasattr(validator, "loss_fn"):
+            validator.loss_fn = self._mtp_loss.main_only
+        # TorchTitan's routing-bias update walks ``model.layers`` only; the MTP
+        # block's MoE gets the same update (after the non-finite check), unless
+        # the base model is frozen (LoRA: no load-balancing hook at all).
+        if self.config.model_spec.post_optimizer_build_fn is not None:
+            self.optimizers.register_step_pre_hook(self._update_mtp_expert_bias)
+
+    def _update_mtp_expert_bias(self, *_) -> None:
+        """TorchTitan's aux-loss-free update for the MTP block's MoE layers:
+        bias += coeff · sign(mean load - load), centred; loads summed over ranks."""
+        for model_part in self.model_parts:
+            mtp = getattr(model_part, "mtp", None)
+            for block in [] if mtp is None else mtp.layers.values():
+                if not block.moe_enabled or block.moe.load_balance_coeff is None:
+                    continue
+                moe = block.moe
+                counts_E = _local(moe.tokens_per_expert_E).clone()
+                if getattr(block, "checkpoint_impl", None) is not None:
+                    counts_E = counts_E // 2  # full AC counts every token twice
+                pd = self.parallel_dims
+                if pd.ep_enabled and pd.tp > 1:
+                    dist.all_reduce(counts_E, group=pd.get_mesh("tp").get_group())
+                loss_mesh = pd.get_optional_mesh("loss")
+                if loss_mesh is not None:
+                    dist.all_reduce(counts_E, group=loss_mesh.get_group())
+                with torch.no_grad():
+                    delta_E = moe.load_balance_coeff * torch.sign(
+                        counts_E.mean() - counts_E
+                    )
+                    delta_E = delta_E - delta_E.mean()
+                    _local(moe.expert_bias_E).add_(delta_E)
+                    _local(moe.tokens_per_expert_E).zero_()
+
+    def _extra_loss_terms(self) -> dict[str, float]:
+        """This step's per-depth MTP CEs and sequence aux loss, global (each
+        rank's value is its share, so they are summed over the loss mesh)."""
+        terms = {}
+        if self._mtp_loss is not None:
+            terms = self._mtp_loss.pop_terms()
+            terms.pop("main", None)  # logged as the loss itself
+        if self._aux_loss_sum is not None:
+            terms["moe_seq_aux_loss"] = self._aux_loss_sum
+            self._aux_loss_sum = None
+        if not terms:
+            return {}
+        names = sorted(terms)
+        values = torch.stack([terms[k].float().to(self.device) for k in names])
+        if self.parallel_dims.dp_cp_enabled:
+            loss_group = self.parallel_dims.get_mesh("loss").get_group()
+            dist.all_reduce(values, group=loss_group)
+        return dict(zip(names, values.tolist(), strict=True))
+
+    def _counting_mtp_tokens(self, data_iterator):
+        """The step's batches, each counted per MTP depth as it is fetched."""
+        for input_dict, labels in data_iterator:
+            self._mtp_loss.count_batch(labels, input_dict.get("positions"))
+            yield input_dict, labels
 
     def train(self) -> None:
         super().train()
@@ -131,10 +308,27 @@ class NemotronHTrainer(Trainer):
         loss = super().forward_backward_step(**kwargs)
         finite = torch.isfinite(_local(loss.detach())).all()
         self._loss_is_finite = finite & self._loss_is_finite
+        if self._aux_moes:
+            scale = self._aux_moes[0].aux_loss_scale  # the same for every layer
+            aux = sum(
+                _local(m.last_aux_loss) * scale
+                for m in self._aux_sources
+                if m.last_aux_loss is not None
+            )
+            if isinstance(aux, torch.Tensor):
+                self._aux_loss_sum = (
+                    aux if self._aux_loss_sum is None else self._aux_loss_sum + aux
+                )
+        if self._mtp_loss is not None:
+            return self._mtp_loss.last_main  # logged as the loss, as without MTP
         return loss
 
     def train_step(self, data_iterator) -> None:
         self._loss_is_finite = torch.ones((), dtype=torch.bool, device=self.device)
+        self._aux_loss_sum = None
+        if self._mtp_loss is not None:
+            self._mtp_loss.start_step(self._sum_over_batch)
+            data_iterator = self._counting_mtp_tokens(data_iterator)
         try:
             super().train_step(data_iterator)
         except _SkipUpdate:
@@ -146,6 +340,12 @@ class NemotronHTrainer(Trainer):
             self.lr_schedulers.step()
         else:
             self.consecutive_skips = 0
+
+    def _sum_over_batch(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.device)
+        if self.parallel_dims.dp_enabled:
+            dist.all_reduce(t, group=self.parallel_dims.get_mesh("batch").get_group())
+        return t
 
     def _check_update(self, *_) -> None:
         grads = [
