@@ -125,15 +125,24 @@ def write_fp32_debug_toml(
     path: str | os.PathLike,
     config: str = "nemotron3_debugmodel",
     module: str | None = None,
+    lr: float | None = None,
 ) -> Path:
     """The debug run in fp32 parameters (so "the same training" is checkable at
     fp32 precision), from ``config`` in ``module`` (the package's registry when
-    None)."""
+    None). ``lr`` replaces the config's: AdamW makes rounding differences
+    between layouts lr-sized steps where a gradient is near zero, so the
+    comparisons at 1e-4 that sum in another order use a smaller one."""
     job = f'config = "{config}"'
     if module is not None:
         job = f'module = "{module}"\n{job}'
+    text = FP32_DEBUG_TOML.format(job=job)
+    if lr is not None:
+        text += (
+            "\n[[optimizer.param_groups]]\n"
+            f"[optimizer.param_groups.optimizer_kwargs]\nlr = {lr}\n"
+        )
     path = Path(path)
-    path.write_text(FP32_DEBUG_TOML.format(job=job))
+    path.write_text(text)
     return path
 
 
