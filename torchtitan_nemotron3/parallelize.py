@@ -66,7 +66,8 @@ def parallelize_nemotronh(
     """Order matters as in TorchTitan's models: TP/EP shard the modules as their
     configs declare, AC wraps each block, compile then compiles each (wrapped)
     block, FSDP shards embeddings, each block (experts on the expert data-parallel
-    mesh), and norm+lm_head as units last. Under PP this runs once per stage. The
+    mesh), and norm+lm_head as units last. The MTP block's sub-layers get what
+    the main blocks get. Under PP this runs once per stage. The
     layout was checked when the model config was (``sharding.apply_layout``)."""
 
     if parallel_dims.tp_enabled or parallel_dims.ep_enabled:
@@ -75,27 +76,39 @@ def parallelize_nemotronh(
     if parallel_dims.cp_enabled:
         _apply_context_parallel(model, parallel_dims, parallelism)
 
+    # The MTP block's sub-layers are blocks too: TorchTitan's per-block helpers
+    # (they walk ``.layers``) run on the block as on a decoder of its own.
+    decoders = [model] if getattr(model, "mtp", None) is None else [model, model.mtp]
+
     if ac_config is not None:
-        _build_ac(ac_config, dump_folder).apply(model)
+        ac = _build_ac(ac_config, dump_folder)
+        for decoder in decoders:
+            ac.apply(decoder)
 
     if compile_config.enable and "model" in compile_config.components:
-        apply_compile(model, compile_config=compile_config, parallel_dims=parallel_dims)
+        for decoder in decoders:
+            apply_compile(
+                decoder, compile_config=compile_config, parallel_dims=parallel_dims
+            )
 
     # Even on one device FSDP2 is applied, as in TorchTitan's models: it is what
     # gives bf16 compute with fp32 master weights and fp32 gradient reduction.
+    # Each MTP sub-layer is its own unit (routed experts on the expert mesh under
+    # EP), wrapped before the root.
     dp_mesh = data_parallel_mesh(parallel_dims)
-    apply_fsdp_to_decoder(
-        model,
-        dp_mesh,
-        param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
-        reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],
-        pp_enabled=parallel_dims.pp_enabled,
-        cpu_offload=training.enable_cpu_offload,
-        reshard_after_forward_policy=parallelism.fsdp_reshard_after_forward,
-        ep_degree=parallel_dims.ep,
-        edp_mesh=expert_data_parallel_mesh(parallel_dims),
-        enable_symm_mem=parallelism.enable_fsdp_symm_mem,
-    )
+    for decoder in reversed(decoders):
+        apply_fsdp_to_decoder(
+            decoder,
+            dp_mesh,
+            param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
+            reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],
+            pp_enabled=parallel_dims.pp_enabled,
+            cpu_offload=training.enable_cpu_offload,
+            reshard_after_forward_policy=parallelism.fsdp_reshard_after_forward,
+            ep_degree=parallel_dims.ep,
+            edp_mesh=expert_data_parallel_mesh(parallel_dims),
+            enable_symm_mem=parallelism.enable_fsdp_symm_mem,
+        )
     if dist.is_initialized() and dist.get_backend() == "gloo":
         _reduce_with_plain_sum(model)
     logger.info(

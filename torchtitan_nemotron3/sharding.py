@@ -31,6 +31,7 @@ from torchtitan.models.common.moe_sharding import set_moe_sharding_config
 from torchtitan.protocols.sharding import ShardingConfig
 
 from .model.pattern import MAMBA, MOE
+from .tensor_parallel import replicated_on_local_tokens_config
 
 # Our relu² routed experts: up (F from D) is colwise, down (D from F) rowwise, when
 # TP shards experts without EP.
@@ -177,14 +178,21 @@ def set_sharding_config(model_config, parallelism: ParallelismConfig) -> None:
     from .tensor_parallel import set_dense_sharding_config
 
     set_dense_sharding_config(model_config, enable_sp=enable_sp)
-    for layer in model_config.layers:
+    for layer in all_block_configs(model_config):
         if layer.layer_type == MOE:
             set_moe_sharding(layer.mixer, enable_ep=enable_ep, enable_sp=enable_sp)
 
 
+def all_block_configs(model_config) -> list:
+    """The main blocks' configs, then the MTP block's sub-layers' (laid out alike)."""
+    mtp = getattr(model_config, "mtp", None)
+    return [*model_config.layers, *(mtp.layers if mtp is not None else [])]
+
+
 def set_moe_sharding(moe_cfg, *, enable_ep: bool, enable_sp: bool) -> None:
     """TorchTitan's MoE declarations (router, routed experts, EP dispatch), plus
-    the relu² shared expert's, which TorchTitan's helper cannot name."""
+    the relu² shared expert's, which TorchTitan's helper cannot name, and the
+    latent projections'."""
     shared = moe_cfg.shared_experts
     moe_cfg.shared_experts = None
     try:
@@ -198,6 +206,12 @@ def set_moe_sharding(moe_cfg, *, enable_ep: bool, enable_sp: bool) -> None:
         moe_cfg.shared_experts = shared
     if shared is not None:
         _set_shared_expert_sharding(shared, enable_ep=enable_ep, enable_sp=enable_sp)
+    if moe_cfg.fc1_latent_proj is not None:
+        # Latent MoE: fc1 on the tokens the router sees (before dispatch), fc2 on
+        # the routed output in its layout (after combine), weights replicated;
+        # the EP all-to-all moves latent-width tokens.
+        for proj in (moe_cfg.fc1_latent_proj, moe_cfg.fc2_latent_proj):
+            proj.sharding_config = replicated_on_local_tokens_config()
 
 
 def _set_shared_expert_sharding(mlp_cfg, *, enable_ep: bool, enable_sp: bool) -> None:

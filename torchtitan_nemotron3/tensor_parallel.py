@@ -16,6 +16,8 @@ TorchTitan 0.3.0 way: a ``ShardingConfig`` on each module config, applied by
   (the document index stays a plain, replicated, full-length tensor).
 - relu² MLP: up colwise, down rowwise (``set_relu2_mlp_sharding``, also for the
   MoE's shared expert).
+- MTP block (``set_mtp_sharding``): its sub-layers as the main blocks; the
+  fusion's ``eh_proj`` replicated on the local tokens.
 
 MoE layers (router, experts, shared expert) are ``sharding.py``'s.
 """
@@ -27,6 +29,7 @@ from torchtitan.models.common.decoder_sharding import (
     dense_param_placement,
     dense_sequence_parallel_placement,
     norm_config,
+    pre_lm_head_norm_config,
     rowwise_config,
     set_decoder_sharding_config,
 )
@@ -161,18 +164,71 @@ def set_relu2_mlp_sharding(
 
 def set_dense_sharding_config(model_config, *, enable_sp: bool) -> None:
     """Fill ``sharding_config`` on embeddings, final norm, lm_head, every block
-    norm and every Mamba, attention and MLP mixer. MoE mixers (``E``) are left to
-    ``sharding.set_moe_sharding``; their block norm is set here."""
+    norm and every Mamba, attention and MLP mixer, the MTP block's included. MoE
+    mixers (``E``) are left to ``sharding.set_moe_sharding``; their block norm is
+    set here."""
     set_decoder_sharding_config(model_config, enable_sp=enable_sp)
-    layout = layer_activation_layout(enable_sp=enable_sp)
     for layer in model_config.layers:
-        layer.norm.sharding_config = norm_config(enable_sp=enable_sp)
-        kind, mixer = layer.layer_type, layer.mixer
-        if kind == MAMBA:
-            set_mamba_sharding(mixer, enable_sp=enable_sp)
-        elif kind == ATTENTION:
-            set_attention_sharding(mixer, enable_sp=enable_sp)
-        elif kind == MLP:
-            set_relu2_mlp_sharding(mixer, input_layout=layout, enable_sp=enable_sp)
-        else:
-            assert kind == MOE, kind
+        _set_block_sharding(layer, enable_sp=enable_sp)
+    if getattr(model_config, "mtp", None) is not None:
+        set_mtp_sharding(model_config.mtp, enable_sp=enable_sp)
+
+
+def _set_block_sharding(layer, *, enable_sp: bool) -> None:
+    layer.norm.sharding_config = norm_config(enable_sp=enable_sp)
+    kind, mixer = layer.layer_type, layer.mixer
+    if kind == MAMBA:
+        set_mamba_sharding(mixer, enable_sp=enable_sp)
+    elif kind == ATTENTION:
+        set_attention_sharding(mixer, enable_sp=enable_sp)
+    elif kind == MLP:
+        layout = layer_activation_layout(enable_sp=enable_sp)
+        set_relu2_mlp_sharding(mixer, input_layout=layout, enable_sp=enable_sp)
+    else:
+        assert kind == MOE, kind
+
+
+def set_mtp_sharding(mtp_cfg, *, enable_sp: bool) -> None:
+    """The MTP block's sub-layers as main blocks, in the main blocks' activation
+    layout; its own parts:
+
+    - ``hnorm`` takes the previous hidden state, replicated (the root norm or the
+      block's ``final_layernorm`` gathered it for ``lm_head``), and slices it back
+      to this rank's sequence shard (SP) before normalising;
+    - ``enorm`` takes the embedding's output, already in the layer layout;
+    - ``eh_proj`` keeps its weight replicated and runs on this rank's tokens, as
+      the router gate does: its input is the concatenation [e | h] along the
+      hidden dim, which colwise sharding would need gathered first;
+    - ``final_layernorm`` gathers to replicated, as the root norm does, for the
+      shared ``lm_head`` and the next depth's ``hnorm``."""
+    layout = layer_activation_layout(enable_sp=enable_sp)
+    for layer in mtp_cfg.layers:
+        _set_block_sharding(layer, enable_sp=enable_sp)
+        if layer.eh_proj is not None:
+            layer.enorm.sharding_config = norm_config(enable_sp=enable_sp)
+            hnorm = norm_config(enable_sp=enable_sp)
+            # Keyed ``x``: ``nn.RMSNorm.forward``'s argument (TorchTitan's
+            # ``norm_config`` keys ``input``, which the norm never receives).
+            hnorm.in_src_shardings = {"x": dense_activation_placement(tp=spmd.R)}
+            hnorm.in_dst_shardings = {"x": layout}
+            layer.hnorm.sharding_config = hnorm
+            layer.eh_proj.sharding_config = replicated_on_local_tokens_config()
+        if layer.final_layernorm is not None:
+            layer.final_layernorm.sharding_config = pre_lm_head_norm_config(
+                enable_sp=enable_sp
+            )
+
+
+def replicated_on_local_tokens_config() -> ShardingConfig:
+    """A linear whose weight stays whole on every TP rank and which runs on the
+    tokens its input holds (sequence shards, or all of them), as TorchTitan's
+    router gate: no activation moves; the weight's gradient is summed over TP
+    ranks when they hold different tokens. For the MTP fusion and the latent MoE
+    projections (``fc1``/``fc2_latent_proj``), whose output keeps the input's
+    layout (DTensor's rules keep a partial sum one through the linear map)."""
+    return ShardingConfig(
+        state_shardings={
+            "weight": dense_param_placement(tp=spmd.R),
+            "bias": dense_param_placement(tp=spmd.R),
+        }
+    )

@@ -114,3 +114,40 @@ def test_nano_config_is_the_anchor_layout_and_builds():
     check_parallelism(nano.parallelism, nano.model_spec.model, world_size=8)
     deepep = config_registry.nemotron3_nano_30b_deepep()
     assert dispatchers(deepep) == {DeepEPTokenDispatcher.Config}
+
+
+@pytest.mark.parametrize("enable_sp", [False, True])
+def test_latent_moe_and_the_mtp_block_get_layouts_like_the_main_blocks(enable_sp):
+    """Every sub-config TorchTitan's ``parallelize`` reads is declared, the MTP
+    block's sub-layers and the latent projections included."""
+    from torchtitan_nemotron3.sharding import all_block_configs, set_sharding_config
+
+    cfg = build_model_config(flavor_args("debugmodel-mtp"))
+    set_sharding_config(
+        cfg,
+        ParallelismConfig(
+            spmd_backend="partial_dtensor",
+            tensor_parallel_degree=2,
+            expert_parallel_degree=2,
+            enable_sequence_parallel=enable_sp,
+        ),
+    )
+    mtp = cfg.mtp.layers
+    assert [layer.layer_type for layer in mtp] == ["*", "E"]
+    first, last = mtp
+    for norm in (first.enorm, first.hnorm, last.final_layernorm):
+        assert norm.sharding_config is not None
+    # nn.RMSNorm's argument is ``x``: the replicated hidden state is sliced there.
+    assert set(first.hnorm.sharding_config.in_dst_shardings) == {"x"}
+    assert first.eh_proj.sharding_config.state_shardings.keys() == {"weight", "bias"}
+    assert first.mixer.q_proj.sharding_config is not None
+    moe_layers = [b for b in all_block_configs(cfg) if b.layer_type == "E"]
+    assert moe_layers[-1] is last and len(moe_layers) == 5 + 1  # "MEM*EM-MEM*EMEM-", "*E"
+    for block in [*cfg.layers, *mtp]:
+        assert block.norm.sharding_config is not None
+    for block in moe_layers:
+        moe = block.mixer
+        for part in (moe, moe.router.gate, moe.routed_experts.inner_experts,
+                     moe.shared_experts.up_proj, moe.fc1_latent_proj,
+                     moe.fc2_latent_proj):  # fmt: skip
+            assert part.sharding_config is not None

@@ -27,41 +27,20 @@ def seq_idx_from_positions(positions_BL: torch.Tensor) -> torch.Tensor:
 
 
 def _check_mtp_layout(parallelism) -> None:
-    """MTP runs with FSDP (and AC, compile); the layouts whose sharding does not
-    yet cover the MTP block are refused by name."""
+    """MTP runs with FSDP/HSDP, EP and TP (``sharding.py`` lays its block out as
+    the main blocks); pipeline and context parallelism are refused by name: the
+    block needs the input ids and the shared embedding on the last stage, and
+    its shifts cross CP shard boundaries."""
     degrees = {
         name: getattr(parallelism, name, 1)
-        for name in (
-            "expert_parallel_degree",
-            "tensor_parallel_degree",
-            "pipeline_parallel_degree",
-            "context_parallel_degree",
-        )
+        for name in ("pipeline_parallel_degree", "context_parallel_degree")
     }
     wrong = [f"parallelism.{name}={d}" for name, d in degrees.items() if d > 1]
     if wrong:
         raise NotImplementedError(
-            f"{', '.join(wrong)}: the MTP block's sharding is not wired for this "
-            "layout yet; train with mtp_num_layers=0 or FSDP only"
+            f"{', '.join(wrong)}: multi-token prediction is not wired for this "
+            "layout yet; train with mtp_num_layers=0, or with FSDP, EP and TP only"
         )
-
-
-def _check_latent_layout(layers, parallelism) -> None:
-    """Under TP every module needs a declared layout; until the layout code
-    declares the latent projections, refuse TP with latent MoE by name rather
-    than fail inside a matmul."""
-    tp = getattr(parallelism, "tensor_parallel_degree", 1)
-    if tp <= 1:
-        return
-    for i, layer in enumerate(layers):
-        if layer.layer_type != MOE or layer.mixer.fc1_latent_proj is None:
-            continue
-        if layer.mixer.fc1_latent_proj.sharding_config is None:
-            raise NotImplementedError(
-                f"parallelism.tensor_parallel_degree={tp}: layer {i}'s latent MoE "
-                "projections (fc1/fc2_latent_proj) have no tensor-parallel layout "
-                "yet; use EP and FSDP for latent MoE"
-            )
 
 
 class NemotronHBlock(Module):
@@ -143,7 +122,6 @@ class NemotronHModel(BaseModel):
                 NemotronHModel.layout_hook(
                     self, config.parallelism, seq_len=config.training.seq_len
                 )
-            _check_latent_layout(self.layers, config.parallelism)
             # TorchTitan's helper walks ``layers[i].moe``; ours hold ``mixer``.
             # The MTP block's MoE layers are dispatched like the main ones.
             blocks = list(self.layers) + (self.mtp.layers if self.mtp else [])

@@ -72,12 +72,40 @@ class MTPBlock(NemotronHBlock):
         if config.final_layernorm is not None:
             self.final_layernorm = config.final_layernorm.build()
 
+    def forward(
+        self,
+        h_BLD: torch.Tensor,
+        seq_idx_BL: torch.Tensor | None = None,
+        attention_masks=None,
+        e_BLD: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The fusion (first sub-layer: ``e_BLD``, the embedded shifted ids, with
+        ``h_BLD``, the previous depth's hidden state), the block, and the final
+        norm (last sub-layer), all inside this call: FSDP gathers, AC recomputes
+        and compile traces every parameter of the sub-layer in its own forward."""
+        if hasattr(self, "eh_proj"):
+            if e_BLD is None:
+                raise ValueError(
+                    "the first MTP sub-layer needs e_BLD (the embedded ids)"
+                )
+            h_BLD = self.fuse(e_BLD, h_BLD)
+        h_BLD = super().forward(h_BLD, seq_idx_BL, attention_masks)
+        if hasattr(self, "final_layernorm"):
+            h_BLD = self.final_layernorm(h_BLD)
+        return h_BLD
+
     def fuse(self, e_BLD: torch.Tensor, h_BLD: torch.Tensor) -> torch.Tensor:
         return self.eh_proj(torch.cat([self.enorm(e_BLD), self.hnorm(h_BLD)], dim=-1))
 
 
 class MultiTokenPrediction(Module):
     """The stored MTP block, applied ``num_depths`` times; returns h_1..h_D."""
+
+    # ``parallelize.py`` runs TorchTitan's decoder helpers (AC, compile, FSDP) on
+    # the block's ``layers``; the FSDP one asks for these, which the block lacks
+    # (it borrows the main model's embedding and head).
+    enable_weight_tying: bool = False
+    tok_embeddings = norm = lm_head = None
 
     @dataclass(kw_only=True, slots=True)
     class Config(Module.Config):
@@ -119,13 +147,15 @@ class MultiTokenPrediction(Module):
         out, aux_loss = [], None
         for k in range(1, self.num_depths + 1):
             ids_BL = shift_within_documents(tokens_BL, k, seq_idx_BL, fill=0)
-            u_BLD = layers[0].fuse(embed(ids_BL), h_BLD)
-            for layer in layers:
-                u_BLD = layer(u_BLD, seq_idx_BL, attention_masks)
+            e_BLD = embed(ids_BL)
+            for i, layer in enumerate(layers):
+                # the first sub-layer fuses e with h; the last final-norms its output
+                h_BLD = layer(
+                    h_BLD, seq_idx_BL, attention_masks, e_BLD if i == 0 else None
+                )
                 value = _fresh_aux_loss(layer)
                 if value is not None:
                     aux_loss = value if aux_loss is None else aux_loss + value
-            h_BLD = layers[-1].final_layernorm(u_BLD)
             out.append(h_BLD)
         # The block's MoE runs D times; its layer keeps only the last depth's
         # sequence aux loss, this is the sum over depths (for logging).

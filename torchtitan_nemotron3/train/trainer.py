@@ -76,6 +76,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A loss term's value: under TP the loss is a DTensor on the TP mesh."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 class NemotronHTrainer(Trainer):
     """TorchTitan's ``Trainer`` with the non-finite step guard of this module."""
 
@@ -268,7 +273,7 @@ class NemotronHTrainer(Trainer):
         if not terms:
             return {}
         names = sorted(terms)
-        values = torch.stack([terms[k].float().to(self.device) for k in names])
+        values = torch.stack([_full(terms[k]).float().to(self.device) for k in names])
         if self.parallel_dims.dp_cp_enabled:
             loss_group = self.parallel_dims.get_mesh("loss").get_group()
             dist.all_reduce(values, group=loss_group)
