@@ -172,3 +172,38 @@ def test_pipeline_and_tensor_parallel_layouts_are_measured(argv):
     assert r.traffic.by_dim[dim] > 0
     held = [n for n in r.shards.rank_numel if n]
     assert sum(held) < 4 * r.shards.total_numel / 2  # split by PP stage or TP
+
+
+@pytest.mark.parametrize(
+    "toml,ngpu,ac,gib",
+    [("nemotron3-super-120B.toml", 64, "selective", 143.2),
+     ("nemotron3-ultra-550B.toml", 128, "full", 97.8)],
+)  # fmt: skip
+def test_super_and_ultra_recipes_fit_a_b200(toml, ngpu, ac, gib, capsys):
+    """The Super/Ultra job files build with MTP under EP on their GPU counts, and
+    the dry run gives the per-GPU memory their comments quote."""
+    argv = ["--config", f"train_configs/{toml}", "--ngpu", str(ngpu)]
+    job = _job(*argv)
+    assert job.ac == ac and job.parallelism.expert_parallel_degree == 8
+    assert job.model_spec.model.mtp is not None
+    assert job.model_spec.model.mtp.num_depths == 2
+    assert main(argv) == 0
+    verdict = capsys.readouterr().out.strip().splitlines()[-1]
+    assert verdict.startswith(f"verdict: fits in 179 GiB per GPU: {gib} GiB"), verdict
+
+
+def test_latent_moe_and_mtp_enter_the_activation_estimate():
+    """Latent MoE: routed tokens are S wide (plus fc1's output and fc2's input);
+    MTP: its sub-layers once per depth."""
+    cfg = build_model_config(flavor_args("super-120B"))
+    moe = next(layer for layer in cfg.layers if layer.layer_type == "E")
+    m = moe.mixer
+    D, S = 4096, 1024
+    k, E, F = m.router.top_k, m.num_experts, m.routed_experts.inner_experts.hidden_dim
+    per_token = activations.saved_per_token(moe, "selective", ep=8)
+    assert (per_token.elems, per_token.fp32) == (
+        D + k * (F + S) + 2 * k * S + D + 2 * S,
+        E + 3 * k,
+    )
+    est = activations.estimate(cfg, ac="selective", local_batch=1, seq_len=8192)
+    assert est.layers == 88 + 2 * 2

@@ -69,11 +69,36 @@ def nemotron3_nano_30b(moe_comm_backend: str = "standard") -> NemotronHTrainer.C
     part FSDP over the same 8 ranks; bf16 compute, seq 8192, continuing from the
     released HF checkpoint (set ``checkpoint.initial_load_path`` to the downloaded
     safetensors directory)."""
-    model_spec = model_registry("nano-30B", moe_comm_backend=moe_comm_backend)
+    return _continued_pretraining(
+        "nano-30B", "NVIDIA-Nemotron-3-Nano-30B-A3B-BF16", moe_comm_backend
+    )
+
+
+def nemotron3_super_120b() -> NemotronHTrainer.Config:
+    """Nemotron-3-Super-120B-A12B (latent MoE, 512 experts, MTP applied twice
+    with λ = 0.3) continued from the released HF checkpoint; the layout comes
+    from the job file (``train_configs/nemotron3-super-120B.toml``: 64 GPUs)."""
+    return _continued_pretraining("super-120B", "NVIDIA-Nemotron-3-Super-120B-A12B-BF16")
+
+
+def nemotron3_ultra_550b() -> NemotronHTrainer.Config:
+    """Nemotron-3-Ultra-550B-A55B, as ``nemotron3_super_120b`` (flavor from
+    copies of its config.json: check it against the release)."""
+    return _continued_pretraining("ultra-550B", "NVIDIA-Nemotron-3-Ultra-550B-A55B-BF16")
+
+
+def _continued_pretraining(
+    flavor: str, hub_name: str, moe_comm_backend: str = "standard"
+) -> NemotronHTrainer.Config:
+    """A released model continued on C4 from its HF checkpoint in
+    ``./assets/hf/<hub_name>``: bf16 compute, fp32 master weights and
+    reductions, seq 8192, EP=8 with FSDP over all ranks, selective AC, fp32 HF
+    export at the end."""
+    model_spec = model_registry(flavor, moe_comm_backend=moe_comm_backend)
     config = NemotronHTrainer.Config(
         model_spec=model_spec,
         loss=_chunked_loss(model_spec),
-        hf_assets_path="./assets/hf/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16",
+        hf_assets_path=f"./assets/hf/{hub_name}",
         metrics=MetricsProcessor.Config(log_freq=10),
         dataloader=HuggingFaceTextDataLoader.Config(dataset="c4"),
         optimizer=default_adamw(lr=1e-5),

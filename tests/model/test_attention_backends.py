@@ -3,9 +3,10 @@
 "flex" runs eager ``flex_attention`` forward on CPU (torch has no CPU backward
 for it), which checks the document block mask the GPU path compiles: packed rows
 whose documents cross mask blocks equal the exact masked SDPA (fp32, ≤ 1e-5);
-"varlen"'s ``cu_seqlens`` are the documents (flash varlen itself is CUDA-only:
-``benchmarks/attention_gpu_check.py``). The model builds the mask once per
-forward and every attention layer reads it. "auto" is SDPA on CPU; a bad name
+"varlen"'s ``cu_seqlens`` are the documents (flash varlen and compiled flex
+run on a GPU in ``tests/kernels/test_attention_cuda.py``, which
+``benchmarks/gpu_check.sh`` runs). The model builds the mask once per forward and
+every attention layer reads it. "auto" is SDPA on CPU; a bad name
 is one line.
 """
 

@@ -82,11 +82,13 @@ def test_one_rank_two_ranks_and_accumulation_agree(batch):
         assert abs(loss - ref_loss) <= 1e-6 * ref_loss
         assert grads.keys() == ref_grads.keys()
         for name, g in grads.items():
-            # fp32 rounding of the three summation orders reaches 1.04e-6 of a
-            # tensor's largest gradient on some CPUs (2026-12-02); a wrong
-            # denominator is off by a ratio of token counts (>= 1e-2).
-            scale = ref_grads[name].abs().max().clamp_min(1e-12)
-            assert (g - ref_grads[name]).abs().max() <= 1e-5 * scale, name
+            # ‖Δ‖/‖g‖ per tensor: a wrong denominator is off by a ratio of token
+            # counts (>= 1e-2). fp32 rounding of the three summation orders
+            # reached 1.5e-6 here (A_log, whose gradient sums every token; a
+            # 2-core Xeon, 2026-12-02), so 1e-6 is out of fp32's reach.
+            ref = ref_grads[name]
+            rel = (g - ref).norm() / ref.norm().clamp_min(1e-30)
+            assert rel <= 1e-5, (name, rel)
 
     # What the normalisation prevents: a per-micro-batch mean weighs the tokens of a
     # micro-batch with few assistant tokens more, and differs.

@@ -10,7 +10,9 @@ the memory limit.
 Symbols: D hidden; Mamba: I = heads·head_dim, X = I + 2·G·N (conv channels),
 Z = I + X + H (in_proj width), H heads, P head dim, N state, G groups, Q chunk;
 attention: Hq, Hkv heads, hd head dim; MoE: k top-k, F expert width, Fs shared
-width, E experts; MLP: F. Every block also keeps its input h (D) and, without
+width, E experts (with latent MoE the routed D below is the latent width S, and
+fc1's output and fc2's input, 2S, are kept too); MLP: F. MTP: its sub-layers once per
+depth, on the last stage. Every block also keeps its input h (D) and, without
 AC, the RMSNorm output (D) and one fp32 rstd.
 
 none (everything autograd saves):
@@ -82,12 +84,17 @@ def saved_per_token(layer_cfg, ac: str, ep: int = 1) -> PerToken:
         k, E = m.router.top_k, m.num_experts
         F = m.routed_experts.inner_experts.hidden_dim
         Fs = m.shared_experts.up_proj.out_features
+        # Routed tokens are S wide with latent MoE (fc1's output, fc2's input
+        # saved too), D wide otherwise.
+        Dr = m.routed_experts.inner_experts.dim
+        latent = 2 * Dr if getattr(m, "fc1_latent_proj", None) is not None else 0
         if none:
             return PerToken(
-                2 * D + k * (3 * D + 2 * F) + 2 * Fs + 2 * D, 2 * E + 3 * k + 1
+                2 * D + k * (3 * Dr + 2 * F) + 2 * Fs + 2 * D + latent,
+                2 * E + 3 * k + 1,
             )
-        a2a = 2 * k * D if ep > 1 else 0
-        return PerToken(D + k * (F + D) + a2a + D, E + 3 * k)
+        a2a = 2 * k * Dr if ep > 1 else 0
+        return PerToken(D + k * (F + Dr) + a2a + D + latent, E + 3 * k)
     assert kind == MLP
     F = m.up_proj.out_features
     if none:
@@ -130,6 +137,10 @@ def estimate(
     if stage_layers is None:
         stage_layers = range(-(-len(layers) // pp))
     stage = [layers[i] for i in stage_layers]
+    mtp = getattr(model_config, "mtp", None)
+    if mtp is not None and (pp == 1 or len(stage) == len(layers)):
+        # The MTP block's sub-layers run once per depth, each depth's saved.
+        stage += list(mtp.layers) * mtp.num_depths
     mb_tokens = local_batch * seq_len // (cp * max(microbatches, 1))
     held = (
         mb_tokens * min(pp, max(microbatches, 1))
