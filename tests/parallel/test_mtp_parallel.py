@@ -1,22 +1,18 @@
 """Latent MoE and multi-token prediction beyond FSDP, through the real trainer on
-2 CPU ranks over gloo, in fp32, on ``debugmodel-mtp`` (latent MoE 256 → 128 in
+CPU ranks over gloo, in fp32, on ``debugmodel-mtp`` (latent MoE 256 → 128 in
 every E layer, the MTP block "*E" applied twice), with TorchTitan's balanced
 debug routing (a near top-k tie under another summation order reroutes a token:
 test_expert_parallel.py).
 
-- EP=2: the all-to-all carries latent-width tokens and the MTP block's MoE is
-  expert-sharded like the main ones; EP borrows its ranks from data parallelism,
-  so the reference is FSDP=2 on the same ranks (the same batches). Measured:
-  losses and per-depth MTP losses equal to the logged digits, weights max
-  ‖Δ‖/‖W‖ 4.0e-7 (the embeddings).
-- TP=2 with SP: the latent projections and the MTP fusion replicated on each
-  rank's tokens, the MTP block's attention and MoE as the main ones; against one
-  process from the same seed checkpoint (data parallel 1 in both, so the same
-  batches). Measured: losses and per-depth MTP losses equal to the logged digits,
-  weights max ‖Δ‖/‖W‖ 3.9e-5 (the embeddings).
-- TP=2 (SP) × EP=2 × FSDP=2 on 4 ranks against FSDP=2, from the seed checkpoint.
-  Measured: losses and per-depth MTP losses equal to the logged digits, weights
-  max ‖Δ‖/‖W‖ 5.4e-5 (a Mamba out_proj).
+TP=2 (SP) × EP=2 × FSDP=2 on 4 ranks against FSDP=2 from the same seed
+checkpoint (EP borrows its ranks from data parallelism, so FSDP=2 reads the same
+batches): the all-to-all carries latent-width tokens, the MTP block's MoE is
+expert-sharded like the main ones, the latent projections and the MTP fusion are
+replicated on each rank's sequence-parallel tokens. Measured (2026-12-02): losses
+and per-depth MTP losses equal to the logged digits, weights max ‖Δ‖/‖W‖ 5.4e-5
+(a Mamba out_proj). EP=2 alone (4.0e-7) and TP=2+SP alone against one process
+(3.9e-5) were measured the same way when this was written (commit a6c7de3) and
+left out of the suite for time: this composition exercises both.
 """
 
 import re
@@ -81,14 +77,6 @@ def _assert_same_training(got, ref):
     assert worst[0] <= REL, worst
 
 
-def test_ep2_latent_moe_with_mtp_trains_like_fsdp2(toml, tmp_path):
-    fsdp = _train(toml, tmp_path, "fsdp", 2, [])
-    ep = _train(toml, tmp_path, "ep", 2, ["--parallelism.expert_parallel_degree", "2"])
-    assert "dp_shard=2, cp=1, tp=1, ep=2" in ep[3] and "EP 2" in ep[3]
-    assert fsdp[0][-1] < fsdp[0][0] - 1.0
-    _assert_same_training(ep, fsdp)
-
-
 TP2_SP = ["--parallelism.tensor_parallel_degree", "2",
           "--parallelism.enable_sequence_parallel"]  # fmt: skip
 
@@ -100,18 +88,12 @@ def seed(toml, tmp_path_factory):
     return create_seed_checkpoint(toml, tmp_path_factory.mktemp("seed") / "dump")
 
 
-def test_tp2_sp_latent_moe_with_mtp_trains_like_one_process(toml, seed, tmp_path):
-    one = _train(toml, tmp_path, "one", 1, [], seed)
-    tp = _train(toml, tmp_path, "tp", 2, TP2_SP, seed)
-    assert "tp=2" in tp[3] and "Training starts at step 1" in tp[3]
-    _assert_same_training(tp, one)
-
-
 def test_tp2_sp_ep2_fsdp2_with_mtp_trains_like_fsdp2(toml, seed, tmp_path):
     """The composition on 4 ranks: TP+SP with EP (the MoE's tokens sequence-
     sharded over TP, then dispatched over EP), data parallel 2 as the reference."""
     fsdp = _train(toml, tmp_path, "fsdp", 2, [], seed)
     ep2 = ["--parallelism.expert_parallel_degree", "2"]
     tp_ep = _train(toml, tmp_path, "tp-ep", 4, [*TP2_SP, *ep2], seed)
-    assert "dp_shard=2, cp=1, tp=2, ep=2" in tp_ep[3]
+    assert "dp_shard=2, cp=1, tp=2, ep=2" in tp_ep[3] and "EP 2" in tp_ep[3]
+    assert fsdp[0][-1] < fsdp[0][0] - 1.0
     _assert_same_training(tp_ep, fsdp)

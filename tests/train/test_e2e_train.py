@@ -37,13 +37,6 @@ def test_debugmodel_one_process_20_steps(debug_toml, tmp_path):
     _assert_learns(losses)
 
 
-def test_debugmodel_two_processes_fsdp_20_steps(debug_toml, tmp_path):
-    losses = run_training(debug_toml, 2, ["--training.steps", "20"], tmp_path / "run")
-    assert len(losses) == 20
-    _assert_learns(losses)
-    assert "dp_shard=2" in (tmp_path / "run" / "train.log").read_text()
-
-
 def _final_weights(dump, step) -> dict[str, torch.Tensor]:
     return hf_weights(dump / "checkpoint" / f"step-{step}", flavor_args("debugmodel"))
 
