@@ -8,8 +8,8 @@ Where the stages split:
   style), so 1F1B needs pp segments and Interleaved1F1B a multiple of pp;
 - otherwise a split balanced by cost. NemotronH's layers cost very different
   amounts (Nano: a MoE layer ~2x a Mamba layer, an MLP layer a fraction, lm_head
-  over a 131K vocabulary ~4 MoE layers), so TorchTitan's layer-count split is not
-  balanced. The cost of a stage is its training FLOPs per token (``model/flops.py``'s
+  over a 131K vocabulary ~4 MoE layers; Super's MTP block, on the last stage,
+  runs twice), so TorchTitan's layer-count split is not balanced. The cost of a stage is its training FLOPs per token (``model/flops.py``'s
   terms), parameters breaking ties; the embeddings go with the first stage and
   norm + lm_head with the last, at their cost (TorchTitan's
   ``pipeline_parallel_{first,last}_stage_less_layers`` weights are not used).
@@ -60,6 +60,13 @@ class Cost:
         return Cost(self.flops + other.flops, self.params + other.params)
 
 
+def _has_mtp(args) -> bool:
+    """Whether ``NemotronHArgs`` or a model config trains an MTP block."""
+    if isinstance(args, NemotronHArgs):
+        return args.mtp_num_layers > 0
+    return getattr(args, "mtp", None) is not None
+
+
 def _layers_and_segments(args) -> tuple[int, tuple[int, ...] | None]:
     """(number of layers, ``|`` segments) of ``NemotronHArgs`` or a model config."""
     if isinstance(args, NemotronHArgs):
@@ -102,13 +109,22 @@ def piece_costs(
 ) -> tuple[Cost, list[Cost], Cost]:
     """(embeddings, one cost per layer, norm + lm_head) of a ``NemotronHModel.Config``
     (``build_model_config(args)``). The embedding lookup has no matmul (0 FLOPs,
-    V·D parameters); lm_head is 6·V·D FLOPs per token."""
+    V·D parameters); lm_head is 6·V·D FLOPs per token; the MTP block, when on,
+    counts with the head (its D passes, each with a pass through lm_head)."""
     cfg = model_config
     embed = Cost(0, _num_params(cfg.tok_embeddings))
     head = Cost(
         6 * _matmul_params(cfg.lm_head),
         _num_params(cfg.lm_head) + _num_params(cfg.norm),
     )
+    mtp = getattr(cfg, "mtp", None)
+    if mtp is not None:  # on the last stage: D passes of the block and the head
+        per_depth = 6 * _matmul_params(cfg.lm_head) + sum(
+            _layer_cost(layer, seq_len).flops
+            + (6 * _matmul_params(layer.eh_proj) if layer.eh_proj else 0)
+            for layer in mtp.layers
+        )
+        head = head + Cost(mtp.num_depths * per_depth, _num_params(mtp))
     return embed, [_layer_cost(layer, seq_len) for layer in cfg.layers], head
 
 
@@ -203,11 +219,12 @@ def stage_layer_ranges(
     return _balanced_ranges(embed, layers, head, num_stages)
 
 
-def module_fqns_per_stage(ranges: list[range]) -> list[list[str]]:
-    """TorchTitan's ``module_fqns_per_model_part`` for a split."""
+def module_fqns_per_stage(ranges: list[range], mtp: bool = False) -> list[list[str]]:
+    """TorchTitan's ``module_fqns_per_model_part`` for a split; the MTP block
+    (``mtp``) goes with the head on the last stage."""
     fqns = [[f"layers.{i}" for i in r] for r in ranges]
     fqns[0].insert(0, "tok_embeddings")
-    fqns[-1].extend(["norm", "lm_head"])
+    fqns[-1].extend(["norm", "lm_head", *(["mtp"] if mtp else [])])
     return fqns
 
 
@@ -238,6 +255,13 @@ def check_pipeline_parallel(
     if pp <= 1:
         return
     num_layers, segments = _layers_and_segments(args)
+    explicit = parallelism.module_fqns_per_model_part
+    if explicit and _has_mtp(args) and "mtp" not in explicit[-1]:
+        raise ValueError(
+            "parallelism.module_fqns_per_model_part: the model has an MTP block, so "
+            "the last part must list 'mtp' (with 'norm' and 'lm_head'), got "
+            f"{explicit[-1]}"
+        )
     name = parallelism.pipeline_parallel_schedule
     try:
         schedule = get_schedule_class(name)
@@ -369,22 +393,33 @@ def _accept_presplit_microbatches(schedule) -> None:
     schedule.step = step
 
 
-def _forget_metadata_inference_counts(schedule) -> None:
-    """PyTorch's stages infer shapes by running one real forward and backward on
-    the first ``step()`` (on empty tensors past the first stage). Our MoE layers
-    count routed tokens for the load-balancing bias in forward: drop those counts
-    once inference is done, so the first update sees only the training tokens."""
+def after_metadata_inference(schedule, fn) -> None:
+    """Run ``fn()`` once PyTorch's stages have inferred their shapes: on the first
+    ``step()`` they run one real forward and backward (on empty tensors past the
+    first stage), loss included, before the step's microbatches."""
     for stage in _stages_of(schedule):
         cleanup = stage._post_metadata_inference_cleanup
 
-        def cleanup_and_forget(cleanup=cleanup, stage=stage) -> None:
+        def cleanup_then(cleanup=cleanup) -> None:
             cleanup()
-            with torch.no_grad():
+            fn()
+
+        stage._post_metadata_inference_cleanup = cleanup_then
+
+
+def _forget_metadata_inference_counts(schedule) -> None:
+    """Our MoE layers count routed tokens for the load-balancing bias in forward:
+    drop the shape-inference pass's counts, so the first update sees only the
+    training tokens."""
+
+    def forget() -> None:
+        with torch.no_grad():
+            for stage in _stages_of(schedule):
                 for module in stage.submod.modules():
                     if getattr(module, "moe_enabled", False):
                         module.moe.tokens_per_expert_E.zero_()
 
-        stage._post_metadata_inference_cleanup = cleanup_and_forget
+    after_metadata_inference(schedule, forget)
 
 
 def pipeline_nemotronh(model: nn.Module, *, parallelism, training, model_config, **kwargs):
@@ -406,7 +441,10 @@ def pipeline_nemotronh(model: nn.Module, *, parallelism, training, model_config,
             )
         )
         parallelism = dataclasses.replace(
-            parallelism, module_fqns_per_model_part=module_fqns_per_stage(ranges)
+            parallelism,
+            module_fqns_per_model_part=module_fqns_per_stage(
+                ranges, mtp=_has_mtp(model_config)
+            ),
         )
     schedule, model_parts, has_first, has_last = pipeline_llm(
         model,

@@ -255,7 +255,7 @@ def _model(backend: str) -> dict:
     runs = {}
     for b in (backend, "torch"):
         model = build(args, b)
-        logits = model(tokens, positions)
+        logits = model(tokens, positions=positions)
         logits.pow(2).mean().backward()
         runs[b] = {"logits": logits, **_grads(model)}
     return {n: rel_err(runs[backend][n], runs["torch"][n]) for n in runs["torch"]}

@@ -119,7 +119,7 @@ def test_compiled_model_on_kernels_matches_torch(kernel_backend, caplog):
             model = build(args, backend).cuda()
             for block in model.layers.values():
                 block.compile(fullgraph=True)
-            logits = model(tokens, positions)
+            logits = model(tokens, positions=positions)
             logits.pow(2).mean().backward()
             results[backend] = [logits] + [
                 p.grad for _, p in sorted(model.named_parameters())

@@ -136,7 +136,7 @@ def test_opcheck(reference_kernels, packed):
 
 def run_model(args, backend, dtype, tokens, positions):
     model = build(args, backend, dtype=dtype)
-    logits = model(tokens, positions)
+    logits = model(tokens, positions=positions)
     logits.float().pow(2).mean().backward()
     return [logits] + [p.grad for _, p in sorted(model.named_parameters())]
 

@@ -26,7 +26,7 @@ def mamba_mixers(model):
 
 
 def step(model, tokens, positions):
-    logits = model(tokens, positions)
+    logits = model(tokens, positions=positions)
     logits.pow(2).mean().backward()
     return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
 

@@ -165,9 +165,9 @@ def test_model_flex_equals_sdpa_mask_built_once(monkeypatch):
 
     monkeypatch.setattr(attention_mod, "document_causal_block_mask", counting)
     with torch.no_grad():
-        ref = sdpa(tokens, positions)
+        ref = sdpa(tokens, positions=positions)
         assert calls == []
-        got = flex(tokens, positions)
+        got = flex(tokens, positions=positions)
     assert calls == [(3, positions.size(1))]
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
 

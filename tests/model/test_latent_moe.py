@@ -119,16 +119,9 @@ def test_bad_latent_size_is_named():
         flavor_args("debugmodel").replace(moe_latent_size=0)
 
 
-@pytest.mark.parametrize(
-    "parallelism,message",
-    [
-        ({"pipeline_parallel_degree": 2}, r"^parallelism.pipeline_parallel_degree=2: "),
-        ({"context_parallel_degree": 2}, r"^parallelism.context_parallel_degree=2: "),
-    ],
-)
-def test_layouts_not_wired_yet_are_refused_by_name(parallelism, message):
-    """MTP under PP or CP fails before building, by name; latent MoE alone (and
-    MTP under EP and TP: tests/parallel/test_mtp_parallel.py) is not refused."""
+def test_mtp_under_context_parallelism_is_refused_by_name():
+    """MTP under CP fails before building, in one line naming the degree; under
+    PP, TP and EP (tests/parallel/test_mtp_parallel.py) it is not refused."""
     from types import SimpleNamespace
 
     from torchtitan.config import ParallelismConfig
@@ -144,10 +137,15 @@ def test_layouts_not_wired_yet_are_refused_by_name(parallelism, message):
         )
         build_model_config(args).update_from_config(config=config)
 
-    with pytest.raises(NotImplementedError, match=message) as info:
-        update(2, **parallelism)
-    assert "multi-token prediction is not wired" in str(info.value)
+    with pytest.raises(ValueError, match=r"^parallelism.context_parallel_degree=2: ") as info:
+        update(2, context_parallel_degree=2)
+    assert "multi-token prediction" in str(info.value)
     assert "\n" not in str(info.value)
-    for degrees in ({"tensor_parallel_degree": 2}, {"expert_parallel_degree": 2}):
+    update(0, context_parallel_degree=2)
+    for degrees in (
+        {"tensor_parallel_degree": 2},
+        {"expert_parallel_degree": 2},
+        {"pipeline_parallel_degree": 2},
+    ):
         update(0, **degrees)
         update(2, **degrees)

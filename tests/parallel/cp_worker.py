@@ -151,7 +151,7 @@ def _compare_model(model, layout: CPLayout, errors: dict, L: int) -> None:
     positions_BL = packed_positions(L, L // (2 * W))
     grad_BLV = torch.randn(BATCH, L, 32, generator=g, dtype=torch.float64)
     model.zero_grad()
-    ref_BLV = model(tokens_BL, positions_BL)
+    ref_BLV = model(tokens_BL, positions=positions_BL)
     ref_BLV.backward(grad_BLV)
     ref_dp = {n: p.grad for n, p in model.named_parameters()}
 
@@ -357,7 +357,7 @@ def flex_worker(rank: int, world: int, rdv: str, L: int) -> None:
             set_context_parallel(cp_model, layout)
             with torch.no_grad():
                 for pos in (positions_BL, None):
-                    ref = model(tokens_BL, pos)[:, idx]
+                    ref = model(tokens_BL, positions=pos)[:, idx]
                     got = cp_model(
                         tokens_BL[:, idx], None if pos is None else pos[:, idx]
                     )

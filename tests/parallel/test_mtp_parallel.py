@@ -4,6 +4,11 @@ every E layer, the MTP block "*E" applied twice), with TorchTitan's balanced
 debug routing (a near top-k tie under another summation order reroutes a token:
 test_expert_parallel.py).
 
+PP=2 (Interleaved1F1B: four stages, two per rank) against one process with the
+same global batch: the first stage embeds the MTP block's shifted ids and the
+middle stages pass them on to the last, which holds the block; the labels per
+depth reach the schedule's loss stacked (it gets no ``positions``).
+
 TP=2 (SP) × EP=2 × FSDP=2 on 4 ranks against FSDP=2 from the same seed
 checkpoint (EP borrows its ranks from data parallelism, so FSDP=2 reads the same
 batches): the all-to-all carries latent-width tokens, the MTP block's MoE is
@@ -44,7 +49,7 @@ def toml(tmp_path_factory):
     return write_fp32_debug_toml(path, "nemotron3_debug_mtp", "tests.train.mtp_config")
 
 
-def _train(toml, tmp, name, ngpu, overrides, seed_checkpoint=None):
+def _train(toml, tmp, name, ngpu, overrides, seed_checkpoint=None, log_rank="0"):
     """STEPS steps; (main losses, per-depth MTP losses, final hub-format weights)."""
     dump = tmp / name
     if seed_checkpoint is not None:
@@ -56,6 +61,7 @@ def _train(toml, tmp, name, ngpu, overrides, seed_checkpoint=None):
          "--checkpoint.interval", str(STEPS), "--dump_folder", str(dump),
          *BALANCED, *overrides],
         tmp / f"{name}-log",
+        env={"LOG_RANK": log_rank},
     )  # fmt: skip
     log = (tmp / f"{name}-log" / "train.log").read_text()
     mtp = [float(x) for m in _MTP_LOSSES.finditer(log) for x in m.groups()]
@@ -97,3 +103,25 @@ def test_tp2_sp_ep2_fsdp2_with_mtp_trains_like_fsdp2(toml, seed, tmp_path):
     assert "dp_shard=2, cp=1, tp=2, ep=2" in tp_ep[3] and "EP 2" in tp_ep[3]
     assert fsdp[0][-1] < fsdp[0][0] - 1.0
     _assert_same_training(tp_ep, fsdp)
+
+
+@pytest.fixture(scope="module")
+def pp_toml(tmp_path_factory):
+    """lr 3e-4: microbatches of one row and a batch of four round differently
+    (see test_pipeline_parallel.py)."""
+    path = tmp_path_factory.mktemp("config") / "mtp_pp.toml"
+    return write_fp32_debug_toml(
+        path, "nemotron3_debug_mtp", "tests.train.mtp_config", lr=3e-4
+    )
+
+
+def test_pp2_interleaved_with_mtp_on_the_last_stage_trains_like_one_process(
+    pp_toml, seed, tmp_path
+):
+    one = _train(pp_toml, tmp_path, "one", 1, [], seed)
+    pp = ["--parallelism.pipeline_parallel_degree", "2",
+          "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B"]  # fmt: skip
+    got = _train(pp_toml, tmp_path, "pp", 2, pp, seed, log_rank="1")
+    assert "Interleaved1F1B with 4 microbatches and 4 stages" in got[3]
+    assert one[0][-1] < one[0][0] - 0.5
+    _assert_same_training(got, one)

@@ -27,6 +27,7 @@ from torchtitan_nemotron3.model.pattern import pipeline_segments
 from torchtitan_nemotron3.pipeline import (
     check_pipeline_parallel,
     module_fqns_per_stage,
+    piece_costs,
     stage_costs,
     stage_layer_ranges,
 )
@@ -128,6 +129,33 @@ def test_split_forward_equals_whole_model():
         assert not torch.allclose(leaked[:, 40:], whole[:, 40:], atol=1e-4)
 
 
+def test_split_forward_with_mtp_equals_whole_model():
+    """With MTP the first stage embeds the shifted ids and every stage passes them
+    on; the last stage, which holds the block, gives the whole model's main and
+    per-depth logits exactly. The block's cost counts on the last stage."""
+    args = flavor_args("debugmodel-mtp")
+    config = build_model_config(args)
+    model = build_model(args).eval()
+    tokens = torch.randint(0, args.vocab_size, (2, 96))
+    positions = torch.cat([torch.arange(40), torch.arange(56)])[None].repeat(2, 1)
+    with torch.no_grad():
+        whole = model(tokens, positions=positions)
+        for num_stages in (2, 4):
+            fqns = module_fqns_per_stage(stage_layer_ranges(config, num_stages), mtp=True)
+            assert fqns[-1][-1] == "mtp"
+            out = (tokens,)
+            for names in fqns:
+                out = _split_module(model, names)(*out, positions=positions)
+                if names is not fqns[-1]:
+                    assert len(out) == 1 + args.mtp_num_layers  # hidden, e_1, e_2
+            assert len(out) == len(whole) == 1 + args.mtp_num_layers
+            for got, ref in zip(out, whole):
+                torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    head = piece_costs(config)[2]
+    head_without = piece_costs(build_model_config(args.replace(mtp_num_layers=0)))[2]
+    assert head.flops > 2 * head_without.flops and head.params > head_without.params
+
+
 def _pp(**kw) -> ParallelismConfig:
     return ParallelismConfig(spmd_backend="partial_dtensor", **kw)
 
@@ -174,6 +202,10 @@ TOO_FEW_MICROBATCHES = (
          TOO_FEW_MICROBATCHES),
         (DEBUG, _pp(pipeline_parallel_degree=2, pipeline_parallel_schedule="NoSuchSchedule"),
          None, "parallelism.pipeline_parallel_schedule='NoSuchSchedule'"),
+        (flavor_args("debugmodel-mtp"),
+         _pp(pipeline_parallel_degree=2, module_fqns_per_model_part=[
+             ["tok_embeddings", "layers.0"], ["layers.1", "norm", "lm_head"]]),
+         None, "the model has an MTP block, so the last part must list 'mtp'"),
     ],
 )
 def test_layouts_pipeline_cannot_run_are_refused(args, parallelism, batch, expected):
@@ -187,6 +219,7 @@ def test_layouts_pipeline_cannot_run_are_refused(args, parallelism, batch, expec
         (DEBUG, _pp(pipeline_parallel_degree=2, pipeline_parallel_schedule="Interleaved1F1B")),
         (SEGMENTED, _pp(pipeline_parallel_degree=4)),
         (SEGMENTED, _pp(pipeline_parallel_degree=2, pipeline_parallel_schedule="Interleaved1F1B")),
+        (flavor_args("debugmodel-mtp"), _pp(pipeline_parallel_degree=2)),
     ],
 )
 def test_layouts_pipeline_runs_are_accepted(args, parallelism):

@@ -40,7 +40,8 @@ of logits (seq/num_chunks rows × V × (b + 4 + 4): bf16 logits, fp32 upcast, fp
 gradient), transient.
 Tokens per rank: local_batch × seq_len / cp, ÷ tp (sequence parallel shards the
 block activations; TP shards the mixers' inner widths the same way). PP: the
-first stage holds its ``layers/pp`` blocks for min(pp, microbatches) microbatches.
+first stage holds its ``layers/pp`` blocks for min(pp, microbatches) microbatches,
+plus, with MTP, the D embedded shifted-id tensors (D per token) it sends on.
 """
 
 from dataclasses import dataclass
@@ -154,6 +155,10 @@ def estimate(
         n = saved_per_token(layer, ac, ep).bytes(b)
         per_type[layer.layer_type] = n
         blocks += n * per_rank
+    if mtp is not None and pp > 1:
+        # a stage before the block's sends (hidden, e_1..e_D) and keeps them for
+        # its backward (model/mtp.py: the pipeline carries the MTP inputs)
+        blocks += mtp.num_depths * model_config.dim * b * per_rank
     recompute = 0
     if ac == "full":
         recompute = max(saved_per_token(layer, "none", ep).bytes(b) for layer in stage)

@@ -21,7 +21,8 @@ blocks on the rank.
                 lm_head boundary; +2 per block for full AC, +1 for selective,
                 whose policy saves reduce-scatter outputs but not all-gathers) ×A
   pp            send/recv of activations forward and their gradients backward,
-                a middle stage: 2·T·D·cb/tp                                    ×A
+                a middle stage: 2·T·D·cb/tp, ×(1+D_mtp) with MTP (its inputs
+                travel beside the hidden state)                                ×A
 Routing is assumed balanced (each rank receives its share of ``T·k`` rows);
 real routing is less even. The count exchange before each all-to-all and the
 loss all-reduce are a few bytes and not counted.
@@ -108,10 +109,13 @@ def estimate(
             (passes * len(stage) + 4) * per,
         )
     if layout.pp > 1:
+        # with MTP the D embedded shifted ids travel beside the hidden state
+        mtp = getattr(model_config, "mtp", None)
+        tensors = 1 + (mtp.num_depths if mtp is not None else 0)
         add(
             "pp",
-            "send/recv activations + grads",
-            2 * T * D * compute_bytes // layout.tp,
+            "send/recv activations + grads" + (f" (×{tensors}: MTP inputs)" if tensors > 1 else ""),
+            2 * tensors * T * D * compute_bytes // layout.tp,
         )
     by_dim = Counter()
     for dim, _, nbytes in rows:

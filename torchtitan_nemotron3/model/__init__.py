@@ -1,8 +1,9 @@
 """NemotronH model: pattern → blocks of Mamba2 / attention / MLP / MoE mixers."""
 
 from .args import NemotronHArgs
+from .block import NemotronHBlock
 from .flavors import FLAVORS, build_model_config, flavor_args
-from .model import NemotronHBlock, NemotronHModel
+from .model import NemotronHModel
 from .pattern import parse_hybrid_pattern
 
 __all__ = [

@@ -24,7 +24,8 @@ from .args import NemotronHArgs
 from .attention import Attention, DocumentCausalAttention
 from .mamba2 import GatedGroupRMSNorm, Mamba2Conv, Mamba2InProj, Mamba2Mixer
 from .mlp import ReluSquaredMLP
-from .model import NemotronHBlock, NemotronHModel
+from .block import NemotronHBlock
+from .model import NemotronHModel
 from .moe import NemotronHMoE, ReluSquaredGroupedExperts
 from .mtp import MTPBlock, MultiTokenPrediction
 from .pattern import ATTENTION, MAMBA, MLP, MOE

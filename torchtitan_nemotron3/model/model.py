@@ -1,4 +1,5 @@
-"""NemotronH: a stack of single-mixer blocks chosen by the hybrid pattern."""
+"""NemotronH: a stack of single-mixer blocks (``block.py``) chosen by the hybrid
+pattern, then the final norm, the head and, for Super/Ultra, the MTP block."""
 
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -12,10 +13,10 @@ from torchtitan.models.common.token_dispatcher import update_ep_token_dispatcher
 from torchtitan.protocols.model import BaseModel
 from torchtitan.protocols.module import Module, ModuleDict
 
-from .attention import AttentionMasks, attention_masks_for
+from .attention import attention_masks_for
 from .context_parallel import CPLayout, global_seq_idx
-from .moe import NemotronHMoE
-from .pattern import ATTENTION, MAMBA, MOE
+from .mtp import input_embeddings
+from .pattern import MOE
 
 
 def seq_idx_from_positions(positions_BL: torch.Tensor) -> torch.Tensor:
@@ -24,65 +25,6 @@ def seq_idx_from_positions(positions_BL: torch.Tensor) -> torch.Tensor:
     starts_BL = positions_BL == 0
     starts_BL[:, 0] = True
     return (torch.cumsum(starts_BL, dim=-1, dtype=torch.int32) - 1).contiguous()
-
-
-def _check_mtp_layout(parallelism) -> None:
-    """MTP runs with FSDP/HSDP, EP and TP (``sharding.py`` lays its block out as
-    the main blocks); pipeline and context parallelism are refused by name: the
-    block needs the input ids and the shared embedding on the last stage, and
-    its shifts cross CP shard boundaries."""
-    degrees = {
-        name: getattr(parallelism, name, 1)
-        for name in ("pipeline_parallel_degree", "context_parallel_degree")
-    }
-    wrong = [f"parallelism.{name}={d}" for name, d in degrees.items() if d > 1]
-    if wrong:
-        raise NotImplementedError(
-            f"{', '.join(wrong)}: multi-token prediction is not wired for this "
-            "layout yet; train with mtp_num_layers=0, or with FSDP, EP and TP only"
-        )
-
-
-class NemotronHBlock(Module):
-    """``h + mixer(norm(h))``; the mixer is one of Mamba2, attention, MLP or MoE."""
-
-    @dataclass(kw_only=True, slots=True)
-    class Config(Module.Config):
-        layer_type: str  # one pattern symbol: M * - E
-        norm: RMSNorm.Config
-        mixer: Module.Config
-
-    def __init__(self, config: Config):
-        super().__init__()
-        self.layer_type = config.layer_type
-        self.norm = config.norm.build()
-        self.mixer = config.mixer.build()
-        # Sequence mixers need the document layout; the channel mixers are per token.
-        self.needs_seq_idx = config.layer_type in (MAMBA, ATTENTION)
-        # TorchTitan's FSDP helper and load-balancing hook look for ``moe_enabled``
-        # and ``block.moe``.
-        self.moe_enabled = config.layer_type == MOE
-
-    @property
-    def moe(self) -> NemotronHMoE:
-        if not self.moe_enabled:
-            raise AttributeError(f"{self.layer_type!r} block has no MoE")
-        return self.mixer
-
-    def forward(
-        self,
-        h_BLD: torch.Tensor,
-        seq_idx_BL: torch.Tensor | None = None,
-        attention_masks: AttentionMasks | None = None,
-    ) -> torch.Tensor:
-        """``attention_masks``: the forward's shared block mask / ``cu_seqlens``
-        for an attention mixer (``attention.attention_masks_for``)."""
-        x_BLD = self.norm(h_BLD)
-        if self.layer_type == ATTENTION:
-            return h_BLD + self.mixer(x_BLD, seq_idx_BL, attention_masks)
-        if self.needs_seq_idx:
-            return h_BLD + self.mixer(x_BLD, seq_idx_BL)
-        return h_BLD + self.mixer(x_BLD)
 
 
 class NemotronHModel(BaseModel):
@@ -114,8 +56,6 @@ class NemotronHModel(BaseModel):
             """TorchTitan's hook before building: refuse layouts NemotronH cannot
             run, declare every module's sharding for the layout asked for, size the
             EP dispatchers, and pass the debug load-balance override to the routers."""
-            if self.mtp is not None:
-                _check_mtp_layout(config.parallelism)
             # The layout code (``sharding.py``) sits above the model and registers
             # itself here, so the model imports nothing that imports it.
             if NemotronHModel.layout_hook is not None:
@@ -178,14 +118,26 @@ class NemotronHModel(BaseModel):
         return seq_idx_from_positions(positions_BL)
 
     def forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor | None = None
-    ) -> torch.Tensor | list[torch.Tensor]:
+        self,
+        tokens: torch.Tensor,
+        *mtp_inputs: torch.Tensor,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]:
         """``tokens`` [B, L] ids; on a pipeline stage without ``tok_embeddings``
         (TorchTitan's split sets absent modules to None) the previous stage's
         hidden states [B, L, D]. Every stage gets ``positions`` and rebuilds the
         document layout from it, so packed documents stay apart on every stage.
 
-        With MTP (``mtp.py``): ``[main logits, depth-1 logits, ...]``."""
+        With MTP (``mtp.py``): ``[main logits, depth-1 logits, ...]``. Under
+        pipeline parallelism a stage before the one holding the MTP block returns
+        ``(hidden, e_1, ..., e_D)``: the first stage embeds the MTP block's
+        shifted ids, and later stages get them as ``mtp_inputs`` and pass them on."""
+        if mtp_inputs and (self.config.mtp is None or self.tok_embeddings is not None):
+            raise TypeError(
+                "NemotronHModel.forward(tokens, positions=...): positions is keyword-"
+                "only; extra positional inputs are the MTP embeddings that a pipeline "
+                "stage passes on"
+            )
         seq_idx_BL = self._document_index(positions)
         if self.tok_embeddings is not None:
             h_BLD = self.tok_embeddings(tokens)
@@ -199,18 +151,19 @@ class NemotronHModel(BaseModel):
             h_BLD = layer(h_BLD, seq_idx_BL, attention_masks)
         if self.norm is not None:
             h_BLD = self.norm(h_BLD)
-        if self.mtp is not None:
-            if self.tok_embeddings is None:
-                raise NotImplementedError(
-                    "MTP needs the input ids and the shared embedding on the stage "
-                    "that runs it; pipeline parallelism with MTP is not wired yet"
+        if self.config.mtp is not None:
+            if not mtp_inputs:
+                if self.tok_embeddings is None:
+                    raise ValueError(
+                        "MTP needs the shifted ids' embeddings: this pipeline stage "
+                        "has no tok_embeddings and was passed none"
+                    )
+                mtp_inputs = input_embeddings(
+                    tokens, self.config.mtp.num_depths, seq_idx_BL, self.tok_embeddings
                 )
-            hidden = [
-                h_BLD,
-                *self.mtp(
-                    h_BLD, tokens, seq_idx_BL, self.tok_embeddings, attention_masks
-                ),
-            ]
+            if self.mtp is None:  # an earlier pipeline stage: pass them on
+                return (h_BLD, *mtp_inputs)
+            hidden = [h_BLD, *self.mtp(h_BLD, mtp_inputs, seq_idx_BL, attention_masks)]
             if self.lm_head is None or self._skip_lm_head:
                 return hidden
             return [self.lm_head(h) for h in hidden]

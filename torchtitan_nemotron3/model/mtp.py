@@ -19,6 +19,15 @@ backbone, the shared embedding and the head. The loss is
 The layout is the hub's (``mtp.layers.{i}``, no ``backbone.`` prefix): the first
 layer also holds ``enorm`` / ``hnorm`` / ``eh_proj``, the last ``final_layernorm``,
 so checkpoints map name for name.
+
+Under pipeline parallelism the block runs on the last stage, which holds the
+head but not the embedding: the first stage embeds the D shifted id tensors
+(``input_embeddings``) and every stage passes them on beside the hidden state.
+That costs D extra activations of the P2P traffic, and in exchange the embedding
+stays one parameter on one stage: its gradient from the MTP lookups flows back
+through the pipeline like any activation's, and no copy on the last stage has
+to be kept equal (Megatron's shared-embedding all-reduce), counted once in the
+gradient norm, or left out of checkpoints.
 """
 
 from dataclasses import dataclass
@@ -30,7 +39,7 @@ from torchtitan.models.common.linear import Linear
 from torchtitan.models.common.nn_modules import RMSNorm
 from torchtitan.protocols.module import Module, ModuleDict
 
-from .model import NemotronHBlock
+from .block import NemotronHBlock
 
 
 def shift_within_documents(
@@ -47,6 +56,18 @@ def shift_within_documents(
         valid_BL = seq_idx_BL[:, k:] == seq_idx_BL[:, : L - k]
     out_BL[:, : L - k] = torch.where(valid_BL, x_BL[:, k:], out_BL[:, : L - k])
     return out_BL
+
+
+def input_embeddings(
+    tokens_BL: torch.Tensor, num_depths: int, seq_idx_BL: torch.Tensor | None, embed
+) -> list[torch.Tensor]:
+    """What depth k = 1..D fuses with the hidden state: ``embed`` (the shared
+    embedding) of the ids shifted left by k within each document (invalid slots
+    get id 0; their labels are ignored)."""
+    return [
+        embed(shift_within_documents(tokens_BL, k, seq_idx_BL, fill=0))
+        for k in range(1, num_depths + 1)
+    ]
 
 
 class MTPBlock(NemotronHBlock):
@@ -135,19 +156,23 @@ class MultiTokenPrediction(Module):
     def forward(
         self,
         h_BLD: torch.Tensor,
-        tokens_BL: torch.Tensor,
+        e_BLD_per_depth: list[torch.Tensor] | tuple[torch.Tensor, ...],
         seq_idx_BL: torch.Tensor | None,
-        embed: Module,
         attention_masks=None,
     ) -> list[torch.Tensor]:
         """``h_BLD``: the main model's hidden state after its final norm;
-        ``embed``: the shared embedding; ``attention_masks``: the main forward's
-        (same rows, same documents). Returns h_k (final-normed) per depth."""
+        ``e_BLD_per_depth``: ``input_embeddings``' D tensors (under pipeline
+        parallelism computed on the first stage and carried to the last);
+        ``attention_masks``: the main forward's (same rows, same documents).
+        Returns h_k (final-normed) per depth."""
+        if len(e_BLD_per_depth) != self.num_depths:
+            raise ValueError(
+                f"MTP with {self.num_depths} depths got {len(e_BLD_per_depth)} "
+                "embedded inputs"
+            )
         layers = list(self.layers.values())
         out, aux_loss = [], None
-        for k in range(1, self.num_depths + 1):
-            ids_BL = shift_within_documents(tokens_BL, k, seq_idx_BL, fill=0)
-            e_BLD = embed(ids_BL)
+        for e_BLD in e_BLD_per_depth:
             for i, layer in enumerate(layers):
                 # the first sub-layer fuses e with h; the last final-norms its output
                 h_BLD = layer(

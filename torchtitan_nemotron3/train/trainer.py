@@ -42,6 +42,7 @@ from torchtitan.trainer import Trainer
 
 from ..hf.config import args_from_model_config
 from ..hf.dcp_convert import add_hf_config
+from ..pipeline import after_metadata_inference
 from .mtp_loss import MTPLoss
 
 
@@ -217,14 +218,16 @@ class NemotronHTrainer(Trainer):
     def _wire_mtp(self, mtp) -> None:
         """Multi-token prediction: the loss becomes ``L_main + λ/D · Σ CE_k``
         (``mtp_loss.py``); the logged loss stays the main LM loss and each depth's
-        CE is logged as ``loss_metrics/mtp_k``; validation scores the main output."""
-        if self.parallel_dims.pp_enabled:
-            raise NotImplementedError(
-                "multi-token prediction with pipeline parallelism is not wired yet; "
-                "set mtp_num_layers=0 or pipeline_parallel_degree=1"
-            )
+        CE is logged as ``loss_metrics/mtp_k``; validation scores the main output.
+        Under PP the schedule, built with the plain loss, gets the MTP one (the
+        block is on the last stage; ``post_dataloading_process`` stacks its labels)."""
         self._mtp_loss = MTPLoss(self.loss_fn, mtp.num_depths, mtp.loss_scaling_factor)
         self.loss_fn = self._mtp_loss
+        if self.parallel_dims.pp_enabled:
+            pipeline_loss = self._mtp_loss.pipeline_loss
+            # TorchTitan's schedules take a scalar loss (its ``_scalar_loss_fn``).
+            self.pp_schedule._loss_fn = lambda *a, **k: pipeline_loss(*a, **k)[0]
+            after_metadata_inference(self.pp_schedule, self._mtp_loss.forget_calls)
         validator = getattr(self, "validator", None)
         if validator is not None and hasattr(validator, "loss_fn"):
             validator.loss_fn = self._mtp_loss.main_only
@@ -309,7 +312,17 @@ class NemotronHTrainer(Trainer):
         )
         logger.info(f"HF export complete: {config_path} (+ tokenizer files if any)")
 
+    def post_dataloading_process(self, input_dict, labels):
+        """TorchTitan's, plus, for MTP under PP, each depth's labels stacked: the
+        schedule calls the loss without ``positions`` (``MTPLoss.stack_labels``)."""
+        inputs, labels, extra_kwargs = super().post_dataloading_process(input_dict, labels)
+        if self._mtp_loss is not None and self.parallel_dims.pp_enabled:
+            labels = self._mtp_loss.stack_labels(labels, extra_kwargs.get("positions"))
+        return inputs, labels, extra_kwargs
+
     def forward_backward_step(self, **kwargs) -> torch.Tensor:
+        if self._mtp_loss is not None:
+            self._mtp_loss.pop_main()
         loss = super().forward_backward_step(**kwargs)
         finite = torch.isfinite(_local(loss.detach())).all()
         self._loss_is_finite = finite & self._loss_is_finite
@@ -325,7 +338,9 @@ class NemotronHTrainer(Trainer):
                     aux if self._aux_loss_sum is None else self._aux_loss_sum + aux
                 )
         if self._mtp_loss is not None:
-            return self._mtp_loss.last_main  # logged as the loss, as without MTP
+            main = self._mtp_loss.pop_main()  # None on a pipeline stage before the last
+            if main is not None:
+                return main  # logged as the loss, as without MTP
         return loss
 
     def train_step(self, data_iterator) -> None:
