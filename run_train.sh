@@ -13,6 +13,9 @@
 #     NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   static rendezvous
 #     RDZV_ENDPOINT [, RDZV_ID, RDZV_BACKEND=c10d]  dynamic (elastic) rendezvous
 #   TORCHRUN     launcher command                               default torchrun
+#   CHECK_JOB    1: check the job in one plain process before torchrun (a bad job
+#                is one line, not one traceback per rank; ~10 s of imports);
+#                0: skip it (the ranks run the same checks)   default 1
 # Extra arguments are passed to `python -m torchtitan_nemotron3.train`: TorchTitan's
 # own --section.field VALUE flags (the same as `torchrun -m torchtitan.train`'s),
 # applied after the file's. `--help` lists them and `--print_config` prints the
@@ -48,7 +51,7 @@ done
 
 # Check the job in one plain process first: a bad file, key, value, parallelism,
 # dataset or a missing tokenizer is one line here, before torchrun starts any rank.
-if ! check_log=$("${PYTHON:-python}" -m torchtitan_nemotron3.train \
+if [[ "${CHECK_JOB:-1}" != 0 ]] && ! check_log=$("${PYTHON:-python}" -m torchtitan_nemotron3.train \
         --config_file "$CONFIG_FILE" "$@" --print_config 2>&1 >/dev/null); then
     printf '%s\n' "$check_log" | grep -E "error|Error" >&2 || printf '%s\n' "$check_log" >&2
     exit 2

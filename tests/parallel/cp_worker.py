@@ -359,7 +359,7 @@ def flex_worker(rank: int, world: int, rdv: str, L: int) -> None:
                 for pos in (positions_BL, None):
                     ref = model(tokens_BL, positions=pos)[:, idx]
                     got = cp_model(
-                        tokens_BL[:, idx], None if pos is None else pos[:, idx]
+                        tokens_BL[:, idx], positions=None if pos is None else pos[:, idx]
                     )
                     name = f"model/{tag}/{'unpacked' if pos is None else 'packed'}"
                     _check(name, got, ref, errors)

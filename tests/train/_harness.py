@@ -64,6 +64,10 @@ def run_training(
         # shared 2-core CI box, OpenMP spin-waiting under contention made steps
         # ~10x slower with 2 threads than with 1.
         "OMP_NUM_THREADS": "1",
+        # run_train.sh's one-process check before torchrun costs ~10 s of imports
+        # per launch; the ranks run the same checks, and tests/train/
+        # test_toml_config.py tests the check itself.
+        "CHECK_JOB": "0",
         **os.environ,
         "NGPU": str(ngpu),
         "CONFIG_FILE": str(config_file),

@@ -5,6 +5,7 @@ only build configs; the ``integration`` ones run the entry point as a subprocess
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -279,3 +280,19 @@ def test_bad_job_is_one_line_and_exit_2(tmp_path, args, expected):
     assert len(errors) == 1 and expected in errors[0], log[-3000:]
     assert "Traceback" not in log and "step:" not in log
     assert "Building" not in log  # no trainer component was built
+
+
+@pytest.mark.integration
+def test_run_train_checks_the_job_before_torchrun(tmp_path):
+    """run_train.sh's check: a bad key is one line on stderr and exit 2, and no
+    rank is started."""
+    env = {**os.environ, "CONFIG_FILE": "train_configs/debug_model.toml", "NGPU": "2"}
+    env.pop("CHECK_JOB", None)
+    proc = subprocess.run(
+        [str(REPO_ROOT / "run_train.sh"), "--training.stepz", "3"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "unknown key 'training.stepz'; did you mean 'training.steps'?" in proc.stderr
+    assert "torchrun" not in proc.stdout + proc.stderr
