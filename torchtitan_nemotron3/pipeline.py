@@ -9,9 +9,10 @@ Where the stages split:
 - otherwise a split balanced by cost. NemotronH's layers cost very different
   amounts (Nano: a MoE layer ~2x a Mamba layer, an MLP layer a fraction, lm_head
   over a 131K vocabulary ~4 MoE layers; Super's MTP block, on the last stage,
-  runs twice), so TorchTitan's layer-count split is not balanced. The cost of a stage is its training FLOPs per token (``model/flops.py``'s
-  terms), parameters breaking ties; the embeddings go with the first stage and
-  norm + lm_head with the last, at their cost (TorchTitan's
+  runs twice), so TorchTitan's layer-count split is not balanced. The cost of a
+  stage is its training FLOPs per token (``model/flops.py``'s terms), parameters
+  breaking ties; the embeddings go with the first stage and norm + lm_head (and
+  the MTP block) with the last, at their cost (TorchTitan's
   ``pipeline_parallel_{first,last}_stage_less_layers`` weights are not used).
 
 How many stages: the segments, or TorchTitan's count (one per rank for 1F1B/GPipe,
