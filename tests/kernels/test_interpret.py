@@ -518,22 +518,22 @@ def test_gated_norm_kernel_matches_torch(interpreted):
 
 
 @SUBPROCESS
-def test_mixer_on_kernels_matches_torch(interpreted, backend="auto"):
+def test_mixer_on_kernels_matches_torch(interpreted):
     """``auto`` takes mamba-ssm's SSD and norm and fla-core's conv (all Triton) here."""
-    errors = check(interpreted, f"mixer_{backend}")
+    errors = check(interpreted, "mixer_auto")
     assert errors["out"] <= OUTPUT_TOL, errors
     assert max(errors.values()) <= GRAD_TOL, errors
-    calls = interpreted["kernel_calls"][f"mixer_{backend}"]
+    calls = interpreted["kernel_calls"]["mixer_auto"]
     assert calls == {"fwd": 1, "bwd": 1, "norm_fwd": 1, "norm_bwd": 1, "conv_fwd": 1, "conv_bwd": 1}
 
 
 @SUBPROCESS
-def test_model_on_kernels_matches_torch(interpreted, backend="cuda"):
-    errors = check(interpreted, f"model_{backend}")
+def test_model_on_kernels_matches_torch(interpreted):
+    errors = check(interpreted, "model_cuda")
     assert errors["logits"] <= OUTPUT_TOL, errors
     worst = max(errors, key=errors.get)
     assert errors[worst] <= GRAD_TOL, (worst, errors[worst])
-    calls = interpreted["kernel_calls"][f"model_{backend}"]  # two Mamba layers
+    calls = interpreted["kernel_calls"]["model_cuda"]  # two Mamba layers
     assert calls == {"fwd": 2, "bwd": 2, "norm_fwd": 2, "norm_bwd": 2, "conv_fwd": 2, "conv_bwd": 2}
 
 

@@ -49,12 +49,8 @@ class MTPLoss:
 
     def count_batch(self, labels_BL: torch.Tensor, positions_BL: torch.Tensor | None):
         """Add one fetched batch's valid tokens per depth (before any forward)."""
-        seq_idx_BL = (
-            None if positions_BL is None else seq_idx_from_positions(positions_BL)
-        )
-        for k in range(1, self.num_depths + 1):
-            valid = mtp_labels(labels_BL, k, seq_idx_BL) != IGNORE_INDEX
-            self._local_counts[k - 1] += valid.sum().cpu()
+        for k, labels_k in enumerate(self._depth_labels(labels_BL, positions_BL)[1:]):
+            self._local_counts[k] += (labels_k != IGNORE_INDEX).sum().cpu()
 
     def start_step(self, reduce) -> None:
         """A training step begins: its batches are counted as they are fetched
