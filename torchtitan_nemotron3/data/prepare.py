@@ -75,6 +75,7 @@ class TokenizerInfo:
     vocab_size: int = field(init=False)
     eos_id: int = field(init=False)
     bos_id: int | None = field(init=False)
+    tokenizer: object = field(init=False, repr=False)  # tokenizers.Tokenizer
 
     def __post_init__(self):
         from tokenizers import Tokenizer
@@ -86,7 +87,7 @@ class TokenizerInfo:
         with open(self.path, "rb") as f:
             self.sha256 = hashlib.sha256(f.read()).hexdigest()
         try:
-            tok = Tokenizer.from_file(self.path)
+            tok = self.tokenizer = Tokenizer.from_file(self.path)
         except Exception as e:  # noqa: BLE001 (the Rust side raises plain Exception)
             raise DataFileError(f"{self.path}: cannot load ({str(e).splitlines()[0]})") from None
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
@@ -114,11 +115,6 @@ class TokenizerInfo:
             )
         self.eos_id = eos_id
         self.bos_token, self.bos_id = token("bos_token", self.bos_token)
-
-    def load(self):
-        from tokenizers import Tokenizer
-
-        return Tokenizer.from_file(self.path)
 
 
 # ----------------------------------------------------------------------- inputs
@@ -301,6 +297,7 @@ _WORKER_TOKENIZER = None
 
 
 def _worker_init(tokenizer_path: str) -> None:
+    """A spawned worker loads the tokenizer; a forked one has the parent's."""
     global _WORKER_TOKENIZER
     from tokenizers import Tokenizer
 
@@ -368,6 +365,7 @@ def prepare(
     progress: bool = True,
 ) -> PrepareResult:
     """Tokenize ``inputs`` into ``output_prefix``.bin/.idx/.manifest.json."""
+    global _WORKER_TOKENIZER
     if workers < 1:
         raise DataFileError(f"workers = {workers}: must be at least 1")
     tok = TokenizerInfo(os.fspath(tokenizer_dir), eos_token=eos_token)
@@ -428,8 +426,8 @@ def prepare(
                 bar.update(len(owners))
                 bar.set_postfix(tokens=f"{writer.num_tokens:,}", refresh=False)
 
+        _WORKER_TOKENIZER = tok.tokenizer  # this process, and forked workers (no reload)
         if workers == 1:
-            _worker_init(tok.path)
             for owners, texts in chunks():
                 write(owners, _encode_chunk((texts, bos_id, tok.eos_id)))
         else:
@@ -440,7 +438,8 @@ def prepare(
             # no Rayon thread pool is used in parent or child.
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
             ctx = mp.get_context(method)
-            with ctx.Pool(workers, initializer=_worker_init, initargs=(tok.path,)) as pool:
+            init = (_worker_init, (tok.path,)) if method == "spawn" else (None, ())
+            with ctx.Pool(workers, *init) as pool:
                 pending: collections.deque = collections.deque()
                 for owners, texts in chunks():
                     pending.append((owners, pool.apply_async(_encode_chunk, ((texts, bos_id, tok.eos_id),))))
