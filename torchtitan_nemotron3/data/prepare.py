@@ -278,11 +278,21 @@ def iter_rows(source: Source, text_key: str) -> Iterator[tuple[str, str | DataFi
         except Exception as e:  # noqa: BLE001 (network, missing, gated: many kinds)
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise DataFileError(
-                f"{path}: cannot load this hub dataset (split {source.split!r}): "
+                f"{path}: no such local path, and as a hub dataset (split "
+                f"{source.split!r}) it cannot be loaded: "
                 f"{type(e).__name__}: {first}"
             ) from None
-        for i, row in enumerate(rows, start=1):
+        i = 0
+        while True:
+            i += 1
             where = f"{path}: row {i}"
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except Exception as e:  # noqa: BLE001 (a stream broken mid-way)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise DataFileError(f"{where}: reading failed: {type(e).__name__}: {first}") from None
             try:
                 yield where, _text(where, row, text_key)
             except DataFileError as e:
