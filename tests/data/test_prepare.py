@@ -290,3 +290,16 @@ def test_sigkilled_run_leaves_no_pair(tmp_path, tok_dir):
     with pytest.raises(DataFileError, match="missing"):
         IndexedDataset(out / "big")
     assert all(p.name.startswith(".big.") and p.name.endswith(".tmp") for p in out.iterdir())
+
+
+def test_output_dir_name_and_eos_token(tmp_path, tok_dir, tokenizer, texts):
+    data = write_jsonl(tmp_path / "c.jsonl", texts[:10])
+    argv = [data, "--tokenizer", tok_dir, "--output_dir", str(tmp_path / "o"), "--name", "n",
+            "--eos_token", "<|pad|>", "--no_progress"]
+    assert load_script().main(argv) == 0
+    got = [d.tolist() for d in IndexedDataset(tmp_path / "o" / "n")]
+    pad = tokenizer.token_to_id("<|pad|>")
+    assert got == [tokenizer.encode(t, add_special_tokens=False).ids + [pad] for t in texts[:10]]
+    assert read_manifest(tmp_path / "o" / "n")["tokenizer"]["eos_id"] == pad
+    with pytest.raises(DataFileError, match=r"tokenizer\.json: eos_token '<\|nope\|>' is not in the vocabulary"):
+        prepare([data], tok_dir, tmp_path / "x", eos_token="<|nope|>", progress=False)
