@@ -425,56 +425,59 @@ def prepare(
         else None
     )
     start = time.perf_counter()
-    with _SingleThreaded(), IndexedDatasetWriter(prefix, dtype) as writer:
+    try:
+        with _SingleThreaded(), IndexedDatasetWriter(prefix, dtype) as writer:
 
-        def write(owners, encoded):
-            flat, lengths = encoded
-            ends = np.cumsum(lengths)
-            for k, (source, n, end) in enumerate(zip(owners, lengths, ends)):
-                writer.add_document(flat[end - n : end])
-                source.documents += 1
-            if bar is not None:
-                bar.update(len(owners))
-                bar.set_postfix(tokens=f"{writer.num_tokens:,}", refresh=False)
+            def write(owners, encoded):
+                flat, lengths = encoded
+                ends = np.cumsum(lengths)
+                for source, n, end in zip(owners, lengths, ends):
+                    writer.add_document(flat[end - n : end])
+                    source.documents += 1
+                if bar is not None:
+                    bar.update(len(owners))
+                    bar.set_postfix(tokens=f"{writer.num_tokens:,}", refresh=False)
 
-        _WORKER_TOKENIZER = tok.tokenizer  # this process, and forked workers (no reload)
-        if workers == 1:
-            for owners, texts in chunks():
-                write(owners, _encode_chunk((texts, bos_id, tok.eos_id)))
-        else:
-            import multiprocessing as mp
-
-            # fork: the workers start at once (a spawned one would re-import the package,
-            # torch included). Safe for the tokenizer: with TOKENIZERS_PARALLELISM=false
-            # no Rayon thread pool is used in parent or child.
-            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            ctx = mp.get_context(method)
-            init = (_worker_init, (tok.path,)) if method == "spawn" else (None, ())
-            with ctx.Pool(workers, *init) as pool:
-                pending: collections.deque = collections.deque()
+            _WORKER_TOKENIZER = tok.tokenizer  # this process, and forked workers (no reload)
+            if workers == 1:
                 for owners, texts in chunks():
-                    pending.append((owners, pool.apply_async(_encode_chunk, ((texts, bos_id, tok.eos_id),))))
-                    while len(pending) > 2 * workers:  # bounded: the corpus is not read ahead
+                    write(owners, _encode_chunk((texts, bos_id, tok.eos_id)))
+            else:
+                import multiprocessing as mp
+
+                # fork: the workers start at once (a spawned one would re-import the package,
+                # torch included). Safe for the tokenizer: with TOKENIZERS_PARALLELISM=false
+                # no Rayon thread pool is used in parent or child.
+                method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+                ctx = mp.get_context(method)
+                init = (_worker_init, (tok.path,)) if method == "spawn" else (None, ())
+                with ctx.Pool(workers, *init) as pool:
+                    pending: collections.deque = collections.deque()
+                    for owners, texts in chunks():
+                        pending.append((owners, pool.apply_async(_encode_chunk, ((texts, bos_id, tok.eos_id),))))
+                        while len(pending) > 2 * workers:  # bounded: the corpus is not read ahead
+                            o, r = pending.popleft()
+                            write(o, r.get())
+                    while pending:
                         o, r = pending.popleft()
                         write(o, r.get())
-                while pending:
-                    o, r = pending.popleft()
-                    write(o, r.get())
-        if writer.num_documents == 0:
-            named = ", ".join(inputs)
-            extra = f" ({bad_count} bad rows skipped)" if bad_count else ""
-            raise DataFileError(f"{named}: empty corpus, no documents{extra}")
-        documents, tokens = writer.num_documents, writer.num_tokens
-        # The old manifest goes just before the new pair is committed: a crash in
-        # between leaves a pair without a manifest, never one describing other files.
-        try:
-            os.unlink(manifest_path(prefix))
-        except FileNotFoundError:
-            pass
-        writer.commit()
+            if writer.num_documents == 0:
+                named = ", ".join(inputs)
+                extra = f" ({bad_count} bad rows skipped)" if bad_count else ""
+                raise DataFileError(f"{named}: empty corpus, no documents{extra}")
+            documents, tokens = writer.num_documents, writer.num_tokens
+            # The old manifest goes just before the new pair is committed: a crash in
+            # between leaves a pair without a manifest, never one describing other files.
+            try:
+                os.unlink(manifest_path(prefix))
+            except FileNotFoundError:
+                pass
+            writer.commit()
+    finally:
+        _WORKER_TOKENIZER = None
+        if bar is not None:
+            bar.close()
     seconds = time.perf_counter() - start
-    if bar is not None:
-        bar.close()
 
     manifest = {
         "manifest_version": MANIFEST_VERSION,
