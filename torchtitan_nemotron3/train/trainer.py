@@ -44,6 +44,7 @@ from ..hf.config import args_from_model_config
 from ..hf.dcp_convert import add_hf_config
 from ..pipeline import after_metadata_inference
 from .mtp_loss import MTPLoss
+from .routing_metrics import RoutingMetrics, RoutingMetricsConfig
 
 
 @dataclass(kw_only=True, slots=True)
@@ -105,6 +106,11 @@ class NemotronHTrainer(Trainer):
 
         mtp_loss_scaling_factor: float | None = None
         """λ in L_main + λ/D · Σ_k CE_k; None keeps the flavor's (0.3)."""
+
+        routing_metrics: RoutingMetricsConfig = field(
+            default_factory=RoutingMetricsConfig
+        )
+        """Per-layer MoE routing figures and a load heatmap (``routing_metrics.py``)."""
 
         def __post_init__(self):
             Trainer.Config.__post_init__(self)  # (no super() in slots dataclasses)
@@ -182,6 +188,7 @@ class NemotronHTrainer(Trainer):
             self._wire_seq_aux_loss()
         if self._mtp_loss is not None or self._aux_moes:
             self._log_extra_losses()
+        self.routing_metrics = RoutingMetrics.attach(self, config.routing_metrics)
 
     def _wire_seq_aux_loss(self) -> None:
         """Each MoE layer's sequence aux loss is a sum over its batch rows; scaled
