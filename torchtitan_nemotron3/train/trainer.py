@@ -184,9 +184,18 @@ class NemotronHTrainer(Trainer):
             and any(m.seq_aux_loss_coeff > 0 for m in self._aux_moes)
         ]
         self._aux_loss_sum: torch.Tensor | None = None
+        # Whether any layer has the aux loss: the same on every rank (a pipeline
+        # stage may hold no MoE layer, and still joins the metric's reduction).
+        self._aux_on = any(
+            getattr(layer.mixer, "seq_aux_loss_coeff", 0) > 0
+            for layer in config.model_spec.model.layers
+        )
+        self._stage_aux: torch.Tensor | None = None
         if self._aux_moes:
             self._wire_seq_aux_loss()
-        if self._mtp_loss is not None or self._aux_moes:
+            if self.parallel_dims.pp_enabled:
+                self._wire_stage_aux_loss()
+        if self._mtp_loss is not None or self._aux_on:
             self._log_extra_losses()
         self.routing_metrics = RoutingMetrics.attach(self, config.routing_metrics)
 
@@ -204,6 +213,29 @@ class NemotronHTrainer(Trainer):
         )
         for moe in self._aux_moes:
             moe.aux_loss_scale = 1.0 / rows
+
+    def _wire_stage_aux_loss(self) -> None:
+        """Under PP the schedule runs every microbatch inside one
+        ``forward_backward_step``, so each MoE's ``last_aux_loss`` is the last
+        microbatch's: each stage module's forward hook adds its layers' values per
+        microbatch (the stage's forward runs once per microbatch, activation
+        recomputation runs blocks, not the stage); the shape-inference pass's are
+        dropped."""
+
+        def add(sources, *_):
+            values = [_local(m.last_aux_loss) for m in sources if m.last_aux_loss is not None]
+            if values:
+                total = torch.stack(values).sum()
+                self._stage_aux = total if self._stage_aux is None else self._stage_aux + total
+
+        for part in self.model_parts:
+            sources = [m for m in self._aux_sources if any(m is x for x in part.modules())]
+            part.register_forward_hook(lambda *a, sources=sources: add(sources, *a))
+
+        def forget() -> None:
+            self._stage_aux = None
+
+        after_metadata_inference(self.pp_schedule, forget)
 
     def _log_extra_losses(self) -> None:
         """Per-depth MTP losses and the sequence aux loss join TorchTitan's log
@@ -280,6 +312,8 @@ class NemotronHTrainer(Trainer):
         if self._aux_loss_sum is not None:
             terms["moe_seq_aux_loss"] = self._aux_loss_sum
             self._aux_loss_sum = None
+        elif self._aux_on and self.parallel_dims.pp_enabled:  # a stage without MoE
+            terms["moe_seq_aux_loss"] = torch.zeros((), device=self.device)
         if not terms:
             return {}
         names = sorted(terms)
@@ -287,6 +321,11 @@ class NemotronHTrainer(Trainer):
         if self.parallel_dims.dp_cp_enabled:
             loss_group = self.parallel_dims.get_mesh("loss").get_group()
             dist.all_reduce(values, group=loss_group)
+        if "moe_seq_aux_loss" in names and self.parallel_dims.pp_enabled:
+            i = names.index("moe_seq_aux_loss")  # each stage: its own layers' share
+            aux = values[i].clone()
+            dist.all_reduce(aux, group=self.parallel_dims.get_mesh("pp").get_group())
+            values[i] = aux
         return dict(zip(names, values.tolist(), strict=True))
 
     def _counting_mtp_tokens(self, data_iterator):
@@ -340,6 +379,9 @@ class NemotronHTrainer(Trainer):
                 for m in self._aux_sources
                 if m.last_aux_loss is not None
             )
+            if self.parallel_dims.pp_enabled:  # every microbatch's (see above)
+                aux, self._stage_aux = self._stage_aux, None
+                aux = 0 if aux is None else aux * scale
             if isinstance(aux, torch.Tensor):
                 self._aux_loss_sum = (
                     aux if self._aux_loss_sum is None else self._aux_loss_sum + aux
