@@ -223,13 +223,17 @@ class NemotronHTrainer(Trainer):
         dropped."""
 
         def add(sources, *_):
-            values = [_local(m.last_aux_loss) for m in sources if m.last_aux_loss is not None]
+            values = [
+                _local(m.last_aux_loss) for m in sources if m.last_aux_loss is not None
+            ]
             if values:
                 total = torch.stack(values).sum()
-                self._stage_aux = total if self._stage_aux is None else self._stage_aux + total
+                before = self._stage_aux
+                self._stage_aux = total if before is None else before + total
 
         for part in self.model_parts:
-            sources = [m for m in self._aux_sources if any(m is x for x in part.modules())]
+            mine = {id(m) for m in part.modules()}
+            sources = [m for m in self._aux_sources if id(m) in mine]
             part.register_forward_hook(lambda *a, sources=sources: add(sources, *a))
 
         def forget() -> None:
