@@ -187,7 +187,7 @@ class NemotronHTrainer(Trainer):
         # Whether any layer has the aux loss: the same on every rank (a pipeline
         # stage may hold no MoE layer, and still joins the metric's reduction).
         self._aux_on = any(
-            getattr(layer.mixer, "seq_aux_loss_coeff", 0) > 0
+            getattr(getattr(layer, "mixer", None), "seq_aux_loss_coeff", 0) > 0
             for layer in config.model_spec.model.layers
         )
         self._stage_aux: torch.Tensor | None = None
