@@ -1,4 +1,6 @@
-"""The package's import graph, read with ``ast``: no cycles, and the ops layer stays below the model.
+"""The package's import graph, read with ``ast``: no cycles, and no module imports a
+layer above its own (``LAYERS``: kernels, model, interop and parallel plans, the
+model registry, fine-tuning / generation / training, data and estimates, entry points).
 
 Every ``import`` counts, at module level or inside a function (a lazy import is
 still a dependency). Parent packages that Python imports implicitly are not
@@ -113,3 +115,50 @@ def test_model_imports_nothing_that_imports_the_model():
     for module in sorted(model):
         for dep in graph[module] - model:
             assert not (reachable(graph, dep) & model), f"{module} -> {dep} -> model"
+
+
+# Lowest first; "" is the package's own ``__init__`` (``model_registry``). Siblings in
+# one layer may import each other (no cycles, above); a new top-level module or
+# folder must be placed here.
+LAYERS = [
+    {"ops"},  # kernels and their torch references
+    {"model"},
+    {"hf", "pipeline", "tensor_parallel"},  # interop; per-layer parallel plans
+    {"sharding"},  # layout checks over the plans
+    {"parallelize"},
+    {""},  # model_registry: model + hf adapter + parallelize + pipeline
+    {"lora", "generate", "train"},  # fine-tuning, inference, the trainer
+    {"sft", "estimate"},  # chat data (train's assets, job parser); dry-run sizing
+    {"config_registry", "job", "dry_run"},  # configs and entry points
+]
+
+
+def _area(module: str) -> str:
+    return module.removeprefix(PACKAGE).lstrip(".").split(".")[0]
+
+
+def upward_imports(graph: dict[str, set[str]], layers: list[set[str]]) -> list[str]:
+    level = {area: i for i, areas in enumerate(layers) for area in areas}
+    unplaced = sorted({_area(m) for m in graph} - set(level))
+    if unplaced:
+        return [f"not in LAYERS: {unplaced}"]
+    return sorted(
+        f"{m} -> {d}"
+        for m, deps in graph.items()
+        for d in deps
+        if level[_area(d)] > level[_area(m)]
+    )
+
+
+def test_the_layer_check_finds_an_upward_import():
+    layers = [{"ops"}, {"hf"}, {"lora"}]
+    graph = {f"{PACKAGE}.hf.x": {f"{PACKAGE}.lora.y"}, f"{PACKAGE}.lora.y": set()}
+    assert upward_imports(graph, layers) == [f"{PACKAGE}.hf.x -> {PACKAGE}.lora.y"]
+    graph[f"{PACKAGE}.new.z"] = set()
+    assert upward_imports(graph, layers) == ["not in LAYERS: ['new']"]
+
+
+def test_no_import_from_a_higher_layer():
+    graph = import_graph()
+    assert {f"{PACKAGE}.lora", f"{PACKAGE}.hf.state_dict_adapter"} <= set(graph)
+    assert upward_imports(graph, LAYERS) == []

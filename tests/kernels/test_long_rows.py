@@ -1,7 +1,7 @@
 """``ops/long_rows.py``: long rows cut into pieces under the kernels' 32-bit offset limit.
 
-On CPU with an artificially low limit, the pieces run on the exact torch SSD/conv
-(``torch_ssd_piece``/``torch_conv_piece``) and must reproduce the unsplit ops, forward
+On CPU with an artificially low limit, the pieces run on the exact torch SSD
+(``torch_ssd_piece``) and must reproduce the unsplit op, forward
 and every input gradient, with packed documents crossing the cuts. If mamba-ssm and
 Triton are importable, a subprocess runs mamba-ssm's own Triton SSD under
 ``TRITON_INTERPRET=1`` to pin the ``seq_idx`` + ``initial_states`` semantics the
@@ -18,20 +18,15 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from torchtitan_nemotron3.ops import kernel_ops, long_rows
-from torchtitan_nemotron3.ops.conv import causal_conv1d
+from torchtitan_nemotron3.ops.fla_conv import fla_conv_ineligible
 from torchtitan_nemotron3.ops.long_rows import (
-    conv_elements,
-    conv_long_rows,
-    conv_plan,
     piece_seq_idx,
     split_points,
     ssd_elements,
     ssd_long_rows,
     ssd_plan,
-    torch_conv_piece,
     torch_ssd_piece,
 )
 from torchtitan_nemotron3.ops.ssd import (
@@ -165,17 +160,13 @@ def test_low_limit_plans():
         [0, 16, 32, L],
     )
 
-    x = torch.randn(2, 21, 40)[..., :24]  # strided like xBC in the in_proj output
-    assert conv_plan(x, 4) == ([0, 2], [0, 21])
-    limit = conv_elements(1, 8, x, 4) + 1
-    assert conv_plan(x, 4, max_elements=limit) == ([0, 1, 2], [0, 8, 16, 21])
-
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_nano_1m_plan_is_what_kernel_ops_accepts(batch):
     """Nano's mixer layout at 1M tokens a row (meta tensors: shapes and strides only):
     the full call is past the limit; every planned piece passes
-    ``kernel_ops.ssd_ineligible``/``conv_ineligible``, and one more chunk would not."""
+    ``kernel_ops.ssd_ineligible``, and one more chunk would not. The conv call, past
+    causal-conv1d's limit, is fla-core's (which splits it: ``test_fla_conv.py``)."""
     Lr, Hn, Pn, Gn, Nn, Qn, K = 2**20, 64, 64, 8, 128, 128, 4
     d_inner, GN = Hn * Pn, Gn * Nn
     conv_dim = d_inner + 2 * GN
@@ -211,11 +202,7 @@ def test_nano_1m_plan_is_what_kernel_ops_accepts(batch):
 
     weight = torch.empty(conv_dim, K, device="meta", dtype=torch.bfloat16)
     assert kernel_ops.conv_ineligible(xBC, weight)
-    rows, seqs = conv_plan(xBC, K)
-    assert rows == list(range(batch + 1))
-    for s, e in itertools.pairwise(seqs):
-        halo = min(K - 1, s)
-        assert kernel_ops.conv_ineligible(xBC[:1, s - halo : e], weight) == ""
+    assert fla_conv_ineligible(xBC, weight) == ""
 
 
 def test_piece_seq_idx():
@@ -334,47 +321,6 @@ def test_ssd_pieces_fp64_exact():
     assert _max_rel_err(out, out_ref) < 1e-13
     for name, g in grads.items():
         assert _max_rel_err(g, grads_ref[name]) < 1e-12, name
-
-
-# --- the conv cut into halo pieces -------------------------------------------------------
-
-
-@pytest.mark.parametrize("bounds", ["plan", "tiny"])
-def test_conv_pieces_match_unsplit_fp32(bounds):
-    g = torch.Generator().manual_seed(5)
-    Bsz, n, X, K = 2, 21, 24, 4
-    x = torch.randn(Bsz, n, 40, generator=g)[..., 3:27]  # strided, like xBC in in_proj
-    weight = 0.5 * torch.randn(X, K, generator=g)
-    bias = 0.1 * torch.randn(X, generator=g)
-    # documents starting exactly at the cuts 8 and 16, a 1-token one at 9, one at 3
-    seq_idx = _seq_idx([[3, 8, 9, 16], [15]], n)
-    if bounds == "plan":
-        row_bounds, seq_bounds = conv_plan(
-            x, K, max_elements=conv_elements(1, 8, x, K) + 1
-        )
-        assert seq_bounds == [0, 8, 16, n]
-    else:  # pieces shorter than the halo: a halo reaches over two cuts
-        row_bounds, seq_bounds = [0, 1, 2], [0, 2, 3, 8, 9, 16, n]
-
-    def run(split: bool):
-        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-        if split:
-            y = conv_long_rows(
-                *torch_conv_piece(),
-                *leaves,
-                seq_idx,
-                row_bounds=row_bounds,
-                seq_bounds=seq_bounds,
-            )
-        else:
-            y = F.silu(causal_conv1d(*leaves, seq_idx))
-        dout = torch.randn(y.shape, generator=torch.Generator().manual_seed(6))
-        return y, torch.autograd.grad(y, leaves, dout)
-
-    (y_ref, grads_ref), (y, grads) = run(False), run(True)
-    assert _max_rel_err(y, y_ref) < 1e-6
-    for g_split, g_ref in zip(grads, grads_ref):
-        assert _max_rel_err(g_split, g_ref) < 1e-6
 
 
 # --- mamba-ssm's Triton SSD under the interpreter ----------------------------------------

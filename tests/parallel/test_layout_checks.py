@@ -96,6 +96,7 @@ def test_nano_config_is_the_anchor_layout_and_builds():
     from torchtitan.models.common.token_dispatcher import (
         AllToAllTokenDispatcher,
         DeepEPTokenDispatcher,
+        HybridEPTokenDispatcher,
     )
 
     from torchtitan_nemotron3 import config_registry
@@ -114,6 +115,8 @@ def test_nano_config_is_the_anchor_layout_and_builds():
     check_parallelism(nano.parallelism, nano.model_spec.model, world_size=8)
     deepep = config_registry.nemotron3_nano_30b_deepep()
     assert dispatchers(deepep) == {DeepEPTokenDispatcher.Config}
+    hybridep = config_registry.nemotron3_nano_30b_hybridep()
+    assert dispatchers(hybridep) == {HybridEPTokenDispatcher.Config}
 
 
 @pytest.mark.parametrize("enable_sp", [False, True])

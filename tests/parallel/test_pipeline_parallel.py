@@ -14,6 +14,11 @@ must get them, or documents leak into each other and the losses drift.
 - a Megatron pattern's '|' segments are the stages (two per rank, under
   Interleaved1F1B), and train the same;
 - the non-finite guard: an inf gradient on one stage skips the step on both.
+
+Every run has the sequence aux loss on (``--moe_seq_aux_loss_coeff 1e-4``): its
+logged value under PP is the whole model's over all microbatches (each stage sums
+its microbatches, the stages are summed), the one process's; the routing metrics
+of both stages reach the logging rank (TensorBoard).
 """
 
 import os
@@ -29,6 +34,7 @@ from train._harness import (
     hf_weights,
     max_rel_diff,
     run_training,
+    tensorboard_scalars,
     worst_weight_diff,
     write_fp32_debug_toml,
 )
@@ -85,12 +91,15 @@ def _train(toml, seed_checkpoint, tmp_path, ngpu, overrides, log_rank="0"):
     dump = tmp_path / "dump"
     copy_checkpoint(seed_checkpoint.parent.parent, 0, dump)
     args = ["--training.steps", str(STEPS), "--checkpoint.enable",
-            "--checkpoint.interval", str(STEPS), "--dump_folder", str(dump), *overrides]
+            "--checkpoint.interval", str(STEPS), "--dump_folder", str(dump),
+            "--moe_seq_aux_loss_coeff", "1e-4", "--metrics.enable_tensorboard",
+            *overrides]
     losses = run_training(toml, ngpu, args, tmp_path / "run", env={"LOG_RANK": log_rank})
     log = (tmp_path / "run" / "train.log").read_text()
     assert "Loading the checkpoint from" in log and "step-0" in log
     weights = hf_weights(dump / "checkpoint" / f"step-{STEPS}", flavor_args("debugmodel"))
-    return losses, weights, log
+    scalars = tensorboard_scalars(dump)
+    return losses, weights, log, scalars
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +108,7 @@ def reference(toml, seed_checkpoint, tmp_path_factory):
 
 
 def _assert_same_training(got, ref):
-    (losses, weights, _), (ref_losses, ref_weights, _) = got, ref
+    (losses, weights, _, tb), (ref_losses, ref_weights, _, ref_tb) = got, ref
     assert len(losses) == len(ref_losses) == STEPS
     loss_rel, (w_rel, worst) = max_rel_diff(losses, ref_losses), worst_weight_diff(
         weights, ref_weights
@@ -110,6 +119,16 @@ def _assert_same_training(got, ref):
     assert w_rel <= REL, (worst, w_rel)
     biases = [n for n in ref_weights if n.endswith("e_score_correction_bias")]
     assert biases and all(ref_weights[n].abs().max() > 0 for n in biases)
+    # the whole model's sequence aux loss, every microbatch: PP = one process
+    aux, ref_aux = (t["loss_metrics/moe_seq_aux_loss"] for t in (tb, ref_tb))
+    assert sorted(aux) == sorted(ref_aux) == list(range(1, STEPS + 1))
+    aux_rel = max_rel_diff([aux[k] for k in sorted(aux)], [ref_aux[k] for k in sorted(aux)])
+    print(f"moe_seq_aux_loss {aux} vs {ref_aux}: max rel {aux_rel:.2e}")
+    assert aux_rel <= REL, (aux, ref_aux)
+    # every MoE layer's routing figures, from both stages, on the logging rank
+    routing = {k for k in tb if k.startswith("routing/")}
+    assert routing == {k for k in ref_tb if k.startswith("routing/")}
+    assert len([k for k in routing if k.endswith("/imbalance")]) == 5
 
 
 @pytest.mark.integration

@@ -202,3 +202,18 @@ def worst_weight_diff(got: dict, ref: dict) -> tuple[float, str]:
         (float((got[n] - w).norm() / w.norm().clamp_min(1e-12)), n)
         for n, w in ref.items()
     )
+
+
+def tensorboard_scalars(dump_folder: str | os.PathLike, prefix: str = "") -> dict:
+    """``{tag: {step: value}}`` of the scalars under ``prefix`` that TorchTitan's
+    TensorBoard logger wrote under ``dump_folder`` (``--metrics.enable_tensorboard``)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run_dir,) = {p.parent for p in Path(dump_folder, "tb").rglob("events.out.tfevents.*")}
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {
+        tag: {e.step: e.value for e in acc.Scalars(tag)}
+        for tag in acc.Tags()["scalars"]
+        if tag.startswith(prefix)
+    }

@@ -6,7 +6,8 @@ checkpoints) but no architecture: the caller names it (flavor or config.json).
 A LoRA run's checkpoint also holds the adapters (``<module>.lora_a.weight`` /
 ``lora_b.weight``) and no rank or alpha: the caller passes the run's converted
 model config (``lora_model_config``) and each adapted weight is written merged,
-``W + alpha/r · B A`` (``lora.merge.merge_lora``), what vLLM serves.
+``W + alpha/r · B A`` (``lora.merge.merge_lora``, through ``merge_hook``), what
+vLLM serves.
 
 DCP → HF streams: the shard plan is made from the DCP metadata, and each output
 shard loads only its own tensors (``dcp.load`` of a partial state dict), so memory
@@ -26,8 +27,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from torchtitan_nemotron3.model import NemotronHArgs
 
-from ..lora.converter import lora_scalings
-from ..lora.merge import LORA_A, LORA_B, is_adapter_key, merge_lora
+from .merge_hook import weight_merge
 from .config import hf_config_from_args, write_hf_config
 from .errors import CheckpointMismatchError
 from .files import check_finite, scan_checkpoint
@@ -86,6 +86,7 @@ def dcp_to_hf(
         for name, md in metadata.items()
         if name.split(".", 1)[0] in _MODEL_ROOTS and hasattr(md, "size")
     }
+    merger = weight_merge()
     scalings, meta_adapters = _lora_plan(dcp_dir, found, lora_model_config)
     meta_state = _as_stored(model.state_dict(), adapter, found)
     expected = {name: t.shape for name, t in meta_state.items()}
@@ -112,10 +113,10 @@ def dcp_to_hf(
         group.append(name)
         fqn = name.removesuffix(".weight")
         if fqn in scalings:
-            group += [f"{fqn}{LORA_A}", f"{fqn}{LORA_B}"]
+            group += [f"{fqn}{suffix}" for suffix in merger.parts]
     owner, hub_meta = {}, {}
     for names in groups.values():
-        meta = {name: meta_state[name] for name in names if not is_adapter_key(name)}
+        meta = {name: meta_state[name] for name in names if not merger.is_part(name)}
         for hub, t in adapter.to_hf(meta).items():
             owner[hub] = tuple(names)
             hub_meta[hub] = torch.empty(
@@ -138,7 +139,7 @@ def dcp_to_hf(
                 check_finite(state[key], key, dcp_dir)
             # Merge before the cast: W' = W + alpha/r·B·A in fp32, in W's dtype.
             fqns = (k.removesuffix(".weight") for k in group)
-            merged = merge_lora(
+            merged = merger.merge(
                 {k: state[k] for k in group},
                 {f: scalings[f] for f in fqns if f in scalings},
             )
@@ -170,7 +171,8 @@ def _lora_plan(
     checkpoint holds adapters and no LoRA config was given (the reverse, a LoRA
     config for a checkpoint without adapters, fails ``check_checkpoint``, which
     names the missing adapters)."""
-    stored = sorted(name for name in found if is_adapter_key(name))
+    merger = weight_merge()
+    stored = sorted(name for name in found if merger.is_part(name))
     if lora_model_config is None:
         if stored:
             modules = {name.rsplit(".", 2)[0] for name in stored}
@@ -181,12 +183,12 @@ def _lora_plan(
                 "RUN_CONFIG or --lora_alpha ALPHA (lora_model_config here)"
             )
         return {}, {}
-    scalings = lora_scalings(lora_model_config)
+    scalings = merger.scalings(lora_model_config)
     if not scalings:
         raise ValueError("lora_model_config adapts no module (no LoRA converter)")
     with torch.device("meta"):
         state = lora_model_config.build().state_dict()
-    return scalings, {k: v for k, v in state.items() if is_adapter_key(k)}
+    return scalings, {k: v for k, v in state.items() if merger.is_part(k)}
 
 
 def _as_stored(

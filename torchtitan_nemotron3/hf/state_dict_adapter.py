@@ -44,8 +44,7 @@ from .packed import pack, PartLayout, unpack
 from .storage import NemotronHStorageReader
 
 # LoRA (torchtitan_nemotron3/lora): merged on export, ignored on load.
-from ..lora.converter import lora_scalings
-from ..lora.merge import merge_lora
+from .merge_hook import weight_merge
 
 
 class NemotronHStateDictAdapter(StateDictAdapter):
@@ -60,8 +59,10 @@ class NemotronHStateDictAdapter(StateDictAdapter):
 
     def __init__(self, model_config, hf_assets_path: str | None):
         super().__init__(model_config, hf_assets_path)
-        # LoRA: {adapted module: alpha/rank}, empty without LoRA (lora/merge.py).
-        self._lora_scalings = lora_scalings(model_config)
+        # LoRA: {adapted module: alpha/rank}, empty without LoRA (lora/merge.py,
+        # registered through merge_hook.py).
+        self._merge = weight_merge()
+        self._lora_scalings = self._merge.scalings(model_config)
         moe_layers = [layer for layer in model_config.layers if layer.layer_type == "E"]
         self.num_experts = moe_layers[0].mixer.num_experts if moe_layers else 0
         # Layout of each sharded 3-D expert weight seen by to_hf, by our name: from_hf
@@ -92,7 +93,7 @@ class NemotronHStateDictAdapter(StateDictAdapter):
         # LoRA: fold adapters into their base weights (W + alpha/r·B·A) and drop
         # them (no hub name), so exports are merged and an initial load leaves
         # the adapters at their init (lora/merge.py).
-        state_dict = merge_lora(state_dict, self._lora_scalings)
+        state_dict = self._merge.merge(state_dict, self._lora_scalings)
         hf_state_dict = {}
         packed: dict[str, dict[str, torch.Tensor]] = {}
         for name, value in state_dict.items():

@@ -1,11 +1,11 @@
-"""Long rows on the kernels: calls past the kernels' 32-bit offsets, cut into pieces that fit.
+"""Long rows on the SSD kernel: calls past its 32-bit offsets, cut into pieces that fit.
 
-mamba-ssm's Triton SSD and causal-conv1d compute element offsets in 32 bits (mamba
-issue #1015): a call whose tensors pass 2^31 elements is wrong or crashes. Nano
-trains at 256K-1M tokens a row, exactly there. Instead of leaving such calls to the
-slow torch ops, this module cuts them into pieces each kernel call can take, exactly:
+mamba-ssm's Triton SSD computes element offsets in 32 bits (mamba issue #1015): a
+call whose tensors pass 2^31 elements is wrong or crashes. Nano trains at 256K-1M
+tokens a row, exactly there. Instead of leaving such calls to the slow torch ops,
+this module cuts them into pieces each kernel call can take, exactly:
 
-* **SSD, along the sequence** at multiples of ``chunk_size``: each piece starts from
+* **Along the sequence** at multiples of ``chunk_size``: each piece starts from
   the state the previous one ended with (the kernel's ``initial_states`` /
   ``final_states``); the backward runs the pieces right to left, the gradient of a
   piece's initial state (``dinitial_states``) becoming the previous piece's
@@ -17,9 +17,10 @@ slow torch ops, this module cuts them into pieces each kernel call can take, exa
   bf16 once per cut (inside one call it stays fp32; only the per-chunk copies stored
   for the other kernels are bf16).
 * **Along the batch**, trivially: rows are independent.
-* **Conv, along the sequence** with a halo: a piece also reads the ``K - 1`` inputs
-  before it, whose outputs are discarded; in the backward the halo inputs' gradients
-  are added to the previous piece's.
+
+The conv needs none of this: a conv call too large for causal-conv1d's 32-bit
+offsets goes to fla-core's Triton conv (``fla_conv.py``), which splits itself
+over documents and takes a single document of up to 4M tokens (65535 chunks of 64).
 
 Packed documents and the kernel's ``initial_states``. In mamba-ssm 2.3.2
 (``ssd_state_passing.py``, ``ssd_chunk_scan.py``), the initial state belongs to the
@@ -35,28 +36,21 @@ the cut does not (the kernel zeroes it), with no tensor surgery on the states.
 
 Pieces are given as two lists of bounds, ``row_bounds`` ([0, ..., B]) and
 ``seq_bounds`` ([0, ..., L]), every row group cut at the same ``seq_bounds``;
-``ssd_plan``/``conv_plan`` choose them from the element counts of
-``kernel_ops.ssd_ineligible``/``conv_ineligible`` (the fewest pieces, balanced).
-Plain ints, so they can travel as ``int[]`` arguments of custom ops and the backward
-cuts exactly as the forward did.
+``ssd_plan`` chooses them from the element counts of ``kernel_ops.ssd_ineligible``
+(the fewest pieces, balanced). Plain ints, so they can travel as ``int[]``
+arguments of custom ops and the backward cuts exactly as the forward did.
 
-The kernels enter as *piece* callables with one contract for any backend:
+The kernel enters as *piece* callables with one contract for any backend:
+``piece_fwd(x, dt, A, B, C, D, dt_bias, seq_idx, initial_states) -> (out,
+final_states)`` and ``piece_bwd(dout, dfinal_states, x, dt, A, B, C, D, dt_bias,
+seq_idx, initial_states, out) -> (dx, ddt, dA, dB, dC, dD, ddt_bias,
+dinitial_states)`` (``initial_states``/``dfinal_states`` may be ``None``, meaning
+zero). ``mamba_ssm_piece`` builds them from mamba-ssm's
+``_mamba_chunk_scan_combined_fwd/_bwd``; ``torch_ssd_piece`` from the exact torch SSD.
 
-* SSD ``piece_fwd(x, dt, A, B, C, D, dt_bias, seq_idx, initial_states) -> (out,
-  final_states)`` and ``piece_bwd(dout, dfinal_states, x, dt, A, B, C, D, dt_bias,
-  seq_idx, initial_states, out) -> (dx, ddt, dA, dB, dC, dD, ddt_bias,
-  dinitial_states)`` (``initial_states``/``dfinal_states`` may be ``None``, meaning
-  zero). ``mamba_ssm_piece`` builds them from mamba-ssm's
-  ``_mamba_chunk_scan_combined_fwd/_bwd``; ``torch_ssd_piece`` from the exact torch SSD.
-* Conv ``conv_fwd(x_BLX, weight_XK, bias_X, seq_idx_BL) -> y_BLX`` and
-  ``conv_bwd(dout_BLX, x_BLX, weight_XK, bias_X, seq_idx_BL) -> (dx, dweight, dbias)``
-  (the signatures of ``conv_kernel.py``'s ops); ``torch_conv_piece`` builds them
-  from the torch conv.
-
-``ssd_fwd_pieces``/``ssd_bwd_pieces`` and ``conv_fwd_pieces``/``conv_bwd_pieces`` are
-the raw drivers (to call inside custom ops: the SSD forward returns the states it
-carried across the cuts, for the backward); ``ssd_long_rows``/``conv_long_rows`` wrap
-them in an ``autograd.Function``.
+``ssd_fwd_pieces``/``ssd_bwd_pieces`` are the raw drivers (to call inside custom
+ops: the forward returns the states it carried across the cuts, for the backward);
+``ssd_long_rows`` wraps them in an ``autograd.Function``.
 """
 
 import math
@@ -64,9 +58,7 @@ from collections.abc import Callable
 from itertools import pairwise
 
 import torch
-import torch.nn.functional as F
 
-from .conv import causal_conv1d
 from .ssd import ssd_scan
 
 # Past this many elements the kernels' 32-bit offsets wrap (kernel_ops._OFFSET_LIMIT).
@@ -106,16 +98,6 @@ def ssd_elements(
         rows * n_chunks * H * P * N,  # chunk states
         rows * n_chunks * G * chunk_size * chunk_size,  # C·Bᵀ per chunk
     )
-
-
-def conv_elements(
-    rows: int, length: int, x_BLX: torch.Tensor, kernel_width: int, halo: bool = True
-) -> int:
-    """The largest element count ``kernel_ops.conv_ineligible`` sees for a conv call on
-    ``rows`` rows and ``length`` output tokens of ``x``, plus (``halo``) the ``K - 1``
-    tokens a piece reads before its first output."""
-    read = (rows, length + (kernel_width - 1 if halo else 0), x_BLX.shape[-1])
-    return max(_last_offset(read, x_BLX.stride()), math.prod(read))
 
 
 def split_points(
@@ -183,24 +165,6 @@ def ssd_plan(
         chunk_size,
         max_elements,
         lambda r, n, _: ssd_elements(r, n, x_BLHP, dt_BLH, B_BLGN, C_BLGN, chunk_size),
-    )
-
-
-def conv_plan(
-    x_BLX: torch.Tensor,
-    kernel_width: int,
-    max_elements: int = OFFSET_LIMIT,
-    multiple: int = 8,
-) -> tuple[list[int], list[int]]:
-    """``(row_bounds, seq_bounds)`` for a conv call, as ``ssd_plan`` (pieces counted
-    with their halo)."""
-    Bsz, L = x_BLX.shape[:2]
-    return _plan(
-        Bsz,
-        L,
-        multiple,
-        max_elements,
-        lambda r, n, cut: conv_elements(r, n, x_BLX, kernel_width, halo=cut),
     )
 
 
@@ -331,32 +295,6 @@ def torch_ssd_piece(
         )
 
     return piece_fwd, piece_bwd
-
-
-def torch_conv_piece(silu: bool = True) -> tuple[Callable, Callable]:
-    """``(conv_fwd, conv_bwd)`` on the exact torch conv (``silu`` after it, as the
-    kernel op does), the backward by autograd. For CPU tests."""
-
-    def conv(x, weight, bias, seq_idx):
-        y = causal_conv1d(x, weight, bias, seq_idx)
-        return F.silu(y) if silu else y
-
-    def conv_fwd(x, weight, bias, seq_idx):
-        with torch.no_grad():
-            return conv(x, weight, bias, seq_idx)
-
-    def conv_bwd(dout, x, weight, bias, seq_idx):
-        leaves = [
-            None if t is None else t.detach().requires_grad_()
-            for t in (x, weight, bias)
-        ]
-        with torch.enable_grad():
-            y = conv(*leaves, seq_idx)
-            wrt = [t for t in leaves if t is not None]
-            found = iter(torch.autograd.grad(y, wrt, dout))
-        return tuple(None if t is None else next(found) for t in leaves)
-
-    return conv_fwd, conv_bwd
 
 
 # ---------------------------------------------------------------------------------------
@@ -521,76 +459,6 @@ def ssd_bwd_pieces(
     return dx, ddt, dA.result(), dB, dC, dD.result(), ddt_bias.result()
 
 
-def conv_fwd_pieces(
-    conv_fwd: Callable,
-    x_BLX: torch.Tensor,
-    weight_XK: torch.Tensor,
-    bias_X: torch.Tensor | None,
-    seq_idx_BL: torch.Tensor | None,
-    *,
-    row_bounds: list[int],
-    seq_bounds: list[int],
-) -> torch.Tensor:
-    """The causal conv over pieces: piece ``[s, e)`` reads ``[s - (K-1), e)`` (the halo,
-    with its own ``seq_idx``, so taps across a document start stay masked) and keeps
-    outputs ``[s, e)``. Output (B, L, X) in the dtype ``conv_fwd`` returns."""
-    halo = weight_XK.shape[-1] - 1
-    y = None
-    for r0, r1 in pairwise(row_bounds):
-        for s, e in pairwise(seq_bounds):
-            h = min(halo, s)
-            read = (slice(r0, r1), slice(s - h, e))
-            y_piece = conv_fwd(
-                x_BLX[read],
-                weight_XK,
-                bias_X,
-                None if seq_idx_BL is None else seq_idx_BL[read].contiguous(),
-            )
-            y = _into(y, x_BLX.shape, y_piece[:, h:], (slice(r0, r1), slice(s, e)))
-    return y
-
-
-def conv_bwd_pieces(
-    conv_bwd: Callable,
-    dout_BLX: torch.Tensor,
-    x_BLX: torch.Tensor,
-    weight_XK: torch.Tensor,
-    bias_X: torch.Tensor | None,
-    seq_idx_BL: torch.Tensor | None,
-    *,
-    row_bounds: list[int],
-    seq_bounds: list[int],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(dx, dweight, dbias)`` of ``conv_fwd_pieces``: each piece gets zero output
-    gradient on its halo; its halo inputs' gradients are added to the previous
-    piece's (in fp32, then rounded once more to ``dx``'s dtype)."""
-    halo = weight_XK.shape[-1] - 1
-    dx = None
-    dweight, dbias = _Sum(), _Sum()
-    for r0, r1 in pairwise(row_bounds):
-        rows = slice(r0, r1)
-        for s, e in pairwise(seq_bounds):
-            h = min(halo, s)
-            read = (rows, slice(s - h, e))
-            dout_piece = dout_BLX[rows, s:e]
-            if h:
-                dout_piece = F.pad(dout_piece, (0, 0, h, 0))
-            dx_piece, dw, db = conv_bwd(
-                dout_piece,
-                x_BLX[read],
-                weight_XK,
-                bias_X,
-                None if seq_idx_BL is None else seq_idx_BL[read].contiguous(),
-            )
-            dx = _into(dx, x_BLX.shape, dx_piece[:, h:], (rows, slice(s, e)))
-            if h:  # the previous piece (left of s) already wrote these
-                prev = dx[rows, s - h : s]
-                prev.copy_(prev.float() + dx_piece[:, :h].float())
-            dweight.add(dw)
-            dbias.add(db)
-    return dx, dweight.result(), dbias.result()
-
-
 # ---------------------------------------------------------------------------------------
 # Autograd
 # ---------------------------------------------------------------------------------------
@@ -665,44 +533,3 @@ def ssd_long_rows(
     )
 
 
-class _LongRowConv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pieces, row_bounds, seq_bounds, x, weight, bias, seq_idx):
-        bounds = {"row_bounds": row_bounds, "seq_bounds": seq_bounds}
-        y = conv_fwd_pieces(pieces[0], x, weight, bias, seq_idx, **bounds)
-        ctx.save_for_backward(x, weight, bias, seq_idx)
-        ctx.conv_bwd, ctx.bounds = pieces[1], bounds
-        return y
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, weight, bias, seq_idx = ctx.saved_tensors
-        grads = conv_bwd_pieces(
-            ctx.conv_bwd, dout, x, weight, bias, seq_idx, **ctx.bounds
-        )
-        like = (x, weight, bias)
-        grads = [None if g is None else g.to(t.dtype) for g, t in zip(grads, like)]
-        return (None, None, None, *grads, None)
-
-
-def conv_long_rows(
-    conv_fwd: Callable,
-    conv_bwd: Callable,
-    x_BLX: torch.Tensor,
-    weight_XK: torch.Tensor,
-    bias_X: torch.Tensor | None,
-    seq_idx_BL: torch.Tensor | None,
-    *,
-    row_bounds: list[int],
-    seq_bounds: list[int],
-) -> torch.Tensor:
-    """The conv over halo pieces, differentiable in x, weight, bias."""
-    return _LongRowConv.apply(
-        (conv_fwd, conv_bwd),
-        list(row_bounds),
-        list(seq_bounds),
-        x_BLX,
-        weight_XK,
-        bias_X,
-        seq_idx_BL,
-    )

@@ -44,6 +44,7 @@ from ..hf.config import args_from_model_config
 from ..hf.dcp_convert import add_hf_config
 from ..pipeline import after_metadata_inference
 from .mtp_loss import MTPLoss
+from .routing_metrics import RoutingMetrics, RoutingMetricsConfig
 
 
 @dataclass(kw_only=True, slots=True)
@@ -105,6 +106,11 @@ class NemotronHTrainer(Trainer):
 
         mtp_loss_scaling_factor: float | None = None
         """λ in L_main + λ/D · Σ_k CE_k; None keeps the flavor's (0.3)."""
+
+        routing_metrics: RoutingMetricsConfig = field(
+            default_factory=RoutingMetricsConfig
+        )
+        """Per-layer MoE routing figures and a load heatmap (``routing_metrics.py``)."""
 
         def __post_init__(self):
             Trainer.Config.__post_init__(self)  # (no super() in slots dataclasses)
@@ -178,10 +184,20 @@ class NemotronHTrainer(Trainer):
             and any(m.seq_aux_loss_coeff > 0 for m in self._aux_moes)
         ]
         self._aux_loss_sum: torch.Tensor | None = None
+        # Whether any layer has the aux loss: the same on every rank (a pipeline
+        # stage may hold no MoE layer, and still joins the metric's reduction).
+        self._aux_on = any(
+            getattr(getattr(layer, "mixer", None), "seq_aux_loss_coeff", 0) > 0
+            for layer in config.model_spec.model.layers
+        )
+        self._stage_aux: torch.Tensor | None = None
         if self._aux_moes:
             self._wire_seq_aux_loss()
-        if self._mtp_loss is not None or self._aux_moes:
+            if self.parallel_dims.pp_enabled:
+                self._wire_stage_aux_loss()
+        if self._mtp_loss is not None or self._aux_on:
             self._log_extra_losses()
+        self.routing_metrics = RoutingMetrics.attach(self, config.routing_metrics)
 
     def _wire_seq_aux_loss(self) -> None:
         """Each MoE layer's sequence aux loss is a sum over its batch rows; scaled
@@ -197,6 +213,33 @@ class NemotronHTrainer(Trainer):
         )
         for moe in self._aux_moes:
             moe.aux_loss_scale = 1.0 / rows
+
+    def _wire_stage_aux_loss(self) -> None:
+        """Under PP the schedule runs every microbatch inside one
+        ``forward_backward_step``, so each MoE's ``last_aux_loss`` is the last
+        microbatch's: each stage module's forward hook adds its layers' values per
+        microbatch (the stage's forward runs once per microbatch, activation
+        recomputation runs blocks, not the stage); the shape-inference pass's are
+        dropped."""
+
+        def add(sources, *_):
+            values = [
+                _local(m.last_aux_loss) for m in sources if m.last_aux_loss is not None
+            ]
+            if values:
+                total = torch.stack(values).sum()
+                before = self._stage_aux
+                self._stage_aux = total if before is None else before + total
+
+        for part in self.model_parts:
+            mine = {id(m) for m in part.modules()}
+            sources = [m for m in self._aux_sources if id(m) in mine]
+            part.register_forward_hook(lambda *a, sources=sources: add(sources, *a))
+
+        def forget() -> None:
+            self._stage_aux = None
+
+        after_metadata_inference(self.pp_schedule, forget)
 
     def _log_extra_losses(self) -> None:
         """Per-depth MTP losses and the sequence aux loss join TorchTitan's log
@@ -273,6 +316,8 @@ class NemotronHTrainer(Trainer):
         if self._aux_loss_sum is not None:
             terms["moe_seq_aux_loss"] = self._aux_loss_sum
             self._aux_loss_sum = None
+        elif self._aux_on and self.parallel_dims.pp_enabled:  # a stage without MoE
+            terms["moe_seq_aux_loss"] = torch.zeros((), device=self.device)
         if not terms:
             return {}
         names = sorted(terms)
@@ -280,6 +325,11 @@ class NemotronHTrainer(Trainer):
         if self.parallel_dims.dp_cp_enabled:
             loss_group = self.parallel_dims.get_mesh("loss").get_group()
             dist.all_reduce(values, group=loss_group)
+        if "moe_seq_aux_loss" in names and self.parallel_dims.pp_enabled:
+            i = names.index("moe_seq_aux_loss")  # each stage: its own layers' share
+            aux = values[i].clone()
+            dist.all_reduce(aux, group=self.parallel_dims.get_mesh("pp").get_group())
+            values[i] = aux
         return dict(zip(names, values.tolist(), strict=True))
 
     def _counting_mtp_tokens(self, data_iterator):
@@ -333,6 +383,9 @@ class NemotronHTrainer(Trainer):
                 for m in self._aux_sources
                 if m.last_aux_loss is not None
             )
+            if self.parallel_dims.pp_enabled:  # every microbatch's (see above)
+                aux, self._stage_aux = self._stage_aux, None
+                aux = 0 if aux is None else aux * scale
             if isinstance(aux, torch.Tensor):
                 self._aux_loss_sum = (
                     aux if self._aux_loss_sum is None else self._aux_loss_sum + aux
