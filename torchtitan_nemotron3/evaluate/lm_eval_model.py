@@ -34,8 +34,14 @@ from tqdm import tqdm
 
 from ..generate.batch import generate_batch
 from ..generate.chat import load_tokenizer, stop_token_ids, tokenizer_dir
-from ..generate.checkpoint import load_model, resolve_checkpoint
+from ..generate.checkpoint import (
+    is_dcp_checkpoint,
+    load_dcp_model,
+    load_model,
+    resolve_checkpoint,
+)
 from ..generate.sampling import SamplingConfig
+from ..model import NemotronHArgs
 from .packing import score_requests
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's default when a config names no length
@@ -68,7 +74,7 @@ def _config_max_length(path: str) -> int | None:
 @register_model("nemotron3", "torchtitan_nemotron3")
 class NemotronLM(TemplateLM):
     """``pretrained``: a hub-format directory, a Hub repo id, a DCP checkpoint (with
-    ``flavor`` or ``config_json``), or a built model. ``batch_size``: rows per forward
+    ``flavor``, ``config_json`` or ``args``), or a built model. ``batch_size``: rows per forward
     for loglikelihood (each row packs requests up to ``row_tokens``, default
     ``max_length``), prompts per batch for generation. ``pack=False`` scores each
     request in its own row."""
@@ -79,6 +85,7 @@ class NemotronLM(TemplateLM):
         tokenizer=None,
         flavor: str | None = None,
         config_json: str | None = None,
+        args: NemotronHArgs | None = None,
         dtype=None,
         device: str = "cpu",
         batch_size: int | str = 1,
@@ -103,14 +110,19 @@ class NemotronLM(TemplateLM):
             self.model = pretrained.eval()
         else:
             path = resolve_checkpoint(pretrained)
-            self.model = load_model(
-                path,
-                flavor=flavor,
-                config_json=config_json,
-                dtype=_dtype(dtype),
-                device=self._device,
-                kernel_backend=kernel_backend,
-            )
+            if args is not None and is_dcp_checkpoint(path):
+                self.model = load_dcp_model(
+                    path, args, _dtype(dtype), self._device, kernel_backend
+                )
+            else:
+                self.model = load_model(
+                    path,
+                    flavor=flavor,
+                    config_json=config_json,
+                    dtype=_dtype(dtype),
+                    device=self._device,
+                    kernel_backend=kernel_backend,
+                )
         if tokenizer is None or isinstance(tokenizer, str | os.PathLike):
             if path is None and tokenizer is None:
                 raise ValueError("a built model needs tokenizer= (a directory or object)")
@@ -132,6 +144,14 @@ class NemotronLM(TemplateLM):
         self.add_bos_token = None if add_bos_token is None else _bool(add_bos_token)
         self.seed = int(seed)
         self._rank, self._world_size = 0, 1
+        # what results_*.json records (and lm-eval names the output folder after)
+        self.model_args = {
+            "pretrained": path or type(pretrained).__name__,
+            "dtype": str(self.model.lm_head.weight.dtype).removeprefix("torch."),
+            "max_length": self._max_length,
+            "row_tokens": self.row_tokens,
+            "pack": self.pack,
+        }
 
     # -- what lm-eval reads -------------------------------------------------------
     @property
