@@ -2,38 +2,41 @@
 """Convert NemotronH checkpoints between TorchTitan DCP and Hugging Face safetensors.
 
 DCP → HF: a training checkpoint (``<dump_folder>/checkpoint/step-N``, written every
-``checkpoint.interval`` steps) to a directory transformers loads. The debug config
-saves none unless ``--checkpoint.enable`` is given::
+``checkpoint.interval`` steps) to a directory transformers loads. With the job file
+the run was trained from (``--config_file``, followed by the overrides the run took)
+nothing else is needed: the architecture, the LoRA settings and the tokenizer / chat
+template (``hf_assets_path``) are the job's, and without DCP_DIR the job's newest
+complete checkpoint is converted::
 
     ./run_train.sh --checkpoint.enable      # outputs/debug/checkpoint/step-{10,20}
-    TOKENIZER=$(python -c "from torchtitan_nemotron3.train.assets import ensure_debug_assets as a; print(a()[0])")
-    python scripts/convert_checkpoint.py dcp-to-hf outputs/debug/checkpoint/step-20 out/hf \\
-        --flavor debugmodel --assets_dir "$TOKENIZER"
+    python scripts/convert_checkpoint.py dcp-to-hf out/hf \\
+        --config_file train_configs/debug_model.toml
 
-    python scripts/convert_checkpoint.py dcp-to-hf outputs/nano-30B/checkpoint/step-500 out/hf \\
-        --flavor nano-30B --dtype bfloat16 \\
-        --assets_dir assets/hf/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16
+    python scripts/convert_checkpoint.py dcp-to-hf outputs/nano-30B/checkpoint/step-500 \\
+        out/hf --config_file train_configs/nemotron3-nano-30B.toml --dtype bfloat16
 
-A DCP checkpoint records no architecture: give ``--flavor`` (a name from
-``torchtitan_nemotron3.model.FLAVORS``), ``--config_json`` (an HF config.json, or
-a directory holding one) or ``--config`` (the run's config function in
-``torchtitan_nemotron3.config_registry``). ``--assets_dir`` (a directory or Hub
-repo id) supplies the tokenizer, chat template and generation_config.json, copied
-where present.
+Without a job file, a DCP checkpoint records no architecture: give ``--flavor`` (a
+name from ``torchtitan_nemotron3.model.FLAVORS``), ``--config_json`` (an HF
+config.json, or a directory holding one) or ``--config`` (the run's config function
+in ``torchtitan_nemotron3.config_registry``); ``--flavor``/``--config_json`` also
+override the job's. ``--assets_dir`` (a directory or Hub repo id; default: the
+job's ``hf_assets_path``) supplies the tokenizer, chat template and
+generation_config.json, copied where present.
 
 LoRA runs: their checkpoints hold the adapters (``<module>.lora_a.weight`` /
 ``lora_b.weight``) beside the frozen base. dcp-to-hf writes each adapted weight
 merged, ``W + alpha/r·B·A``: full weights that vLLM and transformers load (vLLM
-cannot serve LoRA on MoE models' experts). The checkpoint records no alpha: give
-the run's ``--config`` (rank, alpha and targets from its ``model_spec``), or
-``--flavor``/``--config_json`` with ``--lora_alpha`` (targets and rank are read
-from the adapters). ``--adapters_only`` writes the adapters alone in PEFT's format
+cannot serve LoRA on MoE models' experts). The checkpoint records no alpha: the
+job file (or the run's ``--config``) has rank, alpha and targets; with
+``--flavor``/``--config_json`` give ``--lora_alpha`` (targets and rank are read from
+the adapters). ``--adapters_only`` writes the adapters alone in PEFT's format
 (adapter_config.json + adapter_model.safetensors) instead::
 
-    python scripts/convert_checkpoint.py dcp-to-hf outputs/debug-lora/checkpoint/step-20 \
-        out/hf --config nemotron3_debug_lora --assets_dir "$TOKENIZER_DIR"
-    python scripts/convert_checkpoint.py dcp-to-hf outputs/debug-lora/checkpoint/step-20 \
-        out/peft --flavor debugmodel --lora_alpha 16 --adapters_only --mamba_out_proj
+    CONFIG_FILE=train_configs/debug_lora.toml ./run_train.sh
+    python scripts/convert_checkpoint.py dcp-to-hf out/hf \\
+        --config_file train_configs/debug_lora.toml
+    python scripts/convert_checkpoint.py dcp-to-hf out/peft \\
+        --config_file train_configs/debug_lora.toml --adapters_only --mamba_out_proj
 
 PEFT refuses LoRA on Mamba ``out_proj``, one of the default targets:
 ``--adapters_only`` then stops with that message unless ``--mamba_out_proj`` (a run
@@ -44,7 +47,7 @@ the final step (``step-1000``) is already safetensors, without config.json or
 tokenizer; ``hf-config`` checks the tensors and adds them::
 
     python scripts/convert_checkpoint.py hf-config outputs/nano-30B/checkpoint/step-1000 \\
-        --flavor nano-30B --assets_dir assets/hf/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16
+        --config_file train_configs/nemotron3-nano-30B.toml
 
 HF → DCP (for ``checkpoint.initial_load_path`` without ``initial_load_in_hf``)::
 
@@ -80,7 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     to_hf = sub.add_parser(
         "dcp-to-hf", help="TorchTitan DCP checkpoint → HF safetensors"
     )
-    to_hf.add_argument("dcp_dir", help="e.g. outputs/debug/checkpoint/step-20")
+    to_hf.add_argument(
+        "dcp_dir",
+        nargs="?",
+        help="e.g. outputs/debug/checkpoint/step-20 (default with --config_file: "
+        "the job's newest complete checkpoint)",
+    )
     to_hf.add_argument("out_dir")
     to_hf.add_argument(
         "--dtype",
@@ -134,7 +142,13 @@ def _parser() -> argparse.ArgumentParser:
         help="dtype recorded in config.json (default: lm_head's)",
     )
     for p in (to_hf, config):
-        arch = p.add_mutually_exclusive_group(required=True)
+        p.add_argument(
+            "--config_file",
+            help="the training job (train_configs/*.toml; its --section.field VALUE "
+            "overrides may follow): architecture, LoRA settings, assets; "
+            "--flavor/--config_json/--assets_dir override it",
+        )
+        arch = p.add_mutually_exclusive_group()
         arch.add_argument(
             "--flavor", help="model flavor the checkpoint was trained with"
         )
@@ -153,15 +167,49 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _apply_job(opts) -> None:
+    """Fill what ``--config_file`` knows and the command line left out: the
+    checkpoint (the job's newest complete one), assets (``hf_assets_path``), the
+    LoRA alpha, and the run's model config (``opts.job_model``)."""
+    opts.job_model = None
+    if not getattr(opts, "config_file", None):
+        if getattr(opts, "dcp_dir", "") is None:
+            raise ValueError("dcp-to-hf: give DCP_DIR OUT_DIR, or --config_file JOB")
+        if not (opts.flavor or opts.config_json or opts.config):
+            raise ValueError(
+                "give the architecture: --config_file, --flavor, --config_json or "
+                "--config"
+            )
+        return
+    from torchtitan_nemotron3 import job as job_file
+
+    if opts.config:
+        raise ValueError("--config and --config_file: give one")
+    job = job_file.load_job(opts.config_file, opts.overrides)
+    if getattr(opts, "dcp_dir", "") is None:
+        opts.dcp_dir = job_file.resolve_checkpoint(job, None)
+        print(f"checkpoint: {opts.dcp_dir}")
+    if opts.assets_dir is None:
+        opts.assets_dir = job_file.tokenizer_dir(job)
+    if opts.flavor or opts.config_json:  # the architecture overridden: no run tree
+        if getattr(opts, "lora_alpha", None) is None and hasattr(opts, "lora_alpha"):
+            opts.lora_alpha = job_file.lora_alpha(job)
+    else:
+        opts.job_model = job.model_spec.model
+
+
 def _model_config(opts):
     """(NemotronHArgs, the run's model config tree or None) from --flavor,
-    --config_json or --config (the tree carries the LoRA converter, if any)."""
+    --config_json, the job file or --config (the tree carries the LoRA converter,
+    if any)."""
     from torchtitan_nemotron3.hf.config import (
         args_from_hf_config,
         args_from_model_config,
     )
     from torchtitan_nemotron3.model import flavor_args
 
+    if opts.job_model is not None:
+        return args_from_model_config(opts.job_model), opts.job_model
     if opts.flavor:
         return flavor_args(opts.flavor), None
     if opts.config_json:
@@ -191,10 +239,13 @@ def _lora_model_config(opts, args, run_config):
     stored = FileSystemReader(opts.dcp_dir).read_metadata().state_dict_metadata
     has_adapters = any(is_adapter_key(k) for k in stored)
     run_lora = run_config is not None and bool(lora_scalings(run_config))
+    run_name = f"--config_file {opts.config_file}" if opts.config_file else (
+        f"--config {opts.config}"
+    )
     if opts.lora_alpha is not None and run_config is not None:
         raise ValueError(
-            "--lora_alpha goes with --flavor/--config_json; --config gives the "
-            "run's own LoRA settings"
+            "--lora_alpha goes with --flavor/--config_json; "
+            f"{run_name.split()[0]} gives the run's own LoRA settings"
         )
     if not has_adapters:
         if opts.adapters_only or opts.lora_alpha is not None or run_lora:
@@ -206,8 +257,8 @@ def _lora_model_config(opts, args, run_config):
     if run_config is not None:
         if not run_lora:
             raise ValueError(
-                f"{opts.dcp_dir} holds LoRA adapters but --config {opts.config} "
-                "has no LoRA converter: give the LoRA run's config function"
+                f"{opts.dcp_dir} holds LoRA adapters but {run_name} "
+                "has no LoRA converter: give the LoRA run's job or config function"
             )
         return run_config
     if opts.lora_alpha is None:
@@ -219,7 +270,12 @@ def _lora_model_config(opts, args, run_config):
 
 
 def main(argv: list[str] | None = None) -> int:
-    opts = _parser().parse_args(argv)
+    parser = _parser()
+    opts, opts.overrides = parser.parse_known_args(argv)
+    if opts.overrides and not (
+        getattr(opts, "config_file", None) and opts.overrides[0].startswith("--")
+    ):
+        parser.error(f"unrecognized arguments: {' '.join(opts.overrides)}")
     from torchtitan_nemotron3.hf.dcp_convert import add_hf_config, dcp_to_hf, hf_to_dcp
 
     if opts.direction == "hf-to-dcp":
@@ -228,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"wrote {opts.out_dir}")
         return 0
+    _apply_job(opts)
     args, run_config = _model_config(opts)
     if opts.direction == "hf-config":
         add_hf_config(opts.hf_dir, args, opts.dtype, assets_dir=opts.assets_dir)

@@ -3,28 +3,32 @@
 incremental decoding, and print the text and tokens/s.
 
 The prompt goes through the tokenizer's chat template (one user turn and the
-assistant's generation prompt). The tokenizer is read from the checkpoint directory
-(an HF export carries it) or ``--tokenizer DIR``. Decoding runs the prompt once,
-then one token per step: the Mamba layers carry their conv and SSM states (a step
-costs the same at any length), attention carries its KV cache::
+assistant's generation prompt). Decoding runs the prompt once, then one token per
+step: the Mamba layers carry their conv and SSM states (a step costs the same at any
+length), attention carries its KV cache.
 
-    python scripts/generate.py --checkpoint out/hf --prompt "What is two plus three?"
+After training, the job file is all it needs: ``--config_file`` (with the
+``--section.field VALUE`` overrides the run took, after the other flags) gives the
+architecture, the tokenizer and chat template (``hf_assets_path``) and, without
+``--checkpoint``, the job's newest complete checkpoint::
 
     CONFIG_FILE=train_configs/debug_sft.toml ./run_train.sh --checkpoint.enable
-    python scripts/generate.py --checkpoint outputs/debug-sft/checkpoint/step-30 \\
-        --flavor debugmodel --tokenizer assets/debug/sft-v1-chats2000-vocab2048-seed4321/tokenizer \\
+    python scripts/generate.py --config_file train_configs/debug_sft.toml \\
         --prompt "Which month comes after March?" --greedy
 
-    python scripts/generate.py --checkpoint outputs/debug/checkpoint/step-20 \\
-        --flavor debugmodel --tokenizer assets/debug/v1-docs3000-vocab2048-seed1234/tokenizer \\
+    python scripts/generate.py --config_file train_configs/debug_model.toml \\
         --no_chat_template --prompt "Ada went to" --greedy
+
+    python scripts/generate.py --checkpoint out/hf --prompt "What is two plus three?"
 
     python scripts/generate.py --checkpoint nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16 \\
         --prompt "Why is the sky blue?" --temperature 0.6 --top_p 0.95 \\
         --template_kwargs '{"enable_thinking": false}'
 
-A DCP checkpoint records no architecture: give ``--flavor`` or ``--config_json``.
-Without a chat template in the tokenizer, pass ``--chat_template FILE`` or
+Without a job file: the tokenizer is the checkpoint directory's (an HF export carries
+it) or ``--tokenizer DIR``; a DCP checkpoint records no architecture, so give
+``--flavor`` or ``--config_json`` (both also override the job's). Without a chat
+template in the tokenizer, pass ``--chat_template FILE`` or
 ``--no_chat_template`` (raw text after BOS). Generation stops at EOS (the
 tokenizer's and generation_config.json's), at a ``--stop`` string, at ChatML's
 ``<|im_end|>`` when the prompt is ChatML, or after ``--max_new_tokens``.
@@ -71,11 +75,21 @@ def _parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
     )
     p.add_argument(
-        "--checkpoint", required=True, help="hub-format dir, Hub repo id, or DCP dir"
+        "--config_file",
+        help="the training job (train_configs/*.toml): architecture, tokenizer, "
+        "chat template and checkpoint folder; the job's --section.field VALUE "
+        "overrides (as run_train.sh took them) may follow",
+    )
+    p.add_argument(
+        "--checkpoint",
+        help="hub-format dir, Hub repo id, or DCP dir (default with --config_file: "
+        "the job's newest complete checkpoint)",
     )
     p.add_argument("--prompt", required=True)
     p.add_argument(
-        "--tokenizer", help="tokenizer directory (default: the checkpoint's)"
+        "--tokenizer",
+        help="tokenizer directory (default: the checkpoint's, else the job's "
+        "hf_assets_path)",
     )
     arch = p.add_mutually_exclusive_group()
     arch.add_argument(
@@ -84,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     arch.add_argument(
         "--config_json", help="architecture of a DCP checkpoint (HF config.json)"
     )
+
     tpl = p.add_mutually_exclusive_group()
     tpl.add_argument(
         "--chat_template", help="a Jinja chat template file to use instead"
@@ -126,7 +141,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0, 1 for a bad path / argument / checkpoint (one line on stderr,
     no traceback), 2 for a command line argparse refuses."""
-    opts = _parser().parse_args(argv)
+    parser = _parser()
+    opts, overrides = parser.parse_known_args(argv)
+    if overrides and not (opts.config_file and overrides[0].startswith("--")):
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    if not (opts.checkpoint or opts.config_file):
+        parser.error("give --checkpoint DIR or --config_file JOB.toml")
+    opts.overrides = overrides
     try:
         return _generate(opts)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
@@ -145,6 +166,7 @@ def _generate(opts) -> int:
         stop_strings,
         stop_token_ids,
         tokenizer_dir,
+        tokenizer_dir_or_none,
     )
     from torchtitan_nemotron3.generate.checkpoint import load_model, resolve_checkpoint
     from torchtitan_nemotron3.generate.loop import generate
@@ -160,8 +182,22 @@ def _generate(opts) -> int:
     )
     if opts.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens {opts.max_new_tokens}: must be >= 1")
+    job = args = None
+    tokenizer = opts.tokenizer
+    if opts.config_file:
+        from torchtitan_nemotron3 import job as job_file
+
+        job = job_file.load_job(opts.config_file, opts.overrides)
+        if opts.checkpoint is None:
+            opts.checkpoint = job_file.resolve_checkpoint(job, None)
+            print(f"checkpoint: {opts.checkpoint}", file=sys.stderr)
+        if not (opts.flavor or opts.config_json):
+            args = job_file.model_args(job)
     checkpoint = resolve_checkpoint(opts.checkpoint)
-    tok_dir = tokenizer_dir(checkpoint, opts.tokenizer)
+    if job is not None and tokenizer is None:
+        own = tokenizer_dir_or_none(checkpoint)
+        tokenizer = own or job_file.tokenizer_dir(job)
+    tok_dir = tokenizer_dir(checkpoint, tokenizer)
     tok = load_tokenizer(tok_dir, opts.chat_template)
     prompt_ids, prompt_text = render_prompt(
         tok,
@@ -175,6 +211,7 @@ def _generate(opts) -> int:
         checkpoint,
         flavor=opts.flavor,
         config_json=opts.config_json,
+        args=args,
         dtype=opts.dtype,
         device=device,
         kernel_backend=opts.kernel_backend,

@@ -3,7 +3,8 @@
     python -m torchtitan_nemotron3.dry_run --flavor nano-30B --ngpu 8 --ep 8 \\
         [--tp 1 --pp 1 --dp_shard -1 --dp_replicate 1] --seq_len 8192 \\
         --local_batch_size 1 --ac selective|full|none [--param_dtype bfloat16]
-    python -m torchtitan_nemotron3.dry_run --config train_configs/nemotron3-nano-30B.toml [--ngpu 8]
+    python -m torchtitan_nemotron3.dry_run --config_file train_configs/nemotron3-nano-30B.toml \\
+        [--ngpu 8] [--section.field VALUE ...]   (the job's overrides, as run_train.sh's)
 
 Why this way: it runs what training runs up to the first step (the package's
 config checks, TorchTitan's ``ParallelDims`` meshes on a fake process group of
@@ -46,7 +47,13 @@ _BYTES = {"bfloat16": 2, "float32": 4}
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="TOML job file (train_configs/*.toml)")
+    p.add_argument(
+        "--config_file",
+        "--config",
+        dest="config",
+        help="TOML job file (train_configs/*.toml); its --section.field VALUE "
+        "overrides may follow",
+    )
     p.add_argument("--flavor", help="debugmodel | nano-30B (default nano-30B)")
     p.add_argument("--ngpu", type=int, default=None, help="ranks (default 8)")
     for flag in ("ep", "tp", "pp", "cp", "dp_shard", "dp_replicate"):
@@ -62,7 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=B200_GIB,
         help=f"memory per GPU for the verdict (default {B200_GIB:g}, B200)",
     )
-    return p.parse_args(argv)
+    a, overrides = p.parse_known_args(argv)
+    if overrides and not (a.config and overrides[0].startswith("--")):
+        p.error(f"unrecognized arguments: {' '.join(overrides)}")
+    a.overrides = overrides
+    return a
 
 
 @dataclass

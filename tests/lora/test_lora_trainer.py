@@ -142,3 +142,29 @@ def test_plain_dcp_to_hf_refuses_a_lora_checkpoint(run, tmp_path):
     _, ckpt, _ = run
     with pytest.raises(ValueError, match="lora_a"):
         dcp_to_hf(ckpt / "step-2", tmp_path / "x", flavor_args("debugmodel"))
+
+
+def test_convert_script_from_the_job_file_alone(run, tmp_path):
+    """``dcp-to-hf OUT --config_file train_configs/debug_lora.toml`` plus the run's
+    overrides, no checkpoint, flavor, alpha or assets: the job's newest complete
+    checkpoint (step-2; step-4 is the HF export, no .metadata), merged with the
+    job's rank and alpha, with the job's tokenizer, equals the explicit command."""
+    _, ckpt, _ = run
+    script = importlib.util.spec_from_file_location(
+        "convert_checkpoint", REPO_ROOT / "scripts" / "convert_checkpoint.py"
+    )
+    convert = importlib.util.module_from_spec(script)
+    script.loader.exec_module(convert)
+    job = str(REPO_ROOT / "train_configs" / "debug_lora.toml")
+    overrides = [*OVERRIDES, "--dump_folder", str(ckpt.parent)]
+    out = tmp_path / "from_job"
+    assert convert.main(["dcp-to-hf", str(out), "--config_file", job, *overrides]) == 0
+    explicit = ["dcp-to-hf", str(ckpt / "step-2"), str(tmp_path / "explicit")]
+    explicit += ["--flavor", "debugmodel", "--lora_alpha", "16"]
+    assert convert.main(explicit) == 0
+    a = load_file(out / "model.safetensors")
+    b = load_file(tmp_path / "explicit" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (out / "tokenizer.json").is_file()  # the job's hf_assets_path
+    assert not (tmp_path / "explicit" / "tokenizer.json").exists()

@@ -73,7 +73,7 @@ def job_from_args(a) -> Job:
         from ..train.toml_config import ConfigError, load_job
 
         try:
-            config, _ = load_job(a.config, [])
+            config, _ = load_job(a.config, list(getattr(a, "overrides", [])))
         except ConfigError:
             raise
         except ValueError as e:  # the config function itself failed

@@ -17,6 +17,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 CHATML_END = "<|im_end|>"
 
 
+def tokenizer_dir_or_none(checkpoint: str) -> str | None:
+    """The checkpoint directory if it holds tokenizer files (an HF export does)."""
+    if os.path.isdir(checkpoint) and any(
+        os.path.isfile(os.path.join(checkpoint, f)) for f in TOKENIZER_FILES
+    ):
+        return checkpoint
+    return None
+
+
 def tokenizer_dir(checkpoint: str, tokenizer: str | None) -> str:
     """``tokenizer`` if given, else the checkpoint directory if it holds tokenizer
     files (an HF export does); else a one-line error saying what to pass."""
@@ -24,9 +33,7 @@ def tokenizer_dir(checkpoint: str, tokenizer: str | None) -> str:
         if not os.path.isdir(tokenizer):
             raise FileNotFoundError(f"tokenizer directory {tokenizer} does not exist")
         return tokenizer
-    if os.path.isdir(checkpoint) and any(
-        os.path.isfile(os.path.join(checkpoint, f)) for f in TOKENIZER_FILES
-    ):
+    if tokenizer_dir_or_none(checkpoint) is not None:
         return checkpoint
     raise FileNotFoundError(
         f"no tokenizer files in {checkpoint}: pass --tokenizer DIR (e.g. the "

@@ -95,14 +95,18 @@ def load_model(
     *,
     flavor: str | None = None,
     config_json: str | None = None,
+    args: NemotronHArgs | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     kernel_backend: str = "auto",
 ) -> torch.nn.Module:
-    """A hub-format directory (or Hub repo id) or a DCP checkpoint, as an eval model."""
+    """A hub-format directory (or Hub repo id) or a DCP checkpoint, as an eval model.
+    A DCP checkpoint's architecture: ``flavor``, ``config_json``, else ``args`` (a
+    job's), else a config.json beside it."""
     path = resolve_checkpoint(path)
     if is_dcp_checkpoint(path):
-        args = architecture(path, flavor, config_json)
+        if args is None or flavor is not None or config_json is not None:
+            args = architecture(path, flavor, config_json)
         return load_dcp_model(path, args, dtype, device, kernel_backend)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(
