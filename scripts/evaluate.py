@@ -95,38 +95,33 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _resolve(opts, overrides: list[str]) -> dict:
-    """Checkpoint path, architecture and tokenizer for ``NemotronLM``, from the job
-    file (if any) and the explicit flags (which win)."""
-    kw = {"args": None}
-    checkpoint, tokenizer = opts.checkpoint, opts.tokenizer
-    if opts.config_file:
-        from torchtitan_nemotron3.hf.config import args_from_model_config
-        from torchtitan_nemotron3.job import latest_checkpoint, load_job
-
-        job = load_job(opts.config_file, overrides)
-        if not (opts.flavor or opts.config_json):
-            kw["args"] = args_from_model_config(job.model_spec.model)
-        if tokenizer is None and job.hf_assets_path:
-            tokenizer = job.hf_assets_path
-        if checkpoint is None:
-            found = latest_checkpoint(job)
-            if found is None:
-                raise FileNotFoundError(
-                    f"no complete checkpoint under the dump folder of "
-                    f"{opts.config_file}: train with --checkpoint.enable or pass --checkpoint"
-                )
-            checkpoint = str(found)
-    elif overrides:
+    """Checkpoint, architecture and tokenizer for ``NemotronLM``: the explicit flags,
+    else the job file's (``torchtitan_nemotron3.job``)."""
+    if overrides and not (opts.config_file and overrides[0].startswith("--")):
         raise ValueError(f"unrecognized arguments: {' '.join(overrides)}")
-    if checkpoint is None:
-        raise ValueError("pass --checkpoint or --config_file (the run's job file)")
-    kw.update(
-        pretrained=checkpoint,
-        tokenizer=tokenizer,
-        flavor=opts.flavor,
-        config_json=opts.config_json,
-        chat_template_file=opts.chat_template,
-    )
+    if not (opts.checkpoint or opts.config_file):
+        raise ValueError("give --checkpoint DIR or --config_file JOB.toml")
+    kw = {
+        "pretrained": opts.checkpoint,
+        "tokenizer": opts.tokenizer,
+        "flavor": opts.flavor,
+        "config_json": opts.config_json,
+        "chat_template_file": opts.chat_template,
+    }
+    if opts.config_file:
+        from torchtitan_nemotron3 import job as job_file
+        from torchtitan_nemotron3.generate.chat import tokenizer_dir_or_none
+        from torchtitan_nemotron3.generate.checkpoint import resolve_checkpoint
+
+        job = job_file.load_job(opts.config_file, overrides)
+        if opts.checkpoint is None:
+            kw["pretrained"] = job_file.resolve_checkpoint(job, None)
+            print(f"checkpoint: {kw['pretrained']}", file=sys.stderr)
+        if not (opts.flavor or opts.config_json):
+            kw["args"] = job_file.model_args(job)
+        if opts.tokenizer is None:
+            own = tokenizer_dir_or_none(resolve_checkpoint(kw["pretrained"]))
+            kw["tokenizer"] = own or job_file.tokenizer_dir(job)
     return kw
 
 

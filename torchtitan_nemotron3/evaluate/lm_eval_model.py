@@ -34,12 +34,7 @@ from tqdm import tqdm
 
 from ..generate.batch import generate_batch
 from ..generate.chat import load_tokenizer, stop_token_ids, tokenizer_dir
-from ..generate.checkpoint import (
-    is_dcp_checkpoint,
-    load_dcp_model,
-    load_model,
-    resolve_checkpoint,
-)
+from ..generate.checkpoint import load_model, resolve_checkpoint
 from ..generate.sampling import SamplingConfig
 from ..model import NemotronHArgs
 from .packing import score_requests
@@ -110,19 +105,15 @@ class NemotronLM(TemplateLM):
             self.model = pretrained.eval()
         else:
             path = resolve_checkpoint(pretrained)
-            if args is not None and is_dcp_checkpoint(path):
-                self.model = load_dcp_model(
-                    path, args, _dtype(dtype), self._device, kernel_backend
-                )
-            else:
-                self.model = load_model(
-                    path,
-                    flavor=flavor,
-                    config_json=config_json,
-                    dtype=_dtype(dtype),
-                    device=self._device,
-                    kernel_backend=kernel_backend,
-                )
+            self.model = load_model(
+                path,
+                flavor=flavor,
+                config_json=config_json,
+                args=args,
+                dtype=_dtype(dtype),
+                device=self._device,
+                kernel_backend=kernel_backend,
+            )
         if tokenizer is None or isinstance(tokenizer, str | os.PathLike):
             if path is None and tokenizer is None:
                 raise ValueError("a built model needs tokenizer= (a directory or object)")
