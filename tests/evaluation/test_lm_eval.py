@@ -116,3 +116,43 @@ def test_packing_is_exact(setup):
     for (a, ga), (b, gb) in zip(packed, alone, strict=True):
         assert math.isfinite(a) and abs(a - b) <= 1e-5, (a, b)
         assert ga == gb
+
+
+def test_perplexity_cli(setup, capsys):
+    """``evaluate.py --perplexity``: bits per token and per byte of a JSONL set equal
+    the definition computed with transformers' model on the export (each document
+    after BOS, every token predicted once)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "evaluate.py"
+    spec = importlib.util.spec_from_file_location("evaluate_cli", script)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    docs = ["Ada went to the market.", "Three red apples, and a pear for her mother."]
+    data = setup["root"] / "ppl.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    hf = str(setup["root"] / "hf")
+    out = setup["root"] / "ppl"
+    rc = cli.main(["--checkpoint", hf, "--perplexity", str(data), "--output_path", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    got = json.loads((out / "perplexity.json").read_text())
+
+    tok = AutoTokenizer.from_pretrained(hf)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    nll, n_tokens = 0.0, 0
+    for d in docs:
+        ids = tok.encode(d)
+        x = torch.tensor([[tok.bos_token_id, *ids[:-1]]])
+        with torch.no_grad():
+            logp = model(x).logits[0].float().log_softmax(-1)
+        nll -= logp[torch.arange(len(ids)), torch.tensor(ids)].sum().item()
+        n_tokens += len(ids)
+    n_bytes = sum(len(d.encode()) for d in docs)
+    assert got["tokens"] == n_tokens and got["bytes"] == n_bytes
+    assert abs(got["bits_per_token"] - nll / n_tokens / math.log(2)) <= 1e-5
+    assert abs(got["bits_per_byte"] - nll / n_bytes / math.log(2)) <= 1e-5
+    assert "bits_per_byte" in capsys.readouterr().out
