@@ -26,8 +26,10 @@ Task flags are lm-eval's own (``--tasks``, ``--include_path`` for local task YAM
 writes them (``results_<date>.json`` and ``samples_<task>_<date>.jsonl`` under
 ``--output_path``). ``--batch_size`` is rows per forward for loglikelihood (each row
 packs requests up to ``--row_tokens``) and prompts per batch for generation.
-``--perplexity FILE...`` (``.jsonl`` with a ``"text"`` field per line, or plain text
-files, one document each) prints bits per token and per byte instead.
+``--perplexity FILE...`` (``.jsonl`` with a ``"text"`` field per line, plain text
+files, one document each, or a pre-tokenized Megatron indexed dataset PREFIX, as
+scripts/prepare_data.py writes it; ``--limit N``: its first N documents) prints bits
+per token and per byte instead.
 Other ``--section.key value`` arguments override the job file, as for run_train.sh.
 """
 
@@ -90,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     ours.add_argument("--max_length", type=int, help="context length (default: config.json's)")
     ours.add_argument("--row_tokens", type=int, help="tokens per packed row")
     ours.add_argument("--no_pack", action="store_true", help="one request per row")
-    ours.add_argument("--perplexity", nargs="+", metavar="FILE")
+    ours.add_argument("--perplexity", nargs="+", metavar="FILE|PREFIX")
     return p
 
 
@@ -180,9 +182,10 @@ def run_tasks(opts, lm) -> dict:
 
 
 def run_perplexity(opts, lm) -> dict:
-    from torchtitan_nemotron3.evaluate.perplexity import read_documents, text_perplexity
+    from torchtitan_nemotron3.evaluate.perplexity import perplexity
 
-    result = text_perplexity(lm, read_documents(opts.perplexity))
+    limit = None if opts.limit is None else int(opts.limit)
+    result = perplexity(lm, opts.perplexity, limit)
     for key, value in result.items():
         print(f"{key:>18}  {value:.6g}" if isinstance(value, float) else f"{key:>18}  {value}")
     if opts.output_path:

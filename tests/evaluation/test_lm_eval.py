@@ -156,3 +156,21 @@ def test_perplexity_cli(setup, capsys):
     assert abs(got["bits_per_token"] - nll / n_tokens / math.log(2)) <= 1e-5
     assert abs(got["bits_per_byte"] - nll / n_bytes / math.log(2)) <= 1e-5
     assert "bits_per_byte" in capsys.readouterr().out
+
+    # the same documents pre-tokenized (a Megatron indexed dataset): the same
+    # tokens scored, so the same bits per token; bytes of the decoded text
+    import numpy as np
+
+    from torchtitan_nemotron3.data.indexed import IndexedDatasetWriter
+
+    prefix = str(setup["root"] / "ppl_tokens")
+    with IndexedDatasetWriter(prefix, np.uint16) as w:
+        for d in docs:
+            w.add_document(tok.encode(d))
+    rc = cli.main(["--checkpoint", hf, "--perplexity", prefix, "--output_path", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    pre = json.loads((out / "perplexity.json").read_text())
+    assert pre["tokens"] == n_tokens
+    assert abs(pre["bits_per_token"] - got["bits_per_token"]) <= 1e-6
+    decoded = sum(len(tok.decode(tok.encode(d), skip_special_tokens=True).encode()) for d in docs)
+    assert abs(pre["bits_per_byte"] - nll / decoded / math.log(2)) <= 1e-5

@@ -228,13 +228,15 @@ class NemotronLM(TemplateLM):
                 self.cache_hook.add_partial("loglikelihood", request, answer)
         return out
 
-    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+    def rolling_loglikelihoods(self, token_lists, disable_tqdm: bool = False) -> list[float]:
+        """Total log-prob of each token list, every token predicted once after the
+        prefix token, in lm-eval's disjoint windows of ``max_length``."""
         windows, owner = [], []
-        for i, (string,) in enumerate(req.args for req in requests):
+        for i, tokens in enumerate(token_lists):
             for ctx, cont in map(
                 lm_utils.make_disjoint_window,
                 lm_utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(string),
+                    token_list=list(tokens),
                     prefix_token=self.prefix_token_id,
                     max_seq_len=self.max_length,
                     context_len=1,
@@ -243,9 +245,15 @@ class NemotronLM(TemplateLM):
                 windows.append((None, ctx, cont))
                 owner.append(i)
         scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
-        totals = [0.0] * len(requests)
+        totals = [0.0] * len(token_lists)
         for i, (logp, _) in zip(owner, scores, strict=True):
             totals[i] += logp
+        return totals
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        totals = self.rolling_loglikelihoods(
+            [self.tok_encode(req.args[0]) for req in requests], disable_tqdm
+        )
         for req, total in zip(requests, totals, strict=True):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return totals
