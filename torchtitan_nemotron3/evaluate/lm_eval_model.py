@@ -40,6 +40,7 @@ from ..model import NemotronHArgs
 from .packing import score_requests
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's default when a config names no length
+DEFAULT_ROW_TOKENS = 2048
 
 
 def _dtype(value) -> torch.dtype | None:
@@ -71,7 +72,7 @@ class NemotronLM(TemplateLM):
     """``pretrained``: a hub-format directory, a Hub repo id, a DCP checkpoint (with
     ``flavor``, ``config_json`` or ``args``), or a built model. ``batch_size``: rows per forward
     for loglikelihood (each row packs requests up to ``row_tokens``, default
-    ``max_length``), prompts per batch for generation. ``pack=False`` scores each
+    2048 or ``max_length`` if shorter), prompts per batch for generation. ``pack=False`` scores each
     request in its own row."""
 
     def __init__(
@@ -129,7 +130,12 @@ class NemotronLM(TemplateLM):
             if max_length is not None
             else (path and _config_max_length(path)) or DEFAULT_MAX_LENGTH
         )
-        self.row_tokens = int(row_tokens) if row_tokens is not None else self._max_length
+        # a row's cost grows with its length (attention is quadratic in it, the
+        # activations linear) while requests are short: rows of a few thousand
+        # tokens (a longer request gets a row of its own)
+        self.row_tokens = (
+            int(row_tokens) if row_tokens is not None else min(self._max_length, DEFAULT_ROW_TOKENS)
+        )
         self.pack = _bool(pack)
         self._max_gen_toks = int(max_gen_toks)
         self.add_bos_token = None if add_bos_token is None else _bool(add_bos_token)

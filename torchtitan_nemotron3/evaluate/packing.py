@@ -58,6 +58,18 @@ def _batch_tensors(rows: list[Row], inputs: list[list[int]], device):
     return tokens_BL.to(device), None if single else positions_BL.to(device)
 
 
+def _hidden(model, tokens_BL, positions_BL) -> torch.Tensor:
+    """The final-norm hidden states (B, L, D): the model's forward without its head
+    (the hook the trainer's chunked loss uses)."""
+    skip = model._skip_lm_head
+    model._skip_lm_head = True
+    try:
+        h_BLD = model(tokens_BL, positions=positions_BL)
+    finally:
+        model._skip_lm_head = skip
+    return h_BLD[0] if isinstance(h_BLD, list) else h_BLD  # MTP: the main model's first
+
+
 @torch.no_grad()
 def score_requests(
     model,
@@ -70,7 +82,7 @@ def score_requests(
     on_batch=None,
 ) -> list[tuple[float, bool]]:
     """``(sum of log p(targets), whether each target token is the argmax)`` per
-    request; log-softmax in fp32 over the target positions only."""
+    request; the head and an fp32 log-softmax at the target positions only."""
     for i, (x, y) in enumerate(zip(inputs, targets, strict=True)):
         if not y or len(y) > len(x):
             raise ValueError(
@@ -82,9 +94,7 @@ def score_requests(
     for k in range(0, len(rows), rows_per_batch):
         batch = rows[k : k + rows_per_batch]
         tokens_BL, positions_BL = _batch_tensors(batch, inputs, device)
-        logits = model(tokens_BL, positions=positions_BL)
-        if isinstance(logits, list):  # MTP: the main head's logits come first
-            logits = logits[0]
+        h_BLD = _hidden(model, tokens_BL, positions_BL)
         b_idx, t_idx, want = [], [], []
         for b, row in enumerate(batch):
             for i, s in zip(row.requests, row.starts, strict=True):
@@ -92,7 +102,9 @@ def score_requests(
                 b_idx += [b] * n
                 t_idx += range(end - n, end)
                 want += targets[i]
-        logits_NV = logits[torch.tensor(b_idx), torch.tensor(t_idx)].float()
+        # the head only where a target is scored: with a 131K vocabulary the full
+        # (B, L, V) logits would cost more memory than the rest of the forward
+        logits_NV = model.lm_head(h_BLD[torch.tensor(b_idx), torch.tensor(t_idx)]).float()
         want_N = torch.tensor(want, device=logits_NV.device)
         logp_N = logits_NV.log_softmax(-1).gather(-1, want_N[:, None])[:, 0]
         greedy_N = logits_NV.argmax(-1) == want_N
