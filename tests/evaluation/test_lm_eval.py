@@ -174,3 +174,52 @@ def test_perplexity_cli(setup, capsys):
     assert abs(pre["bits_per_token"] - got["bits_per_token"]) <= 1e-6
     decoded = sum(len(tok.decode(tok.encode(d), skip_special_tokens=True).encode()) for d in docs)
     assert abs(pre["bits_per_byte"] - nll / decoded / math.log(2)) <= 1e-5
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_chat_template_as_lm_eval_hf(setup):
+    """``apply_chat_template``: the prompts lm-eval renders through our model's
+    template are the ones it renders through the hf model's (same tokenizer and
+    template), and so are the loglikelihoods and generations."""
+    from transformers import AutoTokenizer
+
+    hf = str(setup["root"] / "hf")
+    template = setup["root"] / "chatml.jinja"
+    template.write_text(CHATML)
+    tok = AutoTokenizer.from_pretrained(hf)
+    tok.chat_template = CHATML
+
+    def run(model, model_args):
+        from lm_eval.tasks import TaskManager
+
+        return lm_eval.simple_evaluate(
+            model=model,
+            model_args=model_args,
+            tasks=TASKS,
+            task_manager=TaskManager(include_path=str(setup["tasks"])),
+            log_samples=True,
+            apply_chat_template=True,
+            limit=4,
+            device="cpu",
+        )
+
+    ours = run(
+        NemotronLM(pretrained=setup["model"], tokenizer=hf, chat_template_file=str(template)),
+        None,
+    )
+    theirs = run("hf", {"pretrained": hf, "tokenizer": tok, "dtype": "float32"})
+    for task in TASKS:
+        a = sorted(ours["samples"][task], key=lambda s: s["doc_id"])
+        b = sorted(theirs["samples"][task], key=lambda s: s["doc_id"])
+        assert [s["arguments"] for s in a] == [s["arguments"] for s in b]
+        assert all("<|im_start|>assistant" in str(s["arguments"]) for s in a)
+    mc = [[r[0] for r in s["resps"]] for s in sorted(ours["samples"]["tiny_mc"], key=lambda s: s["doc_id"])]
+    mc_ref = [[r[0] for r in s["resps"]] for s in sorted(theirs["samples"]["tiny_mc"], key=lambda s: s["doc_id"])]
+    diff = max(abs(x[0] - y[0]) for da, db in zip(mc, mc_ref) for x, y in zip(da, db))
+    assert diff <= 1e-4, diff
+    assert per_request(ours, "tiny_gen") == per_request(theirs, "tiny_gen")
