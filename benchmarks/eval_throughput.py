@@ -25,7 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.models import build_ours  # noqa: E402
+from benchmarks.models import build_ours
 
 
 def _requests(n_contexts, choices, lo, hi, vocab, seed):
@@ -36,7 +36,9 @@ def _requests(n_contexts, choices, lo, hi, vocab, seed):
         ctx = torch.randint(0, vocab, (n,), generator=g).tolist()
         for _ in range(choices):
             m = int(torch.randint(1, 9, (1,), generator=g))
-            reqs.append((None, ctx, torch.randint(0, vocab, (m,), generator=g).tolist()))
+            reqs.append(
+                (None, ctx, torch.randint(0, vocab, (m,), generator=g).tolist())
+            )
     return reqs
 
 
@@ -85,7 +87,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(model, tmp, assets_dir=tokenizer)
         theirs = lm_hf.HFLM(
-            pretrained=tmp, dtype=opts.dtype, device=opts.device, batch_size=opts.batch_size
+            pretrained=tmp,
+            dtype=opts.dtype,
+            device=opts.device,
+            batch_size=opts.batch_size,
         )
     ours = NemotronLM(
         pretrained=model,
@@ -96,7 +101,11 @@ def main(argv=None) -> int:
     unpacked = NemotronLM(
         pretrained=model, tokenizer=tokenizer, batch_size=opts.batch_size, pack=False
     )
-    impls = [("lm-eval hf", theirs), ("ours, one per row", unpacked), ("ours, packed", ours)]
+    impls = [
+        ("lm-eval hf", theirs),
+        ("ours, one per row", unpacked),
+        ("ours, packed", ours),
+    ]
     results, best = {}, {}
     with torch.no_grad():
         for name, lm in impls:  # warm-up
@@ -105,7 +114,9 @@ def main(argv=None) -> int:
         for _ in range(opts.repeats):
             for name, lm in impls:
                 s, results[name] = _time(
-                    lambda lm=lm: lm._loglikelihood_tokens(reqs, disable_tqdm=True), device, 1
+                    lambda lm=lm: lm._loglikelihood_tokens(reqs, disable_tqdm=True),
+                    device,
+                    1,
                 )
                 best[name] = min(s, best.get(name, float("inf")))
     rows = [(name, best[name]) for name, _ in impls]

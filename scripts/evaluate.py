@@ -86,10 +86,14 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="few-shot examples as chat turns (default: with --apply_chat_template)",
     )
-    ev.add_argument("--gen_kwargs", help="e.g. temperature=0.6,top_p=0.95,do_sample=True")
+    ev.add_argument(
+        "--gen_kwargs", help="e.g. temperature=0.6,top_p=0.95,do_sample=True"
+    )
     ev.add_argument("--seed", type=int, default=0)
     ours = p.add_argument_group("ours")
-    ours.add_argument("--max_length", type=int, help="context length (default: config.json's)")
+    ours.add_argument(
+        "--max_length", type=int, help="context length (default: config.json's)"
+    )
     ours.add_argument("--row_tokens", type=int, help="tokens per packed row")
     ours.add_argument("--no_pack", action="store_true", help="one request per row")
     ours.add_argument("--perplexity", nargs="+", metavar="FILE|PREFIX")
@@ -149,7 +153,9 @@ def run_tasks(opts, lm) -> dict:
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table
 
-    tracker = EvaluationTracker(output_path=opts.output_path) if opts.output_path else None
+    tracker = (
+        EvaluationTracker(output_path=opts.output_path) if opts.output_path else None
+    )
     multiturn = (
         bool(opts.apply_chat_template)
         if opts.fewshot_as_multiturn is None
@@ -187,7 +193,11 @@ def run_perplexity(opts, lm) -> dict:
     limit = None if opts.limit is None else int(opts.limit)
     result = perplexity(lm, opts.perplexity, limit)
     for key, value in result.items():
-        print(f"{key:>18}  {value:.6g}" if isinstance(value, float) else f"{key:>18}  {value}")
+        print(
+            f"{key:>18}  {value:.6g}"
+            if isinstance(value, float)
+            else f"{key:>18}  {value}"
+        )
     if opts.output_path:
         os.makedirs(opts.output_path, exist_ok=True)
         path = os.path.join(opts.output_path, "perplexity.json")
@@ -201,7 +211,10 @@ def run_perplexity(opts, lm) -> dict:
 def main(argv: list[str] | None = None) -> int:
     opts, overrides = _parser().parse_known_args(argv)
     if bool(opts.tasks) == bool(opts.perplexity):
-        print("evaluate.py: error: pass --tasks or --perplexity (one of them)", file=sys.stderr)
+        print(
+            "evaluate.py: error: pass --tasks or --perplexity (one of them)",
+            file=sys.stderr,
+        )
         return 2
     try:
         lm = build_lm(opts, overrides)

@@ -13,7 +13,7 @@ from lm_eval_tasks import write_tasks
 
 pytest.importorskip("lm_eval")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
-from _harness import run_training, write_fp32_debug_toml  # noqa: E402
+from _harness import run_training, write_fp32_debug_toml
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,11 +43,19 @@ def test_ep2_checkpoint_from_job_file(tmp_path, monkeypatch):
 
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "scripts" / "evaluate.py")
+    spec = importlib.util.spec_from_file_location(
+        "evaluate_cli", ROOT / "scripts" / "evaluate.py"
+    )
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    common = ["--tasks", "tiny_mc,tiny_gen", "--include_path", str(tasks), "--log_samples"]
+    common = [
+        "--tasks",
+        "tiny_mc,tiny_gen",
+        "--include_path",
+        str(tasks),
+        "--log_samples",
+    ]
     rc = cli.main(
         [*common, "--config_file", str(job), "--batch_size", "4",
          "--output_path", str(tmp_path / "ours"), "--dump_folder", str(dump)]
@@ -62,7 +70,9 @@ def test_ep2_checkpoint_from_job_file(tmp_path, monkeypatch):
     from torchtitan_nemotron3.job import load_job, model_args, tokenizer_dir
 
     config = load_job(job, ["--dump_folder", str(dump)])
-    dcp_to_hf(step, tmp_path / "hf", model_args(config), assets_dir=tokenizer_dir(config))
+    dcp_to_hf(
+        step, tmp_path / "hf", model_args(config), assets_dir=tokenizer_dir(config)
+    )
     theirs = lm_eval.simple_evaluate(
         model="hf",
         model_args={"pretrained": str(tmp_path / "hf"), "dtype": "float32"},

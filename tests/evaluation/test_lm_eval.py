@@ -75,7 +75,10 @@ def assert_same(ours, theirs):
         assert [a[1] for a in doc_a] == [b[1] for b in doc_b]
     acc = ours["results"]["tiny_mc"]["acc,none"]
     assert acc == theirs["results"]["tiny_mc"]["acc,none"]
-    gen_ours, gen_theirs = per_request(ours, "tiny_gen"), per_request(theirs, "tiny_gen")
+    gen_ours, gen_theirs = (
+        per_request(ours, "tiny_gen"),
+        per_request(theirs, "tiny_gen"),
+    )
     assert gen_ours == gen_theirs
     # the stop string "2" cut some generations short (so stopping was exercised)
     assert any(len(g[0]) < 20 for g in gen_ours), gen_ours
@@ -86,7 +89,11 @@ def test_packed_matches_lm_eval_hf(setup, theirs):
     ours = evaluate(
         setup,
         "nemotron3",
-        {"pretrained": str(setup["root"] / "hf"), "batch_size": 4, "kernel_backend": "torch"},
+        {
+            "pretrained": str(setup["root"] / "hf"),
+            "batch_size": 4,
+            "kernel_backend": "torch",
+        },
     )
     assert_same(ours, theirs)
 
@@ -109,7 +116,9 @@ def test_packing_is_exact(setup):
     targets = [t[1:] + [7] for t in targets]  # the next tokens, one past the input
     rows = pack_rows(lengths, 64)
     assert len(rows) < len(lengths) / 2
-    packed = score_requests(setup["model"], inputs, targets, row_tokens=64, rows_per_batch=4)
+    packed = score_requests(
+        setup["model"], inputs, targets, row_tokens=64, rows_per_batch=4
+    )
     alone = score_requests(
         setup["model"], inputs, targets, row_tokens=64, pack=False, rows_per_batch=1
     )
@@ -137,7 +146,9 @@ def test_perplexity_cli(setup, capsys):
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     hf = str(setup["root"] / "hf")
     out = setup["root"] / "ppl"
-    rc = cli.main(["--checkpoint", hf, "--perplexity", str(data), "--output_path", str(out)])
+    rc = cli.main(
+        ["--checkpoint", hf, "--perplexity", str(data), "--output_path", str(out)]
+    )
     assert rc == 0, capsys.readouterr().err
     got = json.loads((out / "perplexity.json").read_text())
 
@@ -167,12 +178,16 @@ def test_perplexity_cli(setup, capsys):
     with IndexedDatasetWriter(prefix, np.uint16) as w:
         for d in docs:
             w.add_document(tok.encode(d))
-    rc = cli.main(["--checkpoint", hf, "--perplexity", prefix, "--output_path", str(out)])
+    rc = cli.main(
+        ["--checkpoint", hf, "--perplexity", prefix, "--output_path", str(out)]
+    )
     assert rc == 0, capsys.readouterr().err
     pre = json.loads((out / "perplexity.json").read_text())
     assert pre["tokens"] == n_tokens
     assert abs(pre["bits_per_token"] - got["bits_per_token"]) <= 1e-6
-    decoded = sum(len(tok.decode(tok.encode(d), skip_special_tokens=True).encode()) for d in docs)
+    decoded = sum(
+        len(tok.decode(tok.encode(d), skip_special_tokens=True).encode()) for d in docs
+    )
     assert abs(pre["bits_per_byte"] - nll / decoded / math.log(2)) <= 1e-5
 
 
@@ -209,7 +224,9 @@ def test_chat_template_as_lm_eval_hf(setup):
         )
 
     ours = run(
-        NemotronLM(pretrained=setup["model"], tokenizer=hf, chat_template_file=str(template)),
+        NemotronLM(
+            pretrained=setup["model"], tokenizer=hf, chat_template_file=str(template)
+        ),
         None,
     )
     theirs = run("hf", {"pretrained": hf, "tokenizer": tok, "dtype": "float32"})
@@ -218,8 +235,14 @@ def test_chat_template_as_lm_eval_hf(setup):
         b = sorted(theirs["samples"][task], key=lambda s: s["doc_id"])
         assert [s["arguments"] for s in a] == [s["arguments"] for s in b]
         assert all("<|im_start|>assistant" in str(s["arguments"]) for s in a)
-    mc = [[r[0] for r in s["resps"]] for s in sorted(ours["samples"]["tiny_mc"], key=lambda s: s["doc_id"])]
-    mc_ref = [[r[0] for r in s["resps"]] for s in sorted(theirs["samples"]["tiny_mc"], key=lambda s: s["doc_id"])]
+    mc = [
+        [r[0] for r in s["resps"]]
+        for s in sorted(ours["samples"]["tiny_mc"], key=lambda s: s["doc_id"])
+    ]
+    mc_ref = [
+        [r[0] for r in s["resps"]]
+        for s in sorted(theirs["samples"]["tiny_mc"], key=lambda s: s["doc_id"])
+    ]
     diff = max(abs(x[0] - y[0]) for da, db in zip(mc, mc_ref) for x, y in zip(da, db))
     assert diff <= 1e-4, diff
     assert per_request(ours, "tiny_gen") == per_request(theirs, "tiny_gen")

@@ -11,9 +11,13 @@ from torchtitan_nemotron3.generate.batch import generate_batch
 
 
 def test_batch_equals_one_by_one():
-    model = build_model(flavor_args("debugmodel"), seed=0, kernel_backend="torch").eval()
+    model = build_model(
+        flavor_args("debugmodel"), seed=0, kernel_backend="torch"
+    ).eval()
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 2048, (n,), generator=g).tolist() for n in (5, 17, 9, 30)]
+    prompts = [
+        torch.randint(0, 2048, (n,), generator=g).tolist() for n in (5, 17, 9, 30)
+    ]
     greedy = SamplingConfig(greedy=True)
     alone = [generate(model, p, greedy, 10).tokens for p in prompts]
     batch = generate_batch(

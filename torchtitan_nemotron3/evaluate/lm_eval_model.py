@@ -18,15 +18,14 @@ module is imported (``import torchtitan_nemotron3.evaluate``), or with a built m
 import json
 import os
 
-import torch
-
 import lm_eval.models  # noqa: F401  (fills lm-eval's lazy registry before we add to it)
+import torch
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import (
-    has_bos_prefix,
     handle_stop_sequences,
+    has_bos_prefix,
     normalize_gen_kwargs,
     postprocess_generated_text,
 )
@@ -48,7 +47,9 @@ def _dtype(value) -> torch.dtype | None:
         return value
     dtype = getattr(torch, str(value), None)
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"dtype={value!r}: not a torch dtype (e.g. float32, bfloat16)")
+        raise ValueError(  # noqa: TRY004 (a bad value from the command line)
+            f"dtype={value!r}: not a torch dtype (e.g. float32, bfloat16)"
+        )
     return dtype
 
 
@@ -117,10 +118,16 @@ class NemotronLM(TemplateLM):
             )
         if tokenizer is None or isinstance(tokenizer, str | os.PathLike):
             if path is None and tokenizer is None:
-                raise ValueError("a built model needs tokenizer= (a directory or object)")
-            tok_path = tokenizer_dir(path, None if tokenizer is None else str(tokenizer))
+                raise ValueError(
+                    "a built model needs tokenizer= (a directory or object)"
+                )
+            tok_path = tokenizer_dir(
+                path, None if tokenizer is None else str(tokenizer)
+            )
             self.tokenizer = load_tokenizer(tok_path, chat_template_file)
-            self._stop_ids = stop_token_ids(self.tokenizer, tok_path, *([path] if path else []))
+            self._stop_ids = stop_token_ids(
+                self.tokenizer, tok_path, *([path] if path else [])
+            )
         else:
             self.tokenizer = tokenizer
             self._stop_ids = stop_token_ids(tokenizer)
@@ -134,7 +141,9 @@ class NemotronLM(TemplateLM):
         # activations linear) while requests are short: rows of a few thousand
         # tokens (a longer request gets a row of its own)
         self.row_tokens = (
-            int(row_tokens) if row_tokens is not None else min(self._max_length, DEFAULT_ROW_TOKENS)
+            int(row_tokens)
+            if row_tokens is not None
+            else min(self._max_length, DEFAULT_ROW_TOKENS)
         )
         self.pack = _bool(pack)
         self._max_gen_toks = int(max_gen_toks)
@@ -234,7 +243,9 @@ class NemotronLM(TemplateLM):
                 self.cache_hook.add_partial("loglikelihood", request, answer)
         return out
 
-    def rolling_loglikelihoods(self, token_lists, disable_tqdm: bool = False) -> list[float]:
+    def rolling_loglikelihoods(
+        self, token_lists, disable_tqdm: bool = False
+    ) -> list[float]:
         """Total log-prob of each token list, every token predicted once after the
         prefix token, in lm-eval's disjoint windows of ``max_length``."""
         windows, owner = [], []
@@ -256,7 +267,9 @@ class NemotronLM(TemplateLM):
             totals[i] += logp
         return totals
 
-    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+    def loglikelihood_rolling(
+        self, requests, disable_tqdm: bool = False
+    ) -> list[float]:
         totals = self.rolling_loglikelihoods(
             [self.tok_encode(req.args[0]) for req in requests], disable_tqdm
         )
@@ -269,7 +282,9 @@ class NemotronLM(TemplateLM):
         # one batch per distinct gen_kwargs, prompts longest first
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
-            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+            groups.setdefault(
+                json.dumps(req.args[1], sort_keys=True, default=str), []
+            ).append(i)
         eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         out: list[str | None] = [None] * len(requests)
         pbar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until")
@@ -291,6 +306,7 @@ class NemotronLM(TemplateLM):
             )
             prompts = {i: self.tok_encode(requests[i].args[0])[-max_ctx:] for i in idx}
             idx = sorted(idx, key=lambda i: -len(prompts[i]))
+
             def hit_stop(row: int, tokens: list[int], until=until) -> bool:
                 text = self.tok_decode(tokens)
                 return any(s and s in text for s in until)
@@ -306,9 +322,13 @@ class NemotronLM(TemplateLM):
                     should_stop=hit_stop,
                 )
                 for i, tokens in zip(chunk, new, strict=True):
-                    text = postprocess_generated_text(self.tok_decode(tokens), until, None)
+                    text = postprocess_generated_text(
+                        self.tok_decode(tokens), until, None
+                    )
                     out[i] = text
-                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                    self.cache_hook.add_partial(
+                        "generate_until", requests[i].args, text
+                    )
                 pbar.update(len(chunk))
         pbar.close()
         return out

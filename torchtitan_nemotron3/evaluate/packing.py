@@ -104,7 +104,9 @@ def score_requests(
                 want += targets[i]
         # the head only where a target is scored: with a 131K vocabulary the full
         # (B, L, V) logits would cost more memory than the rest of the forward
-        logits_NV = model.lm_head(h_BLD[torch.tensor(b_idx), torch.tensor(t_idx)]).float()
+        logits_NV = model.lm_head(
+            h_BLD[torch.tensor(b_idx), torch.tensor(t_idx)]
+        ).float()
         want_N = torch.tensor(want, device=logits_NV.device)
         logp_N = logits_NV.log_softmax(-1).gather(-1, want_N[:, None])[:, 0]
         greedy_N = logits_NV.argmax(-1) == want_N

@@ -42,7 +42,7 @@ def read_documents(paths: list[str]) -> list[str]:
                         text = json.loads(line)["text"]
                     except (json.JSONDecodeError, KeyError, TypeError):
                         raise ValueError(
-                            f"{path}:{n}: not a JSON object with a \"text\" field"
+                            f'{path}:{n}: not a JSON object with a "text" field'
                         ) from None
                     docs.append(text)
         else:
@@ -92,7 +92,8 @@ def token_perplexity(lm, token_lists: list[list[int]]) -> dict:
     """Pre-tokenized documents, scored as stored."""
     nll = -sum(lm.rolling_loglikelihoods(token_lists))
     n_bytes = sum(
-        len(lm.tok_decode(t, skip_special_tokens=True).encode("utf-8")) for t in token_lists
+        len(lm.tok_decode(t, skip_special_tokens=True).encode("utf-8"))
+        for t in token_lists
     )
     return _summary(nll, sum(map(len, token_lists)), n_bytes, len(token_lists))
 

@@ -64,7 +64,9 @@ class KVCache:
                 dim=2,
             )
         if self.valid_BT is not None and end > self.valid_BT.size(1):
-            self.valid_BT = F.pad(self.valid_BT, (0, end - self.valid_BT.size(1)), value=True)
+            self.valid_BT = F.pad(
+                self.valid_BT, (0, end - self.valid_BT.size(1)), value=True
+            )
         self._k_BHTP[:, :, self.length : end] = k_BHLP
         self._v_BHTP[:, :, self.length : end] = v_BHLP
         self.length = end
