@@ -147,10 +147,29 @@ def build_lm(opts, overrides: list[str] = ()):
     )
 
 
-def run_tasks(opts, lm) -> dict:
+def task_manager(opts):
+    """lm-eval's task index (with ``--include_path``) and the ``--tasks`` it names,
+    globs expanded (as lm-eval's CLI does); checked before the model is loaded."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=opts.include_path)
+    tasks, unknown = [], []
+    for name in opts.tasks.split(","):
+        found = [name] if os.path.isfile(name) else manager.match_tasks([name])
+        tasks += found
+        if not found:
+            unknown.append(name)
+    if unknown:
+        where = f" (nor in {opts.include_path})" if opts.include_path else ""
+        raise ValueError(
+            f"--tasks: {', '.join(unknown)}: not an lm-eval task, group or tag{where}"
+        )
+    return manager, tasks
+
+
+def run_tasks(opts, lm, manager, tasks) -> dict:
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
-    from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table
 
     tracker = (
@@ -164,7 +183,7 @@ def run_tasks(opts, lm) -> dict:
     results = lm_eval.simple_evaluate(
         model=lm,
         model_args=lm.model_args,
-        tasks=opts.tasks.split(","),
+        tasks=tasks,
         num_fewshot=opts.num_fewshot,
         limit=opts.limit,
         log_samples=opts.log_samples,
@@ -172,7 +191,7 @@ def run_tasks(opts, lm) -> dict:
         apply_chat_template=opts.apply_chat_template,
         fewshot_as_multiturn=multiturn,
         gen_kwargs=opts.gen_kwargs,
-        task_manager=TaskManager(include_path=opts.include_path),
+        task_manager=manager,
         random_seed=opts.seed,
     )
     samples = results.pop("samples", None) if opts.log_samples else None
@@ -217,11 +236,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        print(
+            'evaluate.py: error: lm-eval is not installed: pip install -e ".[eval]"',
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        manager, tasks = task_manager(opts) if opts.tasks else (None, None)
         lm = build_lm(opts, overrides)
         if opts.perplexity:
             run_perplexity(opts, lm)
         else:
-            run_tasks(opts, lm)
+            run_tasks(opts, lm, manager, tasks)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 1

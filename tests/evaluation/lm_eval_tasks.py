@@ -4,7 +4,21 @@ multiple-choice task and a generation task with stop strings."""
 import json
 from pathlib import Path
 
-WORDS = ["Ada", "went", "to", "the", "market", "and", "bought", "three", "red", "apples", "for", "her", "mother"]
+WORDS = [
+    "Ada",
+    "went",
+    "to",
+    "the",
+    "market",
+    "and",
+    "bought",
+    "three",
+    "red",
+    "apples",
+    "for",
+    "her",
+    "mother",
+]
 
 
 def _mc_docs(n: int) -> list[dict]:

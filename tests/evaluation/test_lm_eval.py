@@ -127,6 +127,44 @@ def test_packing_is_exact(setup):
         assert ga == gb
 
 
+def _cli():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "evaluate.py"
+    spec = importlib.util.spec_from_file_location("evaluate_cli", script)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tasks", "no_such_task"], "--tasks: no_such_task: not an lm-eval task"),
+        (
+            ["--perplexity", "{root}/missing.jsonl"],
+            "perplexity file {root}/missing.jsonl does not exist",
+        ),
+        (
+            ["--tasks", "tiny_mc", "--checkpoint", "{root}/nope"],
+            "checkpoint {root}/nope does not exist",
+        ),
+        (["--tasks", "tiny_mc"], "give --checkpoint DIR or --config_file JOB.toml"),
+        (["--tasks", "tiny_mc", "--perplexity", "x"], "pass --tasks or --perplexity"),
+    ],
+)
+def test_cli_errors(setup, capsys, argv, message):
+    root = str(setup["root"])
+    argv = [a.format(root=root) for a in argv]
+    if "--checkpoint" not in argv and "give" not in message:
+        argv += ["--checkpoint", f"{root}/hf"]
+    argv += ["--include_path", str(setup["tasks"])]
+    assert _cli().main(argv) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message.format(root=root) in err, err
+
+
 def test_perplexity_cli(setup, capsys):
     """``evaluate.py --perplexity``: bits per token and per byte of a JSONL set equal
     the definition computed with transformers' model on the export (each document
