@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from lm_eval_tasks import write_tasks
 
-pytest.importorskip("lm_eval")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from _harness import run_training, write_fp32_debug_toml
 

@@ -6,6 +6,7 @@ what one request per row gives."""
 
 import math
 
+import lm_eval
 import pytest
 import torch
 from lm_eval_tasks import write_tasks
@@ -15,7 +16,6 @@ from torchtitan_nemotron3 import flavor_args, save_pretrained
 from torchtitan_nemotron3.evaluate import NemotronLM, pack_rows, score_requests
 from torchtitan_nemotron3.train.assets import ensure_debug_assets
 
-lm_eval = pytest.importorskip("lm_eval")
 TASKS = ["tiny_mc", "tiny_gen"]
 
 
