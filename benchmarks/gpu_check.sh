@@ -197,6 +197,7 @@ step install 120 install_extras
 step tests 150 x "$PY" -m pytest -v -p no:cacheprovider --durations=10 tests/kernels/test_kernel_cuda.py tests/kernels
 step bench 120 x "$PY" "${BENCH[@]}"
 step train 120 x env NGPU=1 ./run_train.sh --training.steps 20 --compile.enable
+step eval 60 x "$PY" benchmarks/eval_throughput.py --device cuda --contexts 256 --batch_size 16  # needs lm-eval in the wheels
 step bench-compile 180 x "$PY" "${BENCH[@]}" --compile
 write_results
 echo "results: $OUT ($SECONDS s)" >&2

@@ -40,10 +40,10 @@ def attention_prefill(
 def attention_step(attn, x_B1D: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """One more token: its key and value join the cache, its query reads all of it.
     (No ``is_causal``: SDPA aligns that mask top-left, which for one query row
-    would hide every key but the first.)"""
+    would hide every key but the first.) A merged batch's padding keys are masked."""
     q_BH1P, k_BH1P, v_BH1P = _qkv(attn, x_B1D)
     cache.append(k_BH1P, v_BH1P)
     out_BH1P = F.scaled_dot_product_attention(
-        q_BH1P, cache.keys(), cache.values(), enable_gqa=True
+        q_BH1P, cache.keys(), cache.values(), attn_mask=cache.mask(), enable_gqa=True
     )
     return _out(attn, out_BH1P)

@@ -9,6 +9,7 @@ MoE layers are per token and carry nothing.
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -31,6 +32,9 @@ class KVCache:
         self._k_BHTP = k_BHLP.new_empty(Bsz, H, capacity, P)
         self._v_BHTP = v_BHLP.new_empty(Bsz, H, capacity, P)
         self.length = 0
+        # Rows of a merged batch (``batch.py``) are left-padded to one length: False
+        # marks a padding key, which no query may read. None: every key is real.
+        self.valid_BT: torch.Tensor | None = None
         self.append(k_BHLP, v_BHLP)
 
     @property
@@ -59,6 +63,10 @@ class KVCache:
                 ],
                 dim=2,
             )
+        if self.valid_BT is not None and end > self.valid_BT.size(1):
+            self.valid_BT = F.pad(
+                self.valid_BT, (0, end - self.valid_BT.size(1)), value=True
+            )
         self._k_BHTP[:, :, self.length : end] = k_BHLP
         self._v_BHTP[:, :, self.length : end] = v_BHLP
         self.length = end
@@ -68,6 +76,19 @@ class KVCache:
 
     def values(self) -> torch.Tensor:
         return self._v_BHTP[:, :, : self.length]
+
+    def mask(self) -> torch.Tensor | None:
+        """SDPA's boolean ``attn_mask`` (B, 1, 1, T) hiding padding keys, or None."""
+        if self.valid_BT is None:
+            return None
+        return self.valid_BT[:, None, None, : self.length]
+
+    def select(self, rows_B: torch.Tensor) -> None:
+        """Keep only the rows ``rows_B`` (finished rows leave a batch)."""
+        self._k_BHTP = self._k_BHTP[rows_B]
+        self._v_BHTP = self._v_BHTP[rows_B]
+        if self.valid_BT is not None:
+            self.valid_BT = self.valid_BT[rows_B]
 
 
 @dataclass
