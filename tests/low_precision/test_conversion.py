@@ -13,11 +13,9 @@ from torchtitan.models.common.linear import Linear
 from torchtitan.models.common.token_dispatcher import TorchAOTokenDispatcher
 
 from torchtitan_nemotron3 import model_registry
-from torchtitan_nemotron3.low_precision import (
+from torchtitan_nemotron3.low_precision import LowPrecisionConfig, apply, check_combination
+from torchtitan_nemotron3.low_precision.experts import (
     Float8RowwiseReluSquaredGroupedExperts,
-    LowPrecisionConfig,
-    apply,
-    check_combination,
     mxfp8_experts_cls,
 )
 from torchtitan_nemotron3.model import flavor_args

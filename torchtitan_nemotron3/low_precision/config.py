@@ -3,13 +3,12 @@ the model's config tree, and the combinations refused until measured on a GPU.""
 
 import warnings
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from typing import Literal
 
 from torchtitan.tools.utils import has_cuda_capability
 
-from . import experts_converter, linear
-from .experts_converter import NemotronHGroupedExpertsConverter
-from .linear import NemotronHLinearConverter
+from .patterns import anchored
 
 # Module FQNs (anchored regexes) that stay exact by default. The router gate is
 # not listed: it is an fp32 ``Float32Linear`` and never converted (by type).
@@ -54,7 +53,7 @@ class LowPrecisionConfig:
                 raise ValueError(
                     f"low_precision.{name}={getattr(self, name)!r}: choose from {list(choices)}"
                 )
-        linear.anchored(self.keep_bf16)
+        anchored(self.keep_bf16)
         pad = self.expert_pad_multiple
         if pad is not None and pad <= 0:
             raise ValueError(f"low_precision.expert_pad_multiple={pad}: must be positive")
@@ -65,6 +64,9 @@ class LowPrecisionConfig:
 
     def converters(self, model_compile_enabled: bool = False) -> list:
         """The converter configs this section stands for (for ``model_registry``)."""
+        from .experts_converter import NemotronHGroupedExpertsConverter
+        from .linear import NemotronHLinearConverter
+
         out = []
         if self.linear != "bf16":
             out.append(
@@ -92,6 +94,15 @@ def apply(model_config, lp: LowPrecisionConfig, *, model_compile_enabled: bool =
     """Convert ``model_config`` in place as ``lp`` says. What an earlier call
     converted is reverted first, so the last settings win (TorchTitan builds the
     job's config more than once around the same model config)."""
+    if find_spec("torchao") is None:
+        if lp.enabled:
+            raise ImportError(
+                f"low_precision (linear={lp.linear!r}, experts={lp.experts!r}) needs "
+                "torchao: pip install -e '.[fp8]'"
+            )
+        return model_config  # nothing of ours can be in the tree without torchao
+    from . import experts_converter, linear
+
     linear.revert(model_config)
     experts_converter.revert(model_config)
     for c in lp.converters(model_compile_enabled):

@@ -16,7 +16,7 @@ from torchtitan.tools.logging import logger
 from ..model.moe import ReluSquaredGroupedExperts
 from .dispatch import PaddedTokenDispatcher
 from .experts import is_quantized_experts, plain_experts_config, quantized_experts_config
-from .linear import anchored, kept
+from .patterns import anchored, kept
 
 ExpertsRecipe = Literal["float8_rowwise", "mxfp8"]
 

@@ -14,7 +14,6 @@ them still recognise the result) after its own selection:
 * every GEMM dim a multiple of 16 (FP8) or 32 (MXFP8 block size), else exact.
 """
 
-import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -25,6 +24,8 @@ from torchtitan.components.quantization.mx import MXFP8Linear
 from torchtitan.models.common.linear import Linear
 from torchtitan.tools.logging import logger
 
+from .patterns import anchored, kept
+
 LinearRecipe = Literal["float8_rowwise", "float8_rowwise_gw_hp", "mxfp8"]
 
 # torchao's Float8LinearConfig recipe names.
@@ -32,21 +33,6 @@ _FLOAT8_RECIPES = {"float8_rowwise": "rowwise", "float8_rowwise_gw_hp": "rowwise
 # Every GEMM dim must be a multiple of this: FP8's 16-byte alignment, MXFP8's
 # 32-element scaling block.
 DIM_MULTIPLE = {"float8_rowwise": 16, "float8_rowwise_gw_hp": 16, "mxfp8": 32}
-
-
-def anchored(patterns: list[str], what: str = "low_precision.keep_bf16") -> list[re.Pattern]:
-    """Compile FQN patterns that must match a whole name (``re.fullmatch``)."""
-    compiled = []
-    for p in patterns:
-        try:
-            compiled.append(re.compile(p))
-        except re.error as e:
-            raise ValueError(f"{what}: {p!r} is not a valid regular expression ({e})") from None
-    return compiled
-
-
-def kept(fqn: str, patterns: list[re.Pattern]) -> bool:
-    return any(p.fullmatch(fqn) for p in patterns)
 
 
 class NemotronHFloat8Linear(Float8Linear):
