@@ -74,3 +74,19 @@ def test_mfu_is_against_the_fp8_peak():
         has_quantization=True,
     )
     assert use_fp8_peak(unknown) is None and unknown.has_quantization  # MFU stays N/A
+
+
+def test_the_trainer_refuses_real_kernels_without_their_gpu():
+    """Checked at trainer start, not config time (a login node configures B200 jobs)."""
+    import torch
+
+    from torchtitan_nemotron3.low_precision import LowPrecisionConfig, check_hardware
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    with pytest.raises(ValueError, match=r"'mxfp8' needs an SM100 GPU .*emulate = true"):
+        check_hardware(LowPrecisionConfig(linear="float8_rowwise", experts="mxfp8"))
+    with pytest.raises(ValueError, match=r"'float8_rowwise' needs an SM89\+ GPU"):
+        check_hardware(LowPrecisionConfig(linear="float8_rowwise"))
+    check_hardware(LowPrecisionConfig(linear="mxfp8", experts="mxfp8", emulate=True))
+    check_hardware(LowPrecisionConfig())
