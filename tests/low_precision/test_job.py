@@ -90,3 +90,19 @@ def test_the_trainer_refuses_real_kernels_without_their_gpu():
         check_hardware(LowPrecisionConfig(linear="float8_rowwise"))
     check_hardware(LowPrecisionConfig(linear="mxfp8", experts="mxfp8", emulate=True))
     check_hardware(LowPrecisionConfig())
+
+
+def test_the_flop_count_is_unchanged():
+    """MFU's numerator: the same GEMMs, in fewer bits."""
+    import torch
+
+    from torchtitan_nemotron3 import model_registry
+    from torchtitan_nemotron3.low_precision import LowPrecisionConfig, apply
+    from torchtitan_nemotron3.model.flops import nparams_and_flops
+
+    counts = []
+    for lp in (LowPrecisionConfig(), LowPrecisionConfig(linear="mxfp8", experts="mxfp8")):
+        cfg = apply(model_registry("debugmodel").model, lp)
+        with torch.device("meta"):
+            counts.append(nparams_and_flops(cfg, cfg.build(), seq_len=256))
+    assert counts[0] == counts[1] and counts[0][1] > 0
