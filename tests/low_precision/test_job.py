@@ -106,3 +106,14 @@ def test_the_flop_count_is_unchanged():
         with torch.device("meta"):
             counts.append(nparams_and_flops(cfg, cfg.build(), seq_len=256))
     assert counts[0] == counts[1] and counts[0][1] > 0
+
+
+def test_h100_job_fits_80gb_as_its_comment_says(capsys):
+    from torchtitan_nemotron3.dry_run import main
+
+    toml = "train_configs/nemotron3-nano-30B-float8.toml"
+    assert main(["--config", toml, "--ngpu", "16", "--gpu_gib", "80"]) == 0
+    verdict = capsys.readouterr().out.strip().splitlines()[-1]
+    assert verdict.startswith("verdict: fits in 80 GiB per GPU: 62.9 GiB"), verdict
+    with open(toml) as f:
+        assert "62.9 GiB per GPU" in f.read()
