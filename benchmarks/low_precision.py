@@ -211,7 +211,7 @@ def steps(a, rest: list[str]) -> list[dict]:
         rows.append({"variant": variant, "linear": linear, "experts": experts, **run,
                      **tt.summarize(run, args.warmup, None, None)})  # fmt: skip
     print(f"## Training steps, {a.recipe}, layout {a.layout} (tokens/s/GPU: median of TorchTitan's tps)")
-    print("\n| variant | linear | experts | tokens/s/GPU | × bf16 | logged MFU (FP8 peak) | peak mem GiB |")
+    print("\n| variant | linear | experts | tokens/s/GPU | × bf16 | logged MFU (FP8 peak when quantized) | peak mem GiB |")
     print("|---|---|---|---|---|---|---|")
     base = rows[0].get("tps")
     for r in rows:
