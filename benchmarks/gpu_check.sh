@@ -10,6 +10,8 @@
 #   bench          benchmarks/bench.py, debug + Nano-proxy, every layer type, model and mixer:
 #                  ours vs transformers vs mamba-ssm's Mamba2, eager
 #   train          NGPU=1 ./run_train.sh --training.steps 20 --compile.enable -> tokens/s, MFU
+#   lowp-gemms     benchmarks/low_precision.py gemms: Nano's GEMM shapes, BF16 vs FP8 rowwise
+#                  (SM89+) vs MXFP8 (SM100), fwd+bwd (needs torchao 0.18.0 in the wheels)
 #   bench-compile  the benchmark with --compile (last: it gets what is left of the budget)
 # Everything goes to ONE markdown file, benchmarks/results/<date>-<gpu>.md: environment, a
 # result/time table, each step's command and output. A failed or timed-out step is recorded
@@ -40,7 +42,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 2
 export PY=${PYTHON:-python} DRY=${GPU_CHECK_DRY_RUN:-0} PYTHONUNBUFFERED=1  # a timed-out step keeps its output
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"                          # this checkout, installed or not
-REQS=(torchtitan==0.3.0 fla-core==0.6.0 einops)
+REQS=(torchtitan==0.3.0 fla-core==0.6.0 einops torchao==0.18.0)
 HF_REQ='transformers>=5.23,<5.25'                 # pyproject's bench/test pin
 MAMBA=(env MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE)  # Triton only: no nvcc, no GitHub wheel
 # shellcheck disable=SC2054  # the commas belong to --only
@@ -198,6 +200,7 @@ step tests 150 x "$PY" -m pytest -v -p no:cacheprovider --durations=10 tests/ker
 step bench 120 x "$PY" "${BENCH[@]}"
 step train 120 x env NGPU=1 ./run_train.sh --training.steps 20 --compile.enable
 step eval 60 x "$PY" benchmarks/eval_throughput.py --device cuda --contexts 256 --batch_size 16  # needs lm-eval in the wheels
+step lowp-gemms 90 x "$PY" benchmarks/low_precision.py gemms --reps 10
 step bench-compile 180 x "$PY" "${BENCH[@]}" --compile
 write_results
 echo "results: $OUT ($SECONDS s)" >&2

@@ -262,3 +262,43 @@ def nemotron3_nano_30b_lora() -> NemotronHTrainer.Config:
     config.optimizer = default_adamw(lr=1e-4, weight_decay=0.0)
     config.dump_folder = "./outputs/nano-30B-lora"
     return config
+
+
+# --- Low precision (torchtitan_nemotron3/low_precision) ---------------------------
+
+
+def _with_low_precision(config: NemotronHTrainer.Config, **settings) -> NemotronHTrainer.Config:
+    from .low_precision import LowPrecisionConfig
+
+    config.low_precision = LowPrecisionConfig(**settings)
+    config._apply_low_precision()
+    return config
+
+
+def nemotron3_debugmodel_mxfp8_emulated() -> NemotronHTrainer.Config:
+    """``nemotron3_debugmodel`` with MXFP8 Linears and experts through torchao's
+    emulated kernels: the B200 recipe's numerics on any CPU (slow)."""
+    return _with_low_precision(
+        nemotron3_debugmodel(), linear="mxfp8", experts="mxfp8", emulate=True
+    )
+
+
+def nemotron3_debugmodel_float8_emulated() -> NemotronHTrainer.Config:
+    """``nemotron3_debugmodel`` with FP8 rowwise Linears (CPU ``_scaled_mm``) and
+    emulated FP8 rowwise experts: the H100 recipe's numerics on any CPU."""
+    return _with_low_precision(
+        nemotron3_debugmodel(), linear="float8_rowwise", experts="float8_rowwise", emulate=True
+    )
+
+
+def nemotron3_nano_30b_mxfp8() -> NemotronHTrainer.Config:
+    """``nemotron3_nano_30b`` with MXFP8 GEMMs (B200): 185 of 232 Linears and the
+    routed experts; router gate, lm_head, Mamba's dt part stay exact."""
+    return _with_low_precision(nemotron3_nano_30b(), linear="mxfp8", experts="mxfp8")
+
+
+def nemotron3_nano_30b_float8() -> NemotronHTrainer.Config:
+    """``nemotron3_nano_30b`` with FP8 rowwise GEMMs (H100), as ``_mxfp8``."""
+    return _with_low_precision(
+        nemotron3_nano_30b(), linear="float8_rowwise", experts="float8_rowwise"
+    )

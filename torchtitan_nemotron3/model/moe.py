@@ -55,12 +55,15 @@ class ReluSquaredGroupedExperts(GroupedExperts):
             w1_EFD, w2_EDF = w1_EFD.to_local(), w2_EDF.to_local()
         offsets_E = torch.cumsum(num_tokens_per_expert_E, dim=0, dtype=torch.int32)
         dtype = x_TD.dtype
+        # (``.to(dtype)``: low-precision seams return bf16 whatever the input.)
         h_TF = relu2(
-            self._grouped_mm(A=x_TD, B_t=w1_EFD.to(dtype).transpose(-2, -1), offs=offsets_E)
+            self._grouped_mm(
+                A=x_TD, B_t=w1_EFD.to(dtype).transpose(-2, -1), offs=offsets_E
+            ).to(dtype)
         )
         return self._grouped_mm(
             A=h_TF, B_t=w2_EDF.to(dtype).transpose(-2, -1), offs=offsets_E
-        )
+        ).to(dtype)
 
     def _grouped_mm(
         self, *, A: torch.Tensor, B_t: torch.Tensor, offs: torch.Tensor

@@ -42,6 +42,10 @@ from torchtitan.trainer import Trainer
 
 from ..hf.config import args_from_model_config
 from ..hf.dcp_convert import add_hf_config
+from ..lora.converter import adapted_fqns
+from ..low_precision import LowPrecisionConfig
+from ..low_precision import config as low_precision
+from ..low_precision.peak import use_fp8_peak
 from ..pipeline import after_metadata_inference
 from .mtp_loss import MTPLoss
 from .routing_metrics import RoutingMetrics, RoutingMetricsConfig
@@ -111,11 +115,15 @@ class NemotronHTrainer(Trainer):
             default_factory=RoutingMetricsConfig
         )
         """Per-layer MoE routing figures and a load heatmap (``routing_metrics.py``)."""
+        low_precision: LowPrecisionConfig = field(default_factory=LowPrecisionConfig)
+        """FP8 rowwise / MXFP8 GEMMs (``low_precision/``), applied to the model's
+        config tree here, once; the last settings win."""
 
         def __post_init__(self):
             Trainer.Config.__post_init__(self)  # (no super() in slots dataclasses)
             if self.model_spec is not None:
                 self._apply_mtp_options()
+                self._apply_low_precision()
             if self.kernel_backend is not None and self.model_spec is not None:
                 for layer in self.model_spec.model.layers:
                     if hasattr(layer.mixer, "kernel_backend"):
@@ -129,6 +137,25 @@ class NemotronHTrainer(Trainer):
                 for layer in [*model.layers, *(mtp.layers if mtp else [])]:
                     if hasattr(layer.mixer, "seq_aux_loss_coeff"):
                         layer.mixer.seq_aux_loss_coeff = coeff
+
+        def _apply_low_precision(self) -> None:
+            lp, spec = self.low_precision, self.model_spec
+            compiled = self.compile.enable and "model" in self.compile.components
+            low_precision.check_combination(
+                lp,
+                tensor_parallel_degree=self.parallelism.tensor_parallel_degree,
+                ac_enabled=self.activation_checkpoint is not None,
+                model_compiled=compiled,
+            )
+            if lp.enabled and any(True for _ in adapted_fqns(spec.model)):
+                raise ValueError(
+                    "low_precision with LoRA adapters in the model: not supported "
+                    "(quantization must come before LoRA; the adapted base Linears "
+                    "would stay bf16); set low_precision.linear/experts = 'bf16'"
+                )
+            spec.model = low_precision.apply(
+                spec.model, lp, model_compile_enabled=compiled
+            )
 
         def _apply_mtp_options(self) -> None:
             model, depth = self.model_spec.model, self.mtp_num_layers
@@ -152,7 +179,11 @@ class NemotronHTrainer(Trainer):
                     model.mtp.loss_scaling_factor = scale
 
     def __init__(self, config: Config):
+        low_precision.check_hardware(config.low_precision)
         super().__init__(config)
+        if config.low_precision.enabled:
+            # MFU against the FP8 peak (None: unknown device, MFU not logged).
+            use_fp8_peak(self.metrics_processor)
         self.skipped_steps = 0  # by this process; not checkpointed
         self.consecutive_skips = 0
         self._loss_is_finite: torch.Tensor | None = None
