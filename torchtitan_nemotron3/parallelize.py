@@ -24,6 +24,7 @@ from torchtitan.distributed.compile import apply_compile
 from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
 from torchtitan.tools.logging import logger
 
+from .lora.lean import store_frozen_base
 from .model.context_parallel import CPLayout, set_context_parallel
 
 # Registers the custom ops selective AC saves (nemotron3::grouped_mm, ::mamba_ssd).
@@ -68,7 +69,11 @@ def parallelize_nemotronh(
     block, FSDP shards embeddings, each block (experts on the expert data-parallel
     mesh), and norm+lm_head as units last. The MTP block's sub-layers get what
     the main blocks get. Under PP this runs once per stage. The
-    layout was checked when the model config was (``sharding.apply_layout``)."""
+    layout was checked when the model config was (``sharding.apply_layout``).
+    A LoRA model's frozen base is stored in the compute dtype first
+    (``lora/lean.py``: no fp32 master copy of what never trains)."""
+
+    store_frozen_base(model, TORCH_DTYPE_MAP[training.mixed_precision_param])
 
     if parallel_dims.tp_enabled or parallel_dims.ep_enabled:
         model.parallelize(parallel_dims)

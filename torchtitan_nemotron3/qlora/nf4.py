@@ -1,0 +1,112 @@
+"""torchao's NF4 (4-bit NormalFloat, double-quantized scalers) with a legal block
+size per tensor.
+
+``to_nf4(t, block_size=64, scaler_block_size=256)`` takes 2-D tensors whose element
+count is a multiple of 64 and whose number of 64-blocks is a multiple of
+``scaler_block_size``. 256 fails on some NemotronH shapes (one Nano expert
+1856×2688: 77,952 blocks; Mamba's ``in_proj.dt`` 64×2688: 2,688 blocks; the debug
+model's ``dt`` 8×256: 32 blocks), so each tensor gets the largest power of two
+≤ 256 that divides its block count (``scaler_block_size``); a tensor whose size is
+not a multiple of 64 is refused by name. Routed experts [E, F, D] are quantized as
+their [E·F, D] view: F·D is a multiple of 64, so no block crosses two experts.
+
+``dequantize_rows`` dequantizes a range of rows with torchao's own arithmetic
+(bitwise what ``get_original_weight`` gives for those rows): the chunked expert
+GEMM dequantizes a few experts at a time.
+"""
+
+import torch
+
+try:  # torchao >= 0.18 (pytorch/ao#4256 moved it)
+    from torchao.quantization import NF4Tensor, to_nf4
+except ImportError:  # pragma: no cover - older torchao
+    try:
+        from torchao.dtypes.nf4tensor import NF4Tensor, to_nf4
+    except ImportError:
+        NF4Tensor = to_nf4 = None
+
+BLOCK_SIZE = 64  # elements per absmax scaler (QLoRA's)
+MAX_SCALER_BLOCK = 256  # scalers per double-quantization factor (torchao's default)
+
+
+def require_torchao() -> None:
+    if to_nf4 is None:
+        raise ImportError(
+            "base_dtype='nf4' needs torchao (NF4): pip install -e '.[qlora]'"
+        )
+
+
+def scaler_block_size(numel: int, name: str) -> int:
+    """The largest power of two ≤ 256 dividing ``numel / 64``; ``ValueError``
+    naming ``name`` when ``numel`` is not a multiple of 64."""
+    if numel <= 0 or numel % BLOCK_SIZE:
+        raise ValueError(
+            f"NF4: {name} has {numel} elements, not a positive multiple of "
+            f"{BLOCK_SIZE}; leave it out of the NF4 base"
+        )
+    n_blocks = numel // BLOCK_SIZE
+    size = MAX_SCALER_BLOCK
+    while n_blocks % size:
+        size //= 2
+    return size
+
+
+def nf4_nbytes(numel: int, scaler_block: int, scale_bytes: int = 2) -> int:
+    """Bytes of an NF4 tensor: 4-bit codes, one int8 scaler per 64 elements, one
+    factor (in the original dtype) per scaler block, one scalar mean."""
+    n_blocks = numel // BLOCK_SIZE
+    return numel // 2 + n_blocks + (n_blocks // scaler_block) * scale_bytes + scale_bytes
+
+
+def tensor_nbytes(t: torch.Tensor) -> int:
+    """Storage bytes of a plain or NF4 tensor."""
+    if NF4Tensor is not None and isinstance(t, NF4Tensor):
+        inner = (t.quantized_data, t.quantized_scalers, t.quantization_factor, t.scaler_mean)
+        return sum(x.numel() * x.element_size() for x in inner)
+    return t.numel() * t.element_size()
+
+
+def quantize(t: torch.Tensor, name: str) -> "NF4Tensor":
+    """``to_nf4`` of ``t`` (2-D, or 3-D experts as [E·F, D]) with the block size of
+    ``scaler_block_size``; ``t`` is read, not changed."""
+    require_torchao()
+    if t.dim() == 3:
+        t = t.reshape(-1, t.shape[-1])
+    if t.dim() != 2:
+        raise ValueError(f"NF4: {name} has shape {tuple(t.shape)}; 2-D or 3-D only")
+    sbs = scaler_block_size(t.numel(), name)
+    return to_nf4(t.detach().contiguous(), BLOCK_SIZE, sbs)
+
+
+def dequantize_rows(
+    w: "NF4Tensor", start: int, end: int, scalers: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rows ``[start, end)`` of ``w`` dequantized, in ``w``'s original dtype:
+    ``get_original_weight`` restricted to those rows (same operations, so the
+    full range is bitwise ``w.get_original_weight()``). The row range must hold
+    whole 64-blocks. ``scalers``: ``all_scalers(w)``, when dequantizing several
+    ranges of one tensor."""
+    cols = w.shape[1]
+    e0, e1 = start * cols, end * cols
+    if e0 % w.block_size or e1 % w.block_size:
+        raise ValueError(
+            f"NF4 rows [{start}, {end}) of a {tuple(w.shape)} tensor split a "
+            f"{w.block_size}-element block"
+        )
+    data = w.quantized_data[e0 // 2 : e1 // 2]
+    first = w.dequantize((data >> 4).to(torch.long), w.nf4)
+    second = w.dequantize((data & 0b1111).to(torch.long), w.nf4)
+    if scalers is None:
+        scalers = all_scalers(w)
+    scalers = scalers[e0 // w.block_size : e1 // w.block_size]
+    repeated = scalers.unsqueeze(-1).expand(scalers.size(0), w.block_size // 2)
+    first = (first * repeated.flatten()).unsqueeze(-1).transpose(0, 1)
+    second = (second * repeated.flatten()).unsqueeze(-1).transpose(0, 1)
+    return torch.stack([first, second], dim=-1).reshape(end - start, cols)
+
+
+def all_scalers(w: "NF4Tensor") -> torch.Tensor:
+    """Every 64-block's dequantized absmax scaler of ``w`` (1/64 of its size)."""
+    return w.dequantize_scalers(
+        w.quantized_scalers, w.quantization_factor, w.scaler_block_size
+    )
