@@ -2,7 +2,8 @@
 
 ``nf4.py``: torchao's NF4 with a legal block size per tensor; ``experts.py``:
 the grouped expert GEMM that dequantizes per call and keeps no bf16 bank for
-backward; ``transform.py``: which tensors go to NF4 and the post-load transform.
+backward; ``transform.py``: which tensors go to NF4 and the post-load transform;
+``load.py``: a hub checkpoint read straight into NF4, one tensor (bank) at a time.
 torchao is optional (``pip install -e '.[qlora]'``): imported on use.
 """
 

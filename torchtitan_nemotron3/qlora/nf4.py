@@ -78,6 +78,76 @@ def quantize(t: torch.Tensor, name: str) -> "NF4Tensor":
     return to_nf4(t.detach().contiguous(), BLOCK_SIZE, sbs)
 
 
+def quantize_in_chunks(t: torch.Tensor, name: str, rows: int = 0) -> "NF4Tensor":
+    """``quantize(t, name)`` bitwise, with temporaries of ``rows`` rows at a time
+    instead of torchao's whole-tensor copies (the codes of each 64-block depend
+    on that block's absmax only; the double-quantized scalers, 1/64 of the
+    size, are computed over the whole tensor as ``to_nf4`` does). ``rows`` = 0:
+    one expert's worth for a 3-D bank, else 1/8 of the tensor."""
+    require_torchao()
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import (
+        SubclassTensorArgs,
+    )
+
+    if t.dim() == 3:
+        rows = rows or t.shape[1]
+        t = t.reshape(-1, t.shape[-1])
+    if t.dim() != 2:
+        raise ValueError(f"NF4: {name} has shape {tuple(t.shape)}; 2-D or 3-D only")
+    sbs = scaler_block_size(t.numel(), name)
+    rows = rows or max(1, -(-t.shape[0] // 8))
+    if (rows * t.shape[1]) % BLOCK_SIZE:
+        rows = t.shape[0]  # chunks must hold whole blocks
+    t = t.detach().contiguous()
+    scalers, factor, mean = _double_quantized_scalers(t, rows, sbs)
+    nf4 = torch.tensor(_NF4_LEVELS, device=t.device, dtype=t.dtype)
+    data = torch.empty(t.numel() // 2, dtype=torch.uint8, device=t.device)
+    for r0 in range(0, t.shape[0], rows):
+        part = t[r0 : r0 + rows]
+        n_blocks = part.numel() // BLOCK_SIZE
+        e0 = r0 * t.shape[1]
+        data[e0 // 2 : (e0 + part.numel()) // 2] = (
+            NF4Tensor.convert_to_norm_float_weight(part, n_blocks, BLOCK_SIZE, nf4)
+        )
+    meta = SubclassTensorArgs(
+        t.size(), t.stride(), t.storage_offset(), t.dtype, t.device, False
+    )
+    return NF4Tensor(
+        meta, BLOCK_SIZE, t.numel() // BLOCK_SIZE, sbs, scalers, factor, mean, data,
+        nf4=nf4,
+    )
+
+
+def _double_quantized_scalers(t: torch.Tensor, rows: int, sbs: int):
+    """torchao's ``double_quantize_scalers`` (same arithmetic, same result) with
+    each block's absmax taken ``rows`` rows at a time: no whole-tensor |t| copy."""
+    absmax = torch.cat(
+        [
+            t[r0 : r0 + rows].reshape(-1, BLOCK_SIZE).abs().max(dim=1).values
+            for r0 in range(0, t.shape[0], rows)
+        ]
+    )
+    mean = absmax.mean()
+    centred = absmax - mean
+    n_scaler_blocks = centred.numel() // sbs
+    blocks = centred.view(n_scaler_blocks, sbs)
+    block_absmax = centred.view(n_scaler_blocks, sbs).abs().max(dim=1).values
+    factor = 256 / (2 * block_absmax.unsqueeze(-1).expand(n_scaler_blocks, sbs))
+    quantized = (blocks * factor).round().clamp(-128, 127)
+    return (
+        quantized.flatten().to(torch.int8),
+        factor[:, 0].view(n_scaler_blocks).contiguous(),
+        mean,
+    )
+
+
+# torchao's NF4 code book (``NF4Tensor.from_tensor``).
+_NF4_LEVELS = [
+    -1.0000, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0000,
+    0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0000,
+]  # fmt: skip
+
+
 def dequantize_rows(
     w: "NF4Tensor", start: int, end: int, scalers: torch.Tensor | None = None
 ) -> torch.Tensor:
