@@ -18,6 +18,7 @@ from collections import defaultdict
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torchtitan.protocols.module import Module
 
 from ..hf.files import check_finite, open_safetensors, read_stored, scan_checkpoint
@@ -25,7 +26,7 @@ from ..hf.hub import MODEL_FILES, local_dir
 from ..hf.naming import is_expert_weight, keep_fp32, ours_to_hub, packed_part, packed_parts
 from .transform import mark_nf4, nf4_targets, NF4Mamba2InProj
 from ..model.mamba2 import Mamba2InProj
-from .nf4 import quantize_in_chunks, require_torchao
+from .nf4 import NF4Tensor, quantize_in_chunks, require_torchao
 
 
 class _Reader:
@@ -116,8 +117,66 @@ def load_nf4_base(
     return model
 
 
+_WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _clean(fqn: str) -> str:
+    for w in _WRAPPERS:
+        fqn = fqn.replace(w, "")
+    return fqn
+
+
+@torch.no_grad()
+def fill_nf4_base(
+    model: nn.Module,
+    path: str | os.PathLike | None,
+    *,
+    lm_head: bool | None = None,
+    seed: int = 0,
+) -> None:
+    """Fill the NF4 placeholders of a trainer-built model (``prepare_nf4`` on
+    meta, then FSDP, ``to_empty`` and init): from the hub checkpoint at
+    ``path`` (every other base tensor too; FSDP's DTensors get their shards),
+    or, with ``path`` None, from each target's own initialiser (a random base,
+    seeded by ``seed``, for runs without a checkpoint)."""
+    require_torchao()
+    if lm_head is None:
+        lm_head = bool(getattr(model.config, "nf4_lm_head", False))
+    targets = {
+        _clean(f"{fqn}.{n}" if fqn else n): (module, n)
+        for fqn, module, names in nf4_targets(model, lm_head)
+        for n in names
+    }
+    if path is None:
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            for fqn, (module, name) in targets.items():
+                shape = module.__dict__.get("nf4_shapes", {}).get(name)
+                placeholder = getattr(module, name)
+                shape = shape or tuple(placeholder.shape)
+                device = placeholder.quantized_data.device
+                value = torch.empty(shape, dtype=torch.bfloat16, device=device)
+                module._param_init[name](value)
+                module._parameters[name] = nn.Parameter(
+                    quantize_in_chunks(value, fqn), requires_grad=False
+                )
+                del value
+        finally:
+            torch.random.set_rng_state(gen_state)
+        return
+    reader = _Reader(local_dir(path, MODEL_FILES))
+    try:
+        device = next(
+            p.device for p in model.parameters() if not isinstance(p, NF4Tensor)
+        )
+        _read_base(model, reader, targets, device, torch.bfloat16, lambda t: None)
+    finally:
+        reader.close()
+
+
 def _read_base(model, reader, targets, device, dtype, on_read):
-    params = dict(model.named_parameters())
+    params = {_clean(k): v for k, v in model.named_parameters()}
     packed = defaultdict(list)  # hub name -> our part names
     for fqn in params:
         if ".lora_a." in f".{fqn}" or ".lora_b." in f".{fqn}":
@@ -169,7 +228,12 @@ def _assign(model, targets, fqn, value, params):
         )
     if target is not None:
         module, name = target
-        src = value.to(device=p.device if p.device.type != "meta" else value.device)
-        _set(module, name, quantize_in_chunks(src.to(torch.bfloat16), fqn))
+        device = p.quantized_data.device if isinstance(p, NF4Tensor) else p.device
+        device = value.device if device.type == "meta" else device
+        src = value.to(device=device, dtype=torch.bfloat16)
+        _set(module, name, quantize_in_chunks(src, fqn))
+    elif isinstance(p, DTensor):
+        full = value.to(device=p.device, dtype=p.dtype)
+        p.copy_(distribute_tensor(full, p.device_mesh, p.placements))
     else:
         p.copy_(value)

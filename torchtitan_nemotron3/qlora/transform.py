@@ -15,6 +15,8 @@ dequantized again in backward); the experts get ``NF4ReluSquaredGroupedExperts``
 Mamba's packed ``in_proj`` runs its parts one GEMM each (``NF4Mamba2InProj``).
 """
 
+import types
+
 import torch
 from torch import nn
 from torchtitan.models.common.linear import Linear
@@ -95,3 +97,42 @@ def mark_nf4(module: nn.Module, dequant_chunk_experts: int | None = None) -> Non
 def nf4_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The model's NF4 parameters (FSDP2 must ignore them on one rank)."""
     return [p for p in model.parameters() if isinstance(p, NF4Tensor)]
+
+
+def _init_all_but_nf4(self) -> None:
+    """``_init_self_parameters`` of a module holding NF4 placeholders: its other
+    parameters get their initialisers; the NF4 ones are filled later
+    (``load.fill_nf4_base``)."""
+    if self._param_init is None:
+        return
+    for name, p in self.named_parameters(recurse=False):
+        if not isinstance(p, NF4Tensor):
+            self._init_param(name, p)
+
+
+def prepare_nf4(
+    model: nn.Module, lm_head: bool = False, dequant_chunk_experts: int | None = None
+) -> list[nn.Parameter]:
+    """On the meta model, before FSDP (the trainer's order): each NF4 target
+    becomes an NF4 placeholder of its shape and block size (``to_empty``
+    allocates 4-bit storage only, init skips it); returns the placeholders,
+    which FSDP must ignore and ``load.fill_nf4_base`` fills after init."""
+    require_torchao()
+    placeholders = []
+    for fqn, module, names in list(nf4_targets(model, lm_head)):
+        for name in names:
+            p = getattr(module, name)
+            if not p.is_meta:
+                raise ValueError(f"NF4: prepare_nf4 wants a meta model ({fqn}.{name})")
+            q = quantize(torch.zeros(p.shape, dtype=torch.bfloat16, device="meta"), f"{fqn}.{name}")
+            module._parameters[name] = nn.Parameter(q, requires_grad=False)
+            module.__dict__.setdefault("nf4_shapes", {})[name] = tuple(p.shape)
+            placeholders.append(module._parameters[name])
+        module._init_self_parameters = types.MethodType(_init_all_but_nf4, module)
+        mark_nf4(module, dequant_chunk_experts)
+    for m in model.modules():
+        if type(m) is Mamba2InProj and any(
+            isinstance(p.weight, NF4Tensor) for p in m._parts()
+        ):
+            m.__class__ = NF4Mamba2InProj
+    return placeholders
