@@ -1,0 +1,119 @@
+"""QLoRA under FSDP2 on one rank (gloo, in process): the package's parallelize
+passes the NF4 weights to FSDP2 as ignored parameters, so the one-rank path
+(torch 2.13 skips NF4's all-gather hook there and raises) trains, and equals the
+same model without FSDP; without the ignored parameters it fails (the guard)."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from qlora_testing import markov_batch
+from torchtitan.components.optimizer import default_adamw
+from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
+from torchtitan.distributed import ParallelDims
+
+from torchtitan_nemotron3 import model_registry, parallelize
+from torchtitan_nemotron3.lora import NemotronHLoRAConverter
+from torchtitan_nemotron3.qlora.load import fill_nf4_base
+from torchtitan_nemotron3.qlora.nf4 import NF4Tensor
+from torchtitan_nemotron3.qlora.transform import prepare_nf4
+from torchtitan_nemotron3.train import cpu_compat
+
+
+def _spec():
+    return model_registry(
+        "debugmodel",
+        kernel_backend="torch",
+        converters=[NemotronHLoRAConverter.Config(rank=4, alpha=8.0)],
+        base_dtype="nf4",
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def one_rank():
+    cpu_compat.apply()
+    os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _build(fsdp: bool):
+    cfg = _spec().model
+    with torch.device("meta"):
+        model = cfg.build()
+    if fsdp:
+        dims = ParallelDims.from_config(
+            ParallelismConfig(spmd_backend="partial_dtensor", data_parallel_shard_degree=-1), 1
+        )
+        dims.build_mesh()
+        training = TrainingConfig(mixed_precision_param="float32")
+        model = parallelize.parallelize_nemotronh(
+            model, parallel_dims=dims, training=training,
+            parallelism=ParallelismConfig(spmd_backend="partial_dtensor"),
+            compile_config=CompileConfig(enable=False), ac_config=None, dump_folder="/tmp",
+        )  # fmt: skip
+    else:
+        prepare_nf4(model)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.init_weights(buffer_device=None)
+    fill_nf4_base(model, None, seed=3)
+    return model
+
+
+def _steps(model, n=3):
+    opt = default_adamw(lr=3e-3, weight_decay=0.0).build(model_parts=[model])
+    losses = []
+    for s in range(n):
+        tok = markov_batch(64, 2, 32, s)
+        loss = F.cross_entropy(model(tok[:, :-1]).flatten(0, 1), tok[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, opt
+
+
+def test_one_rank_fsdp_with_nf4_trains_and_equals_no_fsdp(one_rank):
+    fsdp_model = _build(fsdp=True)
+    nf4 = [p for p in fsdp_model.parameters() if isinstance(p, NF4Tensor)]
+    assert nf4 and all(not p.requires_grad for p in nf4)
+    fsdp_losses, opt = _steps(fsdp_model)
+    plain_losses, _ = _steps(_build(fsdp=False))
+    print(f"FSDP one rank {fsdp_losses} / no FSDP {plain_losses}")
+    assert fsdp_losses == plain_losses
+    assert fsdp_losses[-1] < fsdp_losses[0]
+    in_opt = {id(p) for o in opt.optimizers for g in o.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for n, p in fsdp_model.named_parameters() if ".lora_" in n}
+
+
+def test_without_ignored_params_one_rank_fsdp_fails(one_rank, monkeypatch):
+    """The regression guard: torch 2.13's FSDP2 on one rank cannot run NF4."""
+    from torch.distributed.fsdp import fully_shard
+
+    dims = ParallelDims.from_config(
+        ParallelismConfig(spmd_backend="partial_dtensor", data_parallel_shard_degree=-1), 1
+    )
+    dims.build_mesh()
+    with torch.device("meta"):
+        model = _spec().model.build()
+    prepare_nf4(model)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        model.init_weights(buffer_device=None)
+    fill_nf4_base(model, None, seed=3)
+    for block in model.layers.values():
+        fully_shard(block, mesh=dims.get_mesh("fsdp"))
+    with pytest.raises(ValueError):
+        model(markov_batch(64, 1, 16, 0)[:, :-1])
