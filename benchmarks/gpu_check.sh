@@ -11,6 +11,9 @@
 #                  ours vs transformers vs mamba-ssm's Mamba2, eager
 #   train          NGPU=1 ./run_train.sh --training.steps 20 --compile.enable -> tokens/s, MFU
 #   bench-compile  the benchmark with --compile (last: it gets what is left of the budget)
+#   qlora-24gb     Nano QLoRA 3 steps, seq 4096, memory capped at 24 GiB (a 24 GB card
+#                  emulated: benchmarks/memory_capped.py); needs torchao and the Nano
+#                  weights in assets/hf/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16 (else skipped)
 # Everything goes to ONE markdown file, benchmarks/results/<date>-<gpu>.md: environment, a
 # result/time table, each step's command and output. A failed or timed-out step is recorded
 # and the next one runs; each step's timeout is min(its cap, budget left), so the whole check
@@ -197,6 +200,10 @@ step install 120 install_extras
 step tests 150 x "$PY" -m pytest -v -p no:cacheprovider --durations=10 tests/kernels/test_kernel_cuda.py tests/kernels
 step bench 120 x "$PY" "${BENCH[@]}"
 step train 120 x env NGPU=1 ./run_train.sh --training.steps 20 --compile.enable
+NANO=assets/hf/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16
+if [[ -d $NANO || $DRY == 1 ]]; then
+    step qlora-24gb 300 x env GPU_MEM_GIB=24 torchrun --nproc_per_node=1 benchmarks/memory_capped.py --config_file train_configs/nemotron3-nano-30B-qlora.toml --training.steps 3 --validator.no_enable --checkpoint.no_enable --dataloader.dataset_path "$("$PY" -c 'from torchtitan_nemotron3.sft.assets import ensure_debug_sft_assets as a; print(a()[1])')"
+else ROWS+=("| qlora-24gb | skipped | 0 | - | no $NANO |"); fi
 step bench-compile 180 x "$PY" "${BENCH[@]}" --compile
 write_results
 echo "results: $OUT ($SECONDS s)" >&2

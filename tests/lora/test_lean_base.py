@@ -74,3 +74,12 @@ def test_nano_qlora_seq4096_fits_22_gib():
 def test_base_dtype_needs_lora():
     with pytest.raises(ValueError, match="need a LoRA job"):
         _job("--flavor", "debugmodel", "--base_dtype", "nf4")
+
+
+def test_nano_qlora_job_file_fits_22_gib():
+    """train_configs/nemotron3-nano-30B-qlora.toml as written (one GPU)."""
+    r = dry_run(_job("--config", "train_configs/nemotron3-nano-30B-qlora.toml",
+                     "--ngpu", "1"))  # fmt: skip
+    assert r.job.ac == "full" and r.job.training.seq_len == 4096
+    assert r.shards.frozen_by_dtype["nf4"] > 14 * GiB
+    assert r.memory.total / GiB <= 22
