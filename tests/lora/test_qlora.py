@@ -76,15 +76,15 @@ def test_nf4_refuses_a_tensor_that_is_not_whole_blocks_by_name():
         quantize(torch.zeros(3, 32), "layers.3.mixer.x.weight")
 
 
-def _bank(E=4, F=32, D=64, seed=0):
+def _bank(E=6, F=32, D=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(E, F, D, generator=g) * 0.05).bfloat16()
-    x = torch.randn(40, D, generator=g).bfloat16()
-    counts = torch.tensor([7, 0, 21, 12], dtype=torch.int32)  # an empty expert too
+    x = torch.randn(52, D, generator=g).bfloat16()
+    counts = torch.tensor([7, 0, 21, 12, 3, 9][:E], dtype=torch.int32)  # one empty
     return w, x, torch.cumsum(counts, 0, dtype=torch.int32)
 
 
-@pytest.mark.parametrize("chunk", [None, 1, 3])
+@pytest.mark.parametrize("chunk", [None, 1, 4])  # 4: a later chunk of 2 experts
 def test_nf4_experts_forward_bitwise_and_input_grads(chunk):
     """Forward == grouped_mm on the dequantized bank, bitwise (any chunking);
     grad_x within bf16 tolerance of autograd through that bank; the NF4 bank
@@ -93,7 +93,7 @@ def test_nf4_experts_forward_bitwise_and_input_grads(chunk):
     q = torch.nn.Parameter(quantize(w, "w1"), requires_grad=False)
     bank = q.get_original_weight().view(w.shape)
     xa = x.clone().requires_grad_(True)
-    y = nf4_grouped_mm(xa, q, 4, offs, chunk)
+    y = nf4_grouped_mm(xa, q, 6, offs, chunk)
     xr = x.clone().requires_grad_(True)
     y_ref = grouped_mm(xr, bank.transpose(-2, -1), offs)
     assert torch.equal(y, y_ref)

@@ -121,8 +121,6 @@ def measure(
     """``Shards`` of a parallelized (meta) model; see the module docstring.
     ``nf4``: {id(parameter): scaler block size} of the frozen tensors a QLoRA
     job stores in NF4 (``qlora.transform.nf4_targets``), sized as NF4."""
-    from ..qlora.nf4 import nf4_nbytes
-
     nf4 = nf4 or {}
     local, rank_numel, total = Counter(), [0] * world, 0
     frozen_bytes, frozen_by_dtype, trainable = Counter(), Counter(), Counter()
@@ -145,6 +143,8 @@ def measure(
         if not lean or p.requires_grad:
             trainable[cat] += n_local
         elif id(p) in nf4:
+            from ..qlora.nf4 import nf4_nbytes  # QLoRA jobs only (imports torchao)
+
             nbytes = nf4_nbytes(n_local, nf4[id(p)])
             frozen_bytes[cat] += nbytes
             frozen_by_dtype["nf4"] += nbytes
