@@ -15,6 +15,8 @@ their [E·F, D] view: F·D is a multiple of 64, so no block crosses two experts.
 GEMM dequantizes a few experts at a time.
 """
 
+import math
+
 import torch
 
 try:  # torchao >= 0.18 (pytorch/ao#4256 moved it)
@@ -138,6 +140,31 @@ def _double_quantized_scalers(t: torch.Tensor, rows: int, sbs: int):
         quantized.flatten().to(torch.int8),
         factor[:, 0].view(n_scaler_blocks).contiguous(),
         mean,
+    )
+
+
+def nf4_placeholder(shape: tuple, name: str, device="meta") -> "NF4Tensor":
+    """An empty NF4 tensor of ``shape`` (3-D experts: their [E·F, D] view) with
+    ``quantize``'s block sizes: the storage layout without quantizing anything
+    (on meta, torchao's quantization loop would still run per chunk)."""
+    require_torchao()
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import (
+        SubclassTensorArgs,
+    )
+
+    rows_cols = (math.prod(shape[:-1]), shape[-1])
+    numel = math.prod(rows_cols)
+    sbs = scaler_block_size(numel, name)
+    n_blocks = numel // BLOCK_SIZE
+    bf16 = torch.bfloat16
+    empty = lambda n, dt: torch.empty(n, dtype=dt, device=device)  # noqa: E731
+    meta = SubclassTensorArgs(
+        torch.Size(rows_cols), (rows_cols[1], 1), 0, bf16, torch.device(device), False
+    )
+    return NF4Tensor(
+        meta, BLOCK_SIZE, n_blocks, sbs, empty(n_blocks, torch.int8),
+        empty(n_blocks // sbs, bf16), empty((), bf16), empty(numel // 2, torch.uint8),
+        nf4=torch.tensor(_NF4_LEVELS, dtype=bf16, device=device),
     )
 
 

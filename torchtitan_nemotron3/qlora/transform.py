@@ -25,7 +25,7 @@ from ..model.mamba2 import Mamba2InProj
 from ..model.moe import ReluSquaredGroupedExperts
 from ..model.router import Float32Linear
 from .experts import NF4ReluSquaredGroupedExperts
-from .nf4 import NF4Tensor, quantize, require_torchao
+from .nf4 import NF4Tensor, nf4_placeholder, quantize, require_torchao
 
 EXPERT_WEIGHTS = ("w1_EFD", "w2_EDF")
 
@@ -124,7 +124,7 @@ def prepare_nf4(
             p = getattr(module, name)
             if not p.is_meta:
                 raise ValueError(f"NF4: prepare_nf4 wants a meta model ({fqn}.{name})")
-            q = quantize(torch.zeros(p.shape, dtype=torch.bfloat16, device="meta"), f"{fqn}.{name}")
+            q = nf4_placeholder(tuple(p.shape), f"{fqn}.{name}")
             module._parameters[name] = nn.Parameter(q, requires_grad=False)
             module.__dict__.setdefault("nf4_shapes", {})[name] = tuple(p.shape)
             placeholders.append(module._parameters[name])
