@@ -181,3 +181,33 @@ def test_two_gloo_ranks_equal_one_rank(one_rank, tmp_path):
     two = json.loads(out.read_text())
     print(f"one rank {one} / two ranks {two}")
     assert max(abs(a - b) / abs(a) for a, b in zip(one, two)) <= 1e-5
+
+
+def test_trainer_order_fill_from_hf_under_fsdp(one_rank, tmp_path):
+    """The trainer's order (meta, parallelize with FSDP, to_empty, init, then
+    ``fill_nf4_base`` from a hub checkpoint): NF4 tensors are ``to_nf4`` of the
+    hub's, FSDP's DTensor parameters hold the hub's values."""
+    from qlora_testing import build, debug_config
+
+    from torchtitan_nemotron3 import save_pretrained
+    from torchtitan_nemotron3.qlora.nf4 import to_nf4
+
+    hub_model = build(debug_config(None), seed=5)
+    save_pretrained(hub_model, tmp_path / "hf", dtype=torch.bfloat16)
+    ref = {k: v.bfloat16() for k, v in hub_model.state_dict().items()}
+    model = _build(fsdp=True)
+    fill_nf4_base(model, tmp_path / "hf")
+    seen = {"nf4": 0, "dtensor": 0}
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            continue
+        want = ref[name]
+        if isinstance(p, NF4Tensor):
+            q = to_nf4(want.reshape(-1, want.shape[-1]), 64, p.scaler_block_size)
+            assert torch.equal(p.quantized_data, q.quantized_data), name
+            seen["nf4"] += 1
+        else:
+            got = p.full_tensor() if isinstance(p, DTensor) else p
+            assert torch.equal(got, want.to(got.dtype)), name
+            seen["dtensor"] += isinstance(p, DTensor)
+    assert seen["nf4"] > 50 and seen["dtensor"] > 10, seen

@@ -186,7 +186,8 @@ def _read_base(model, reader, targets, device, dtype, on_read):
             packed[part[0]].append(fqn)
             continue
         if is_expert_weight(fqn):
-            value = _read_bank(reader, fqn, params[fqn].shape, dtype, device, on_read)
+            shape = _full_shape(targets, fqn, params[fqn])
+            value = _read_bank(reader, fqn, shape, dtype, device, on_read)
         else:
             value = reader.read(ours_to_hub(fqn))
             on_read(value)
@@ -198,7 +199,7 @@ def _read_base(model, reader, targets, device, dtype, on_read):
         order = packed_parts(hub)
         row = 0
         for name in order:
-            rows = params[name].shape[0]
+            rows = _full_shape(targets, name, params[name])[0]
             if name in params:
                 _assign(model, targets, name, full[row : row + rows], params)
             row += rows
@@ -218,13 +219,25 @@ def _read_bank(reader, fqn, shape, dtype, device, on_read):
     return bank
 
 
+def _full_shape(targets, fqn, p) -> tuple:
+    """The model's shape of ``fqn``: an NF4 placeholder holds the 2-D view of a
+    3-D bank; ``prepare_nf4`` kept the original shape on the module."""
+    target = targets.get(fqn)
+    if target is not None:
+        module, name = target
+        shape = module.__dict__.get("nf4_shapes", {}).get(name)
+        if shape is not None:
+            return tuple(shape)
+    return tuple(p.shape)
+
+
 def _assign(model, targets, fqn, value, params):
     target = targets.get(fqn)
     p = params[fqn]
-    if tuple(value.shape) != tuple(p.shape):
+    if tuple(value.shape) != _full_shape(targets, fqn, p):
         raise ValueError(
             f"{fqn}: the checkpoint's tensor has shape {tuple(value.shape)}, the "
-            f"model's {tuple(p.shape)}"
+            f"model's {_full_shape(targets, fqn, p)}"
         )
     if target is not None:
         module, name = target
