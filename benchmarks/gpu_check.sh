@@ -13,6 +13,9 @@
 #   lowp-gemms     benchmarks/low_precision.py gemms: Nano's GEMM shapes, BF16 vs FP8 rowwise
 #                  (SM89+) vs MXFP8 (SM100), fwd+bwd (needs torchao 0.18.0 in the wheels)
 #   bench-compile  the benchmark with --compile (last: it gets what is left of the budget)
+#   qlora-24gb     Nano QLoRA 3 steps, seq 4096, memory capped at 24 GiB (a 24 GB card
+#                  emulated: benchmarks/memory_capped.py); needs torchao and the Nano
+#                  weights in assets/hf/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16 (else skipped)
 # Everything goes to ONE markdown file, benchmarks/results/<date>-<gpu>.md: environment, a
 # result/time table, each step's command and output. A failed or timed-out step is recorded
 # and the next one runs; each step's timeout is min(its cap, budget left), so the whole check
@@ -201,6 +204,10 @@ step bench 120 x "$PY" "${BENCH[@]}"
 step train 120 x env NGPU=1 ./run_train.sh --training.steps 20 --compile.enable
 step eval 60 x "$PY" benchmarks/eval_throughput.py --device cuda --contexts 256 --batch_size 16  # needs lm-eval in the wheels
 step lowp-gemms 90 x "$PY" benchmarks/low_precision.py gemms --reps 10
+NANO=assets/hf/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16
+if [[ -d $NANO || $DRY == 1 ]]; then
+    step qlora-24gb 300 x env GPU_MEM_GIB=24 torchrun --nproc_per_node=1 benchmarks/memory_capped.py --config_file train_configs/nemotron3-nano-30B-qlora.toml --training.steps 3 --validator.no_enable --checkpoint.no_enable --dataloader.dataset_path "$("$PY" -c 'from torchtitan_nemotron3.sft.assets import ensure_debug_sft_assets as a; print(a()[1])')"
+else ROWS+=("| qlora-24gb | skipped | 0 | - | no $NANO |"); fi
 step bench-compile 180 x "$PY" "${BENCH[@]}" --compile
 write_results
 echo "results: $OUT ($SECONDS s)" >&2

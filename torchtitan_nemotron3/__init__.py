@@ -46,6 +46,8 @@ def model_registry(
     moe_comm_backend: str = "standard",
     converters: list[ModelConfigConverter.Config] | None = None,
     attn_backend: str = "auto",
+    base_dtype: str | None = None,
+    nf4_lm_head: bool = False,
 ) -> ModelSpec:
     """The TorchTitan ModelSpec of a flavor ("debugmodel", "nano-30B"); Mamba2 ops
     from ``kernel_backend`` ("auto": GPU kernels where available, else torch);
@@ -55,7 +57,9 @@ def model_registry(
     exact masked SDPA on CPU; or "sdpa", "flex", "varlen").
     ``converters`` transform the config tree as in TorchTitan's models (e.g.
     ``lora.NemotronHLoRAConverter.Config()``); with LoRA the whole base model stays
-    fixed, so the MoE routing-bias update is off too."""
+    fixed, so the MoE routing-bias update is off too. ``base_dtype="nf4"`` (with
+    LoRA: QLoRA) stores the frozen linears and routed experts in NF4
+    (``qlora/``; lm_head too with ``nf4_lm_head``)."""
     config = build_model_config(
         flavor_args(flavor),
         kernel_backend=kernel_backend,
@@ -67,6 +71,14 @@ def model_registry(
     for c in converters:
         config = c.build().convert(config)
     lora = any(isinstance(c, LoRAConverter.Config) for c in converters)
+    if base_dtype not in (None, "bf16", "nf4"):
+        raise ValueError(f"base_dtype={base_dtype!r}: None, 'bf16' or 'nf4'")
+    if base_dtype == "nf4" and not lora:
+        raise ValueError(
+            "base_dtype='nf4' quantizes a frozen base: give a LoRA converter "
+            "(lora.NemotronHLoRAConverter.Config())"
+        )
+    config.base_dtype, config.nf4_lm_head = base_dtype, nf4_lm_head
     return ModelSpec(
         name="nemotron3",
         flavor=flavor,

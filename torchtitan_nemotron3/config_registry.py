@@ -302,3 +302,40 @@ def nemotron3_nano_30b_float8() -> NemotronHTrainer.Config:
     return _with_low_precision(
         nemotron3_nano_30b(), linear="float8_rowwise", experts="float8_rowwise"
     )
+# --- QLoRA (torchtitan_nemotron3/qlora) -------------------------------------------
+
+
+def nemotron3_debug_qlora() -> NemotronHTrainer.Config:
+    """``nemotron3_debug_lora`` with the frozen base in NF4 (QLoRA): every frozen
+    linear and the routed experts (lm_head too); no HF checkpoint, so the base is
+    the seeded init (``debug.seed`` fixed: a resume re-derives the same base);
+    checkpoints hold the adapters and their optimizer only."""
+    config = nemotron3_debug_lora()
+    config.model_spec = _lora_spec(
+        "debugmodel", rank=8, alpha=16.0, base_dtype="nf4", nf4_lm_head=True
+    )
+    config.debug.seed = 0
+    config.checkpoint.last_save_in_hf = False  # the adapters only (qlora/checkpoint.py)
+    config.dump_folder = "./outputs/debug-qlora"
+    return config
+
+
+def nemotron3_nano_30b_qlora() -> NemotronHTrainer.Config:
+    """QLoRA SFT of Nemotron-3-Nano-30B-A3B on one GPU (a 24 GB card): the frozen
+    linears, routed experts and lm_head in NF4, read straight from the released
+    HF checkpoint (``initial_load_path``, one layer's experts at a time); LoRA
+    rank 16 on the default targets; seq 4096, full activation checkpointing;
+    checkpoints hold the adapters and their optimizer only."""
+    from torchtitan.distributed.activation_checkpoint import FullAC
+
+    config = nemotron3_nano_30b_sft()
+    config.model_spec = _lora_spec(
+        "nano-30B", rank=16, alpha=32.0, base_dtype="nf4", nf4_lm_head=True
+    )
+    config.optimizer = default_adamw(lr=2e-4, weight_decay=0.0)
+    config.parallelism.expert_parallel_degree = 1
+    config.training.seq_len = 4096
+    config.activation_checkpoint = FullAC.Config()
+    config.checkpoint.last_save_in_hf = False
+    config.dump_folder = "./outputs/nano-30B-qlora"
+    return config

@@ -5,6 +5,8 @@
         --local_batch_size 1 --ac selective|full|none [--param_dtype bfloat16]
     python -m torchtitan_nemotron3.dry_run --config_file train_configs/nemotron3-nano-30B.toml \\
         [--ngpu 8] [--section.field VALUE ...]   (the job's overrides, as run_train.sh's)
+    python -m torchtitan_nemotron3.dry_run --flavor nano-30B --ngpu 1 --ep 1 --ac full \\
+        --seq_len 4096 --lora_rank 16 --base_dtype nf4 --nf4_lm_head   (QLoRA)
 
 Why this way: it runs what training runs up to the first step (the package's
 config checks, TorchTitan's ``ParallelDims`` meshes on a fake process group of
@@ -14,6 +16,8 @@ refused here in the same one line, and the shards it reports are the ones
 training would create, for whatever TP/EP/PP the package supports when it runs.
 Memory and traffic are then estimated from those shards (``estimate/``: the
 formulas are in each file's docstring); activations are an estimate only.
+LoRA and QLoRA jobs are sized as they run: the frozen base at its stored bytes
+(bf16, NF4 for QLoRA's targets), gradients and AdamW state for the adapters only.
 The fake world is rank 0's view; other ranks differ only by FSDP's uneven last
 shard (the min/max line). Compile is not applied (it does not change shards).
 """
@@ -64,6 +68,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ac", choices=("none", "selective", "full"))
     p.add_argument("--param_dtype", choices=("bfloat16", "float32"))
     p.add_argument(
+        "--lora_rank", type=int, help="LoRA on the default targets (alpha = 2·rank)"
+    )
+    p.add_argument(
+        "--base_dtype", choices=("bf16", "nf4"), help="LoRA's frozen base storage"
+    )
+    p.add_argument(
+        "--nf4_lm_head", action="store_true", default=None, help="QLoRA: lm_head in NF4"
+    )
+    p.add_argument(
         "--gpu_gib",
         type=float,
         default=B200_GIB,
@@ -99,7 +112,7 @@ def dry_run(job: Job) -> Report:
     model, model_config, dims = build_sharded(job)
     layout = Layout.from_parallelism(job.parallelism, job.ngpu)
     types = model_config.hybrid_override_pattern
-    shards = measure(model, types, job.ngpu)
+    shards = measure(model, types, job.ngpu, nf4=_nf4_block_sizes(model, model_config))
     tr = job.training
     dp = dims.dp_replicate * dims.dp_shard
     accum = 1
@@ -145,6 +158,23 @@ def dry_run(job: Job) -> Report:
     return Report(
         job, layout, shards, acts, mem, traffic, flops, time.perf_counter() - t0
     )
+
+
+def _nf4_block_sizes(model, model_config) -> dict:
+    """{id(param): scaler block size} of a QLoRA job's NF4 tensors (empty
+    otherwise); a tensor NF4 cannot hold is refused here, by name."""
+    if getattr(model_config, "base_dtype", None) != "nf4":
+        return {}
+    from .estimate.shards import clean_fqn
+    from .qlora.nf4 import scaler_block_size
+    from .qlora.transform import nf4_targets
+
+    sizes = {}
+    for fqn, module, names in nf4_targets(model, model_config.nf4_lm_head):
+        for name in names:
+            p = getattr(module, name)
+            sizes[id(p)] = scaler_block_size(p.numel(), clean_fqn(f"{fqn}.{name}"))
+    return sizes
 
 
 def main(argv=None) -> int:

@@ -5,6 +5,8 @@ Which layouts exist and on which mesh is ``sharding.py``'s; this file applies th
 in TorchTitan's order (``models/qwen3/parallelize.py``).
 """
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -24,6 +26,7 @@ from torchtitan.distributed.compile import apply_compile
 from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
 from torchtitan.tools.logging import logger
 
+from .lora.lean import store_frozen_base
 from .model.context_parallel import CPLayout, set_context_parallel
 
 # Registers the custom ops selective AC saves (nemotron3::grouped_mm, ::mamba_ssd).
@@ -68,7 +71,12 @@ def parallelize_nemotronh(
     block, FSDP shards embeddings, each block (experts on the expert data-parallel
     mesh), and norm+lm_head as units last. The MTP block's sub-layers get what
     the main blocks get. Under PP this runs once per stage. The
-    layout was checked when the model config was (``sharding.apply_layout``)."""
+    layout was checked when the model config was (``sharding.apply_layout``).
+    A LoRA model's frozen base is stored in the compute dtype first
+    (``lora/lean.py``: no fp32 master copy of what never trains)."""
+
+    store_frozen_base(model, TORCH_DTYPE_MAP[training.mixed_precision_param])
+    nf4_params = _nf4_base(model)
 
     if parallel_dims.tp_enabled or parallel_dims.ep_enabled:
         model.parallelize(parallel_dims)
@@ -97,18 +105,19 @@ def parallelize_nemotronh(
     # EP), wrapped before the root.
     dp_mesh = data_parallel_mesh(parallel_dims)
     for decoder in reversed(decoders):
-        apply_fsdp_to_decoder(
-            decoder,
-            dp_mesh,
-            param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
-            reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],
-            pp_enabled=parallel_dims.pp_enabled,
-            cpu_offload=training.enable_cpu_offload,
-            reshard_after_forward_policy=parallelism.fsdp_reshard_after_forward,
-            ep_degree=parallel_dims.ep,
-            edp_mesh=expert_data_parallel_mesh(parallel_dims),
-            enable_symm_mem=parallelism.enable_fsdp_symm_mem,
-        )
+        with _fsdp_ignoring(nf4_params):
+            apply_fsdp_to_decoder(
+                decoder,
+                dp_mesh,
+                param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
+                reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],
+                pp_enabled=parallel_dims.pp_enabled,
+                cpu_offload=training.enable_cpu_offload,
+                reshard_after_forward_policy=parallelism.fsdp_reshard_after_forward,
+                ep_degree=parallel_dims.ep,
+                edp_mesh=expert_data_parallel_mesh(parallel_dims),
+                enable_symm_mem=parallelism.enable_fsdp_symm_mem,
+            )
     if dist.is_initialized() and dist.get_backend() == "gloo":
         _reduce_with_plain_sum(model)
     logger.info(
@@ -117,6 +126,45 @@ def parallelize_nemotronh(
         f"TP {parallel_dims.tp})"
     )
     return model
+
+
+def _nf4_base(model: nn.Module) -> list[nn.Parameter]:
+    """QLoRA (``base_dtype="nf4"``): the NF4 parameters FSDP must leave alone; on
+    a meta model (the trainer's order) the NF4 targets first become NF4
+    placeholders (``qlora.transform.prepare_nf4``), filled after init."""
+    config = getattr(model, "config", None)
+    if getattr(config, "base_dtype", None) != "nf4":
+        return []
+    from .qlora.transform import nf4_parameters, prepare_nf4
+
+    if any(p.is_meta for p in model.parameters()):
+        prepare_nf4(model, lm_head=config.nf4_lm_head)
+    return nf4_parameters(model)
+
+
+@contextlib.contextmanager
+def _fsdp_ignoring(params: list[nn.Parameter]):
+    """TorchTitan's ``apply_fsdp_to_decoder`` has no ``ignored_params``: its
+    ``fully_shard`` calls get them here. NF4 weights are frozen and replicated
+    (each rank holds the whole NF4 base): on one rank torch 2.13's FSDP2 skips
+    the NF4 all-gather hook and fails, and a frozen base needs no reduction."""
+    if not params:
+        yield
+        return
+    import torchtitan.distributed.fsdp as tt_fsdp
+
+    plain = tt_fsdp.fully_shard
+    ignored = set(params)
+
+    def fully_shard(module, *args, **kwargs):
+        kwargs["ignored_params"] = ignored | set(kwargs.get("ignored_params") or ())
+        return plain(module, *args, **kwargs)
+
+    tt_fsdp.fully_shard = fully_shard
+    try:
+        yield
+    finally:
+        tt_fsdp.fully_shard = plain
 
 
 def _apply_context_parallel(

@@ -99,6 +99,7 @@ def job_from_args(a) -> Job:
             training=TrainingConfig(local_batch_size=1, seq_len=8192),
         )
         ac, source = "selective", f"flavor {flavor}"
+    spec = _lora_overrides(a, flavor, spec)
     for key, value in overrides.items():
         _set(holder, _FLAGS[key], value)
     return Job(
@@ -143,3 +144,40 @@ def _tables_only(path: str, flavor: str | None) -> SimpleNamespace:
         training=training,
         activation_checkpoint=ac,
     )
+
+
+def _lora_overrides(a, flavor: str, spec):
+    """``--lora_rank`` (LoRA on the default targets, alpha 2·rank),
+    ``--base_dtype``, ``--nf4_lm_head`` applied to the job's model spec."""
+    import copy
+
+    from .. import model_registry
+    from ..lora import NemotronHLoRAConverter
+
+    rank = getattr(a, "lora_rank", None)
+    base_dtype = getattr(a, "base_dtype", None)
+    lm_head = getattr(a, "nf4_lm_head", None)
+    if rank is not None:
+        return model_registry(
+            flavor,
+            converters=[NemotronHLoRAConverter.Config(rank=rank, alpha=2.0 * rank)],
+            base_dtype=base_dtype,
+            nf4_lm_head=bool(lm_head),
+        )
+    if base_dtype is None and lm_head is None:
+        return spec
+    if not _has_lora(spec.model):
+        raise ValueError("--base_dtype / --nf4_lm_head need a LoRA job (or --lora_rank)")
+    spec = copy.copy(spec)
+    spec.model = copy.deepcopy(spec.model)
+    if base_dtype is not None:
+        spec.model.base_dtype = base_dtype
+    if lm_head is not None:
+        spec.model.nf4_lm_head = lm_head
+    return spec
+
+
+def _has_lora(model_config) -> bool:
+    from ..lora.converter import adapted_fqns
+
+    return any(True for _ in adapted_fqns(model_config))

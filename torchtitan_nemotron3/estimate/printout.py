@@ -43,10 +43,27 @@ def print_report(r, gpu_gib: float, out=None) -> str:
     u = "GiB" if m.total >= GiB else "MiB"
     _gib = lambda n: _mem(n, u)
     w(f"\n| per GPU (rank 0) | {u} | how |\n|---|---:|---|")
+    sh = r.shards
+    lean = bool(sh.frozen_bytes or sh.trainable_numel)
     for c in CATEGORIES:
-        w(f"| params: {c} | {_gib(m.params[c])} | local shard × {tr.dtype} |")
-    w(f"| gradients | {_gib(m.grads)} | sharded, {tr.dtype} |")
-    w(f"| AdamW state | {_gib(m.optimizer)} | 2 fp32 moments per stored element |")
+        how = f"local shard × {tr.dtype}"
+        if lean:
+            how = (
+                f"adapters {sh.trainable_numel.get(c, 0):,} × {tr.dtype} + frozen "
+                f"base {sh.frozen_bytes.get(c, 0) / GiB:.2f} GiB as stored"
+            )
+        w(f"| params: {c} | {_gib(m.params[c])} | {how} |")
+    if lean:
+        by = ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in sorted(sh.frozen_by_dtype.items()))
+        n = sum(sh.trainable_numel.values())
+        w(f"| (frozen base by dtype) | {_gib(sum(sh.frozen_by_dtype.values()))} | {by}; no gradient, no AdamW state |")
+        w(f"| gradients | {_gib(m.grads)} | adapters only ({n:,} elements), {tr.dtype} |")
+        w(f"| AdamW state | {_gib(m.optimizer)} | 2 fp32 moments per adapter element |")
+    else:
+        w(f"| gradients | {_gib(m.grads)} | sharded, {tr.dtype} |")
+        w(f"| AdamW state | {_gib(m.optimizer)} | 2 fp32 moments per stored element |")
+    if m.dequant:
+        w(f"| NF4 dequantized tensor | {_gib(m.dequant)} | largest NF4 tensor in bf16, one at a time |")
     w(
         f"| FSDP all-gather buffers | {_gib(m.gather)} | largest adjacent pair of units, "
         f"{tr.mixed_precision_param} |"

@@ -41,6 +41,7 @@ class Group:
     replicate: int  # HSDP replicas (1 for FSDP)
     mesh: str  # the shard axis: "fsdp", or "efsdp" for experts under EP
     categories: Counter = field(default_factory=Counter)
+    trainable: int = 0  # gathered elements that train (all but a LoRA base)
 
 
 @dataclass
@@ -64,6 +65,13 @@ class Shards:
     total_numel: int  # parameters of the whole model
     units: list[Unit]
     source: str  # "measured" or "analytic"
+    # A LoRA/QLoRA job's frozen base (empty when every parameter trains):
+    # rank 0's stored bytes by category, by storage dtype ("bfloat16", "nf4", ...),
+    # and the trainable local elements by category.
+    frozen_bytes: Counter = field(default_factory=Counter)
+    frozen_by_dtype: Counter = field(default_factory=Counter)
+    trainable_numel: Counter = field(default_factory=Counter)
+    nf4_transient: int = 0  # bytes of the largest NF4 tensor dequantized (bf16)
 
 
 def clean_fqn(fqn: str) -> str:
@@ -107,21 +115,44 @@ def _rank_numels(p: DTensor, world: int) -> list[int]:
     return out
 
 
-def measure(model: nn.Module, layer_types: str, world: int) -> Shards:
-    """``Shards`` of a parallelized (meta) model; see the module docstring."""
+def measure(
+    model: nn.Module, layer_types: str, world: int, nf4: dict | None = None
+) -> Shards:
+    """``Shards`` of a parallelized (meta) model; see the module docstring.
+    ``nf4``: {id(parameter): scaler block size} of the frozen tensors a QLoRA
+    job stores in NF4 (``qlora.transform.nf4_targets``), sized as NF4."""
+    nf4 = nf4 or {}
     local, rank_numel, total = Counter(), [0] * world, 0
-    names = {}
+    frozen_bytes, frozen_by_dtype, trainable = Counter(), Counter(), Counter()
+    lean = any(not p.requires_grad for p in model.parameters()) and any(
+        p.requires_grad for p in model.parameters()
+    )
+    names, transient = {}, 0
     for fqn, p in model.named_parameters():
         cat = category(fqn, layer_types)
         names[id(p)] = (clean_fqn(fqn), cat)
         total += p.numel()
+        n_local = p.to_local().numel() if isinstance(p, DTensor) else p.numel()
         if isinstance(p, DTensor):
-            local[cat] += p.to_local().numel()
+            local[cat] += n_local
             for r, n in enumerate(_rank_numels(p, world)):
                 rank_numel[r] += n
         else:
-            local[cat] += p.numel()
+            local[cat] += n_local
             rank_numel = [n + p.numel() for n in rank_numel]
+        if not lean or p.requires_grad:
+            trainable[cat] += n_local
+        elif id(p) in nf4:
+            from ..qlora.nf4 import nf4_nbytes  # QLoRA jobs only (imports torchao)
+
+            nbytes = nf4_nbytes(n_local, nf4[id(p)])
+            frozen_bytes[cat] += nbytes
+            frozen_by_dtype["nf4"] += nbytes
+            transient = max(transient, p.numel() * 2)
+        else:
+            nbytes = n_local * p.element_size()
+            frozen_bytes[cat] += nbytes
+            frozen_by_dtype[str(p.dtype).removeprefix("torch.")] += nbytes
     units, seen = [], set()
     for mod_name, module in model.named_modules():
         if not isinstance(module, FSDPModule):
@@ -143,10 +174,16 @@ def measure(model: nn.Module, layer_types: str, world: int) -> Shards:
                 n = fp._orig_size.numel()
                 g.numel += n
                 g.categories[cat] += n
+                if fp.sharded_param.requires_grad:
+                    g.trainable += n
             groups.append(g)
         if groups:
             units.append(Unit(clean_fqn(mod_name) or "model", groups, reshard))
-    return Shards(local, rank_numel, total, units, "measured")
+    shards = Shards(local, rank_numel, total, units, "measured")
+    if lean:
+        shards.frozen_bytes, shards.frozen_by_dtype = frozen_bytes, frozen_by_dtype
+        shards.trainable_numel, shards.nf4_transient = trainable, transient
+    return shards
 
 
 def _tp_split(fqn: str, cat: str, layout: Layout) -> int:
@@ -194,6 +231,7 @@ def analytic(model: nn.Module, layer_types: str, layout: Layout) -> Shards:
             g = Group(0, shard, layout.dp_replicate, axis)
             unit.groups.append(g)
         g.numel += n
+        g.trainable += n
         g.categories[cat] += n
     per_rank = sum(local.values())
     return Shards(

@@ -47,6 +47,11 @@ class NemotronHModel(BaseModel):
         pipeline_segments: tuple[int, ...] | None = None
         # Multi-token prediction (``mtp.py``), None when off.
         mtp: Module.Config | None = None
+        # LoRA's frozen base storage (``qlora/``): None keeps it in the compute
+        # dtype; "nf4" quantizes the frozen linears and routed experts after load
+        # (lm_head too with ``nf4_lm_head``).
+        base_dtype: str | None = None
+        nf4_lm_head: bool = False
 
         @property
         def hybrid_override_pattern(self) -> str:

@@ -118,12 +118,18 @@ class NemotronHTrainer(Trainer):
         low_precision: LowPrecisionConfig = field(default_factory=LowPrecisionConfig)
         """FP8 rowwise / MXFP8 GEMMs (``low_precision/``), applied to the model's
         config tree here, once; the last settings win."""
+        base_dtype: Literal["bf16", "nf4"] | None = None
+        """A LoRA run's frozen base: "nf4" is QLoRA (``qlora/``: the base loaded
+        straight into NF4 from ``checkpoint.initial_load_path``, checkpoints
+        hold the adapters only); None keeps the config function's."""
 
         def __post_init__(self):
             Trainer.Config.__post_init__(self)  # (no super() in slots dataclasses)
             if self.model_spec is not None:
                 self._apply_mtp_options()
                 self._apply_low_precision()
+            if self.base_dtype is not None and self.model_spec is not None:
+                self.model_spec.model.base_dtype = self.base_dtype
             if self.kernel_backend is not None and self.model_spec is not None:
                 for layer in self.model_spec.model.layers:
                     if hasattr(layer.mixer, "kernel_backend"):
@@ -184,6 +190,8 @@ class NemotronHTrainer(Trainer):
         if config.low_precision.enabled:
             # MFU against the FP8 peak (None: unknown device, MFU not logged).
             use_fp8_peak(self.metrics_processor)
+        if getattr(config.model_spec.model, "base_dtype", None) == "nf4":
+            self._load_nf4_base(config)
         self.skipped_steps = 0  # by this process; not checkpointed
         self.consecutive_skips = 0
         self._loss_is_finite: torch.Tensor | None = None
@@ -229,6 +237,31 @@ class NemotronHTrainer(Trainer):
         if self._mtp_loss is not None or self._aux_on:
             self._log_extra_losses()
         self.routing_metrics = RoutingMetrics.attach(self, config.routing_metrics)
+
+    def _load_nf4_base(self, config) -> None:
+        """QLoRA: fill the NF4 base (placeholders since ``parallelize``) from the
+        HF checkpoint at ``initial_load_path``, or from the seeded init without
+        one; checkpoints then hold the adapters only, and TorchTitan's own
+        initial load is off (the base is re-derived here on every start)."""
+        from torchtitan.components.checkpointer.base import MODEL
+
+        from ..qlora.checkpoint import AdaptersOnly
+        from ..qlora.load import fill_nf4_base
+
+        ckpt = config.checkpoint
+        path = ckpt.initial_load_path or None
+        if path and not ckpt.initial_load_in_hf:
+            raise ValueError(
+                "base_dtype='nf4': the base is read from a HF checkpoint; set "
+                "checkpoint.initial_load_in_hf = true"
+            )
+        for part in self.model_parts:
+            fill_nf4_base(part, path, seed=config.debug.seed or 0)
+        states = getattr(self.checkpointer, "states", None)
+        if states is not None and MODEL in states:
+            states[MODEL] = AdaptersOnly(self.model_parts)
+        self.checkpointer.initial_load_path = None
+        logger.info(f"QLoRA: NF4 base from {path or 'the seeded init'}")
 
     def _wire_seq_aux_loss(self) -> None:
         """Each MoE layer's sequence aux loss is a sum over its batch rows; scaled
