@@ -156,10 +156,13 @@ class PreferenceDataset(IterableDataset, Stateful):
             p = self.encode(index, where, row)
             if p is None:
                 continue
-            if sum(map(len, self._pending)) + len(p) > self.seq_len:
-                yield pair_row(self._pending, self.seq_len, self.pad_id)
-                self._pending = []
-            self._pending.append(p)
+            if sum(map(len, self._pending)) + len(p) <= self.seq_len:
+                self._pending.append(p)
+                continue
+            # The state at the yield (rows read, pending) is where a resume starts.
+            row = pair_row(self._pending, self.seq_len, self.pad_id)
+            self._pending = [p]
+            yield row
 
     def __iter__(self):
         info = get_worker_info()
@@ -174,8 +177,9 @@ class PreferenceDataset(IterableDataset, Stateful):
                 )
             if not self.config.infinite:
                 if self._pending:
-                    yield pair_row(self._pending, self.seq_len, self.pad_id)
+                    row = pair_row(self._pending, self.seq_len, self.pad_id)
                     self._pending = []
+                    yield row
                 return
             self._epoch += 1
             self._rows_read = 0
