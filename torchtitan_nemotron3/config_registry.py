@@ -289,7 +289,7 @@ def _dpo(config: NemotronHTrainer.Config, pairs_dir: str, **dpo) -> NemotronHTra
     fields.update(
         dataloader=pairs("train"),
         validator=DPOValidator.Config(
-            enable=True, freq=config.validator.freq, steps=2, dataloader=pairs("validation")
+            enable=True, freq=config.validator.freq, steps=4, dataloader=pairs("validation")
         ),
         dpo=DPOConfig(**dpo),
     )

@@ -44,7 +44,7 @@ def test_debug_dpo_starts_at_ln2_and_learns_the_preference(tmp_path):
     assert _metric(log, "dpo_accuracy")[1] == 0.0
     held_out = [
         tuple(map(float, m.groups()))
-        for m in re.finditer(r"validation step (\d+): \d+ pairs, loss \S+, margin (\S+), accuracy (\S+)", log)
+        for m in re.finditer(r"validation step (\d+): \d+ pairs, loss \S+, margin ([-0-9.]+), accuracy ([0-9.]+)", log)
     ]
     step, margin, accuracy = held_out[-1]
     assert step == 20 and margin > 0 and accuracy >= 0.8, held_out

@@ -9,7 +9,6 @@ parameter must agree to 1e-5 relative.
 
 import dataclasses
 
-import pytest
 import torch
 
 from nemotron_testing import build_model, hf_reference, random_args, randomize_
@@ -18,8 +17,6 @@ from test_parity_hf import load_hf_into_ours, rel_err
 from torchtitan_nemotron3.dpo.data import PAIR_KEY, SEGMENT_KEY, PairDocuments, pair_row
 from torchtitan_nemotron3.dpo.loss import dpo_terms, reply_logps, token_logps
 from torchtitan_nemotron3.sft.packing import make_document
-
-trl = pytest.importorskip("trl", reason="trl is in the test extra")  # noqa: F841
 
 BETA, RTOL = 0.1, 1e-5
 # (prompt, chosen, rejected) token ids: replies of different lengths
