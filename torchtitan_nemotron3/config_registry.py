@@ -6,6 +6,8 @@ start from these and override fields. Each function returns a complete
 ``NemotronHTrainer.Config``; on a machine without CUDA it is adjusted to run on CPU/gloo.
 """
 
+import dataclasses
+
 import torch
 
 from torchtitan.components.checkpoint import CheckpointManager
@@ -339,3 +341,60 @@ def nemotron3_nano_30b_qlora() -> NemotronHTrainer.Config:
     config.checkpoint.last_save_in_hf = False
     config.dump_folder = "./outputs/nano-30B-qlora"
     return config
+# --- DPO (torchtitan_nemotron3/dpo) -----------------------------------------------
+
+
+def _dpo(config: NemotronHTrainer.Config, pairs_dir: str, **dpo) -> NemotronHTrainer.Config:
+    """``config`` (a LoRA run) as DPO on the pairs in ``pairs_dir``: same model,
+    tokenizer, layout and schedule; its data, validation and trainer replaced."""
+    from .dpo import DPOConfig, DPOTrainer, DPOValidator, PreferenceDataLoader
+
+    def pairs(split: str) -> PreferenceDataLoader.Config:
+        return PreferenceDataLoader.Config(
+            dataset_path=pairs_dir,
+            split=split,
+            template=ChatTemplateConfig(truncate_history_thinking=False),
+        )
+
+    fields = {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(NemotronHTrainer.Config)
+        if f.init
+    }
+    fields.update(
+        dataloader=pairs("train"),
+        validator=DPOValidator.Config(
+            enable=True, freq=config.validator.freq, steps=4, dataloader=pairs("validation")
+        ),
+        dpo=DPOConfig(**dpo),
+    )
+    return DPOTrainer.Config(**fields)
+
+
+def nemotron3_debug_dpo() -> NemotronHTrainer.Config:
+    """DPO of the debug model with LoRA adapters (rank 8, alpha 16) on generated
+    pairs (``dpo/assets.py``), offline: reference = adapters off, β = 0.1; the
+    reward margin and held-out accuracy are logged every 5 steps."""
+    from .dpo.assets import ensure_debug_dpo_assets
+
+    tokenizer_dir, pairs_dir = ensure_debug_dpo_assets()
+    config = nemotron3_debug_lora()
+    config.hf_assets_path = tokenizer_dir
+    config.training.steps = 20
+    config.validator.freq = 5
+    config.lr_scheduler = LRSchedulersContainer.Config(warmup_steps=2)
+    config.dump_folder = "./outputs/debug-dpo"
+    return _for_this_machine(_dpo(config, pairs_dir, beta=0.1))
+
+
+def nemotron3_nano_30b_dpo() -> NemotronHTrainer.Config:
+    """DPO of Nemotron-3-Nano-30B-A3B with LoRA (rank 32, alpha 64) in
+    ``nemotron3_nano_30b_lora``'s layout, from the released HF checkpoint, on your
+    preference pairs: ``dataset_path`` (default ``./data/dpo``, files ``train*`` and
+    ``validation*`` with prompt/chosen/rejected). β = 0.1; the reference is the
+    base (adapters off): from SFT adapters, merge them first or set
+    ``dpo.reference = "precomputed"``."""
+    config = nemotron3_nano_30b_lora()
+    config.dump_folder = "./outputs/nano-30B-dpo"
+    config.optimizer = default_adamw(lr=5e-6, weight_decay=0.0)
+    return _dpo(config, "./data/dpo", beta=0.1)

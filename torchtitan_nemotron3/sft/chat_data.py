@@ -80,9 +80,16 @@ def _text(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
 
-def to_messages(row: dict[str, Any], columns: ChatColumns, where: str) -> list[dict]:
+def to_messages(
+    row: dict[str, Any],
+    columns: ChatColumns,
+    where: str,
+    *,
+    require_assistant: bool = True,
+) -> list[dict]:
     """The row's conversation as template-ready messages; ``ChatDataError`` (naming
-    ``where``: file and row) for anything the template could not render faithfully."""
+    ``where``: file and row) for anything the template could not render faithfully.
+    ``require_assistant=False`` reads a prompt (preference data), which has none."""
     if columns.prompt:
         return _single_turn(row, columns, where)
     if columns.messages not in row:
@@ -142,7 +149,7 @@ def to_messages(row: dict[str, Any], columns: ChatColumns, where: str) -> list[d
                     "reasoning or tool calls): nothing to train on"
                 )
         messages.append(out)
-    if not any(m["role"] == "assistant" for m in messages):
+    if require_assistant and not any(m["role"] == "assistant" for m in messages):
         raise ChatDataError(f"{where}: no assistant message: nothing to train on")
     return messages
 

@@ -182,11 +182,19 @@ class ChatSource:
     ) -> Iterator[tuple[str, dict]]:
         """``(where, row)`` for this rank's rows after its first ``start``; with
         ``worker = (id, num_workers)`` (dataloader workers), that worker's share."""
+        for _, where, row in self.indexed_rows(start, epoch, worker):
+            yield where, row
+
+    def indexed_rows(
+        self, start: int = 0, epoch: int = 0, worker: tuple[int, int] = (0, 1)
+    ) -> Iterator[tuple[int, str, dict]]:
+        """``rows``, each with its index in the whole dataset (the same every epoch
+        for local files; the stream position for a hub dataset)."""
         shard = self.dp_rank + self.dp_world_size * worker[0]
         shards = self.dp_world_size * worker[1]
         if self.stream is None:
             for index in self._order(epoch, shard, shards)[start:]:
-                yield self._locate(index)
+                yield (index, *self._locate(index))
             return
         stream = self.stream
         if hasattr(stream, "set_epoch"):
@@ -196,4 +204,4 @@ class ChatSource:
             stream = stream.skip(skip)
         for i, row in enumerate(stream, start=skip):
             if i % shards == shard:
-                yield f"{self.path} [{self.split}]: row {i + 1}", row
+                yield i, f"{self.path} [{self.split}]: row {i + 1}", row
