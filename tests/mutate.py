@@ -137,6 +137,16 @@ MUTATIONS = [
         "        labels = inputs.clone()\n",
         ("tests/train/test_e2e_train.py::test_debugmodel_one_process_20_steps",),
     ),
+    Mutation(
+        "mtp-load-balance-sign",
+        "torchtitan_nemotron3/train/trainer.py",
+        "                        counts_E.mean() - counts_E\n",
+        "                        counts_E - counts_E.mean()\n",
+        (
+            "tests/model/test_mtp.py::"
+            "test_mtp_routing_bias_update_favours_underused_experts",
+        ),
+    ),
     # core model features: each against transformers' nemotron_h (fp32, CPU)
     Mutation(
         "moe-relu",
