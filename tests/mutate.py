@@ -210,7 +210,7 @@ def run(m: Mutation, timeout: float) -> str:
             return f"ERROR: the text to replace occurs {text.count(m.old)} times in {m.file}"
         path.write_text(text.replace(m.old, m.new))
         env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-rf", "-p", "no:cacheprovider",
                *m.tests]  # fmt: skip
         try:
             proc = subprocess.run(
@@ -218,9 +218,11 @@ def run(m: Mutation, timeout: float) -> str:
             )
         except subprocess.TimeoutExpired:
             return "ERROR: timed out"
-        last = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+        lines = proc.stdout.strip().splitlines() or ["(no output)"]
+        last = lines[-1]
         if proc.returncode == 1:
-            return f"caught ({last})"
+            failed = [ln.split()[1] for ln in lines if ln.startswith("FAILED ")]
+            return f"caught by {', '.join(failed) or '?'} ({last})"
         if proc.returncode == 0:
             return f"NOT CAUGHT ({last})"
         return f"ERROR: pytest exit {proc.returncode} ({last})"
