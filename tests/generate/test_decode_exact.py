@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from nemotron_testing import build_model, random_args, randomize_
 
 from torchtitan_nemotron3 import flavor_args
-from torchtitan_nemotron3.model.mamba2 import Mamba2Mixer
 from torchtitan_nemotron3.generate import (
     KVCache,
     MambaState,
@@ -21,6 +20,7 @@ from torchtitan_nemotron3.generate import (
     prefill,
     step,
 )
+from torchtitan_nemotron3.model.mamba2 import Mamba2Mixer
 
 TOL = 1e-5
 
