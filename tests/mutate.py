@@ -8,9 +8,9 @@ catch it (tests/MUTATIONS.md says why the habit exists).
 Each mutation is one exact text replacement in one file (it must occur exactly
 once, so a refactor that moves the code makes the entry fail loudly instead of
 silently testing nothing). The copy holds the working tree's tracked files, so the
-checkout itself is never modified. "caught" means pytest exited 1 (tests failed);
-any other exit (collection error, no tests, a crash of pytest itself) is reported
-as an error, not as caught.
+checkout itself is never modified. "caught" means pytest exited 1 with failed
+tests (named in the report); anything else (a setup or collection error, no tests,
+a crash of pytest itself) is reported as an error, not as caught.
 """
 
 import argparse
@@ -223,9 +223,9 @@ def run(m: Mutation, timeout: float) -> str:
             return "ERROR: timed out"
         lines = proc.stdout.strip().splitlines() or ["(no output)"]
         last = lines[-1]
-        if proc.returncode == 1:
-            failed = [ln.split()[1] for ln in lines if ln.startswith("FAILED ")]
-            return f"caught by {', '.join(failed) or '?'} ({last})"
+        failed = [ln.split()[1] for ln in lines if ln.startswith("FAILED ")]
+        if proc.returncode == 1 and failed:
+            return f"caught by {', '.join(failed)} ({last})"
         if proc.returncode == 0:
             return f"NOT CAUGHT ({last})"
         return f"ERROR: pytest exit {proc.returncode} ({last})"
