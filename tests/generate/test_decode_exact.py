@@ -2,12 +2,14 @@
 
 Prefill is checked at every prompt position and each step's logits against
 ``model(prompt + generated)`` at that position, for the debug flavor (every layer
-type, chunk 64, a prompt past two chunks) and for random small configs (one or two
-groups, a binding ``time_step_limit``, prompts shorter than the conv window).
+type, chunk 64, a prompt past two chunks), for random small configs (one or two
+groups, prompts shorter than the conv window) and with a ``time_step_limit`` that
+binds (dt values on both sides of it).
 """
 
 import pytest
 import torch
+import torch.nn.functional as F
 from nemotron_testing import build_model, random_args, randomize_
 
 from torchtitan_nemotron3 import flavor_args
@@ -18,6 +20,7 @@ from torchtitan_nemotron3.generate import (
     prefill,
     step,
 )
+from torchtitan_nemotron3.model.mamba2 import Mamba2Mixer
 
 TOL = 1e-5
 
@@ -81,6 +84,37 @@ def test_random_configs(seed):
         prompt_BL = torch.randint(0, args.vocab_size, (1, L), generator=g)
         prefill_err, step_errs, _ = decode_vs_forward(model, prompt_BL, 20, seed)
         assert prefill_err <= TOL and max(step_errs) <= TOL, (L, prefill_err, step_errs)
+
+
+def test_binding_time_step_limit():
+    """dt clamped to (0.05, 0.2), with dt values on both sides of it in the run:
+    prefill and steps still equal the full forward (which clamps in the scan)."""
+    args = random_args(4).replace(time_step_limit=(0.05, 0.2))
+    model = build_model(args, seed=4, kernel_backend="torch").eval()
+    randomize_(model, seed=14)
+    raw_dts = []
+
+    def keep_dt(mixer, _, out_BLZ):
+        H = mixer.num_heads
+        raw_dts.append(F.softplus(out_BLZ[..., -H:] + mixer.dt_bias).flatten())
+
+    hooks = [
+        m.in_proj.register_forward_hook(lambda mod, i, o, m=m: keep_dt(m, i, o))
+        for m in model.modules()
+        if isinstance(m, Mamba2Mixer)
+    ]
+    g = torch.Generator().manual_seed(4)
+    prompt_BL = torch.randint(0, args.vocab_size, (2, args.chunk_size + 3), generator=g)
+    prefill_err, step_errs, _ = decode_vs_forward(model, prompt_BL, 12, seed=4)
+    for h in hooks:
+        h.remove()
+    dt = torch.cat(raw_dts)
+    assert (dt < 0.05).float().mean() > 0.05 and (dt > 0.2).float().mean() > 0.05, (
+        "the limit does not bind",
+        dt.min().item(),
+        dt.max().item(),
+    )
+    assert prefill_err <= TOL and max(step_errs) <= TOL, (prefill_err, step_errs)
 
 
 def test_step_is_constant_size_in_mamba(debug_model, monkeypatch):

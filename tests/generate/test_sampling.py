@@ -62,6 +62,31 @@ def test_top_p_keeps_the_nucleus():
     assert draws == {1, 3}
 
 
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.5])
+def test_sampled_frequencies_follow_the_tempered_softmax(temperature):
+    """N seeded draws from one row of logits: each token's frequency is within 5
+    standard deviations (sqrt(p(1-p)/N), the binomial's) of softmax(logits / T)."""
+    n = 40_000
+    logits_V = torch.tensor([1.5, 0.8, 0.0, -0.4, -1.0, 0.3])
+    want_V = (logits_V / temperature).softmax(-1)
+    g = torch.Generator().manual_seed(11)
+    draws_N = sample(logits_V.expand(n, -1), SamplingConfig(temperature=temperature), g)
+    freq_V = torch.bincount(draws_N, minlength=logits_V.numel()).double() / n
+    sigma_V = (want_V * (1 - want_V) / n).sqrt().double()
+    assert ((freq_V - want_V.double()).abs() <= 5 * sigma_V).all(), (freq_V, want_V)
+
+
+def test_temperature_to_zero_is_the_argmax():
+    """A tiny temperature (sampling, not the greedy shortcut) draws each row's argmax."""
+    g = torch.Generator().manual_seed(0)
+    # each row a shuffle of 0, 0.05, ..., 0.75: the top two are 0.05 apart, e^-50 at T
+    logits_BV = torch.rand(512, 16, generator=g).argsort(-1).float() * 0.05
+    cfg = SamplingConfig(temperature=1e-3)
+    assert not cfg.is_greedy
+    drawn_B = sample(logits_BV, cfg, cfg.generator("cpu"))
+    assert torch.equal(drawn_B, logits_BV.argmax(-1))
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

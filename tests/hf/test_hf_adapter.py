@@ -23,6 +23,7 @@ from hf_checkpoints import (  # noqa: E402
     read_tensors,
     save_transformers_checkpoint,
     tiny_args,
+    transformers_model,
 )
 from torchtitan.components.checkpointer import AsyncMode, CheckpointManager  # noqa: E402
 from torchtitan.components.checkpointer.base import ModelWrapper  # noqa: E402
@@ -80,6 +81,46 @@ def test_to_hf_gives_transformers_tensors_with_every_expert(checkpoint):
         (i, p) for i in moe_layers for p in ("up_proj", "down_proj")
     )
     assert all(ids == set(range(args.n_routed_experts)) for ids in counts.values())
+
+
+# transformers' in-memory names (its NemotronH modules) → ours, written out here and
+# not taken from hf/naming.py, so that a consistent mistake in both directions of the
+# adapter (e.g. experts stacked in reverse) cannot cancel out.
+_THEIRS_TO_OURS = {
+    "mixer.experts.up_proj": "mixer.routed_experts.inner_experts.w1_EFD",
+    "mixer.experts.down_proj": "mixer.routed_experts.inner_experts.w2_EDF",
+    "mixer.gate.weight": "mixer.router.gate.weight",
+    "mixer.gate.e_score_correction_bias": "mixer.expert_bias_E",
+}
+
+
+def test_expert_k_is_transformers_expert_k(checkpoint):
+    """Our expert k (loaded from the hub files, and written back by to_hf) holds
+    transformers' expert k of the model that wrote the files, and the router's row k
+    scores it."""
+    args, hub, _ = checkpoint
+    theirs = transformers_model(args, seed=3).state_dict()
+    model = from_pretrained(hub)
+    ours = model.state_dict()
+    exported = adapter_for(model).to_hf(ours)
+    checked = 0
+    for i, kind in enumerate(args.hybrid_override_pattern):
+        if kind != "E":
+            continue
+        for their_suffix, our_suffix in _THEIRS_TO_OURS.items():
+            want = theirs[f"model.layers.{i}.{their_suffix}"]
+            got = ours[f"layers.{i}.{our_suffix}"]
+            assert got.shape == want.shape, (their_suffix, got.shape, want.shape)
+            for k in range(args.n_routed_experts):
+                assert torch.equal(got[k], want[k]), (i, their_suffix, k)
+        for proj in ("up_proj", "down_proj"):
+            stacked = theirs[f"model.layers.{i}.mixer.experts.{proj}"]
+            for k in range(args.n_routed_experts):
+                hub_k = exported[f"backbone.layers.{i}.mixer.experts.{k}.{proj}.weight"]
+                assert torch.equal(hub_k, stacked[k]), (i, proj, k)
+                checked += 1
+    assert checked == 2 * args.n_routed_experts * args.hybrid_override_pattern.count("E")
+    assert checked > 0
 
 
 def test_from_hf_inverts_to_hf(checkpoint):

@@ -156,7 +156,13 @@ def test_model_with_kernel_ops_matches_torch(reference_kernels):
 def test_bf16_model_with_kernel_ops_is_as_good_as_torch(reference_kernels):
     """In bf16 the kernels' conv accumulates in fp32 where torch's bf16 conv rounds per
     tap, so the two paths differ from each other about as much as each from the fp32
-    truth. (No MoE here: a bf16 routing flip would swamp the comparison.)"""
+    truth. (No MoE here: a bf16 routing flip would swamp the comparison.)
+
+    Bound: the kernels' error against the fp32 truth at most twice torch's bf16
+    error plus one bf16 rounding (unit roundoff 2^-8, bf16 keeping 8 significant
+    bits). Measured on CPU: each path 0.2-3 % off the truth, the kernels' error at
+    most 1.4x torch's; the former slack of 0.03 passed a 2 % error in the kernel
+    path's norm weight."""
     args = mamba_args(hybrid_override_pattern="M*-M")
     torch.manual_seed(0)
     tokens = torch.randint(0, args.vocab_size, (2, 45))
@@ -170,4 +176,4 @@ def test_bf16_model_with_kernel_ops_is_as_good_as_torch(reference_kernels):
 
     for a, b, t in zip(cuda_bf16, torch_bf16, truth):
         assert a.dtype == b.dtype == torch.bfloat16
-        assert rel(a, t) <= 2 * rel(b, t) + 0.03
+        assert rel(a, t) <= 2 * rel(b, t) + 2**-8, (rel(a, t), rel(b, t))

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 from train._harness import REPO_ROOT, run_training
 
+from torchtitan_nemotron3 import from_pretrained
 from torchtitan_nemotron3.config_registry import nemotron3_debug_lora
 from torchtitan_nemotron3.hf import NemotronHStateDictAdapter
 
@@ -44,6 +45,33 @@ def run(tmp_path_factory):
         REPO_ROOT / "train_configs" / "debug_lora.toml", 2, OVERRIDES, tmp
     )
     return losses, tmp / "outputs" / "checkpoint", (tmp / "train.log").read_text()
+
+
+# The job's adapter shape (config_registry.nemotron3_debug_lora: rank 8, alpha 16),
+# restated here so that a merge dropping or misreading alpha/r cannot agree with itself.
+RUN_ALPHA = 16.0
+
+
+def merged_by_definition(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hub tensors of ``W + alpha/r · B A`` for every adapter pair in ``state``
+    (our names), computed here in fp64 and then renamed/packed by the plain
+    (LoRA-free) adapter."""
+    from torchtitan_nemotron3.config_registry import nemotron3_debugmodel
+
+    scale = RUN_ALPHA / RANK
+    merged = {}
+    for k, v in state.items():
+        if ".lora_" in k:
+            continue
+        prefix = k.removesuffix(".weight")
+        a, b = state.get(f"{prefix}.lora_a.weight"), state.get(f"{prefix}.lora_b.weight")
+        if a is not None:
+            assert a.shape[0] == RANK and b.shape[1] == RANK, (k, a.shape, b.shape)
+            v = (v.double() + scale * (b.double() @ a.double())).to(v.dtype)
+        merged[k] = v
+    assert len(merged) < len(state)
+    plain = nemotron3_debugmodel().model_spec.model
+    return NemotronHStateDictAdapter(plain, None).to_hf(merged)
 
 
 def _dcp_model(step_dir) -> dict[str, torch.Tensor]:
@@ -99,9 +127,21 @@ def test_dcp_checkpoint_holds_adapters_and_export_is_merged(run):
         parts = 5 if k.endswith("in_proj.weight") else 1
         rank = torch.linalg.matrix_rank(d, rtol=1e-5).item()
         assert 0 < rank <= parts * RANK, (k, rank)
+    # the exporter the checkpointer calls at the last step (the model's state dict
+    # adapter), on the step-2 state, whose adapters the DCP checkpoint holds
+    exported = NemotronHStateDictAdapter(model_config, None).to_hf(state)
+    want = merged_by_definition(state)
+    assert sorted(exported) == sorted(want)
+    for k, w in want.items():
+        torch.testing.assert_close(exported[k], w, rtol=0, atol=1e-6, msg=k)
+    # the step-4 export loads into transformers and runs the same forward as ours
     hf = NemotronHForCausalLM.from_pretrained(ckpt / "step-4", dtype=torch.float32)
+    ours = from_pretrained(ckpt / "step-4", kernel_backend="torch").eval()
+    tokens = torch.arange(16)[None]
     with torch.no_grad():
-        assert torch.isfinite(hf(torch.arange(16)[None]).logits).all()
+        theirs_LV, ours_LV = hf(tokens).logits[0], ours(tokens)[0]
+    assert torch.isfinite(theirs_LV).all()
+    torch.testing.assert_close(ours_LV, theirs_LV, rtol=1e-4, atol=1e-4)
 
 
 def test_convert_script_peft_and_merged_agree(run, tmp_path):
@@ -131,6 +171,11 @@ def test_convert_script_peft_and_merged_agree(run, tmp_path):
         alpha = cfg["alpha_pattern"].get(leaf, cfg["lora_alpha"])
         a, b = (peft[f"base_model.model.{module}.lora_{x}.weight"] for x in "AB")
         torch.testing.assert_close(base[hub] + alpha / r * (b @ a), merged[hub])
+    # and the merged directory is W + alpha/r·B·A with the run's alpha and rank
+    want = merged_by_definition(state)
+    assert sorted(merged) == sorted(want)
+    for k, w in want.items():
+        torch.testing.assert_close(merged[k], w, rtol=0, atol=1e-6, msg=k)
 
 
 def test_plain_dcp_to_hf_refuses_a_lora_checkpoint(run, tmp_path):

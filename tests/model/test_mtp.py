@@ -242,3 +242,38 @@ def test_mtp_parameter_and_flop_counts():
     attn_cfg = build_model_config(args).mtp.layers[0].mixer
     per_depth = 6 * per_depth_matmul + attention_flops_per_token(attn_cfg, seq_len)
     assert f1 - f0 == per_depth and f2 - f0 == 2 * per_depth
+
+
+def test_mtp_routing_bias_update_favours_underused_experts():
+    """The trainer's aux-loss-free update of the MTP block's MoE (TorchTitan's only
+    walks ``model.layers``): bias += coeff · sign(mean load - load), centred, from
+    this step's counts, which it then resets. Written out here from the definition."""
+    from types import SimpleNamespace
+
+    from torchtitan_nemotron3.train.trainer import NemotronHTrainer
+
+    model = build_model(mtp_args(0, 1), seed=1)
+    moes = [b.moe for b in model.mtp.layers.values() if b.moe_enabled]
+    assert moes
+    g = torch.Generator().manual_seed(0)
+    want = []
+    for moe in moes:
+        E = moe.tokens_per_expert_E.numel()
+        counts_E = torch.randperm(E, generator=g).float() * 3  # distinct loads
+        moe.tokens_per_expert_E.copy_(counts_E)
+        bias_E = torch.randn(E, generator=g)
+        moe.expert_bias_E.copy_(bias_E)
+        step_E = moe.load_balance_coeff * torch.where(
+            counts_E < counts_E.mean(), 1.0, -1.0
+        )
+        want.append(bias_E + step_E - step_E.mean())
+    trainer = SimpleNamespace(
+        model_parts=[model],
+        parallel_dims=SimpleNamespace(
+            ep_enabled=False, tp=1, get_optional_mesh=lambda name: None
+        ),
+    )
+    NemotronHTrainer._update_mtp_expert_bias(trainer)
+    for moe, bias_E in zip(moes, want):
+        torch.testing.assert_close(moe.expert_bias_E, bias_E, rtol=0, atol=1e-7)
+        assert not moe.tokens_per_expert_E.any()

@@ -107,22 +107,72 @@ def test_check_tensor_parallel_names_the_numbers():
         )
 
 
+def _tp(layout) -> str:
+    """A layout's placement on the TP mesh axis: "S(0)", "R", "P", "I", "V"."""
+    from torchtitan.distributed.parallel_dims import MeshAxisName
+
+    return str(layout.axis_types[MeshAxisName.TP]).rsplit(".", 1)[-1]
+
+
+def _params_tp(module_cfg) -> dict[str, str]:
+    return {k: _tp(v) for k, v in module_cfg.sharding_config.state_shardings.items()}
+
+
+# The intended TP layout (Megatron-LM's): colwise = weight Shard(0) (output
+# features), rowwise = weight Shard(1) (input features, output a partial sum);
+# Mamba's per-head tensors and gated-norm weight Shard(0) by head.
+COLWISE = {"weight": "S(0)", "bias": "S(0)"}
+ROWWISE = {"weight": "S(1)", "bias": "R"}
+
+
 @pytest.mark.parametrize("enable_sp", [False, True])
-def test_dense_sharding_leaves_moe_mixers_alone(enable_sp):
+def test_dense_sharding_places_each_parameter_as_intended(enable_sp):
+    """Every dense parameter's TP placement, each mixer's input gathered to
+    replicated and each output projection's partial sum reduced (scattered to
+    sequence shards with SP); MoE mixers are left to sharding.py."""
     cfg = build_model_config(flavor_args("debugmodel"), kernel_backend="torch")
     set_dense_sharding_config(cfg, enable_sp=enable_sp)
-    assert cfg.tok_embeddings.sharding_config is not None
-    assert cfg.norm.sharding_config is not None
-    assert cfg.lm_head.sharding_config is not None
+    assert _params_tp(cfg.tok_embeddings) == {"weight": "S(0)"}
+    assert _params_tp(cfg.lm_head) == {"weight": "S(0)"}
+    assert _tp(cfg.lm_head.sharding_config.out_dst_shardings) == "S(-1)"
+    assert _params_tp(cfg.norm)["weight"] in ("R", "I")  # replicated
+    reduced = "V" if enable_sp else "I"  # sequence shards, or all-reduced
+    kinds = set()
     for layer in cfg.layers:
-        assert layer.norm.sharding_config is not None
-        if layer.layer_type == "E":
-            moe = layer.mixer
-            assert moe.sharding_config is None
-            assert moe.shared_experts.up_proj.sharding_config is None
-            assert moe.router.sharding_config is None
+        kind, mixer = layer.layer_type, layer.mixer
+        kinds.add(kind)
+        assert _params_tp(layer.norm)["weight"] in ("R", "I")
+        if kind == "E":
+            assert mixer.sharding_config is None
+            assert mixer.shared_experts.up_proj.sharding_config is None
+            assert mixer.router.sharding_config is None
+            continue
+        gathered = {k: _tp(v) for k, v in mixer.sharding_config.in_dst_shardings.items()}
+        assert gathered == {"x_BLD": "R"}, (kind, gathered)
+        if kind == "M":
+            assert _params_tp(mixer) == dict.fromkeys(("A_log", "D", "dt_bias"), "S(0)")
+            for part in ("z", "x", "B", "C", "dt"):
+                assert _params_tp(getattr(mixer.in_proj, part)) == COLWISE, part
+            for part in ("x", "B", "C"):
+                assert _params_tp(getattr(mixer.conv1d, part)) == COLWISE, part
+            assert _params_tp(mixer.norm) == {"weight": "S(0)"}
+            out = mixer.out_proj
+        elif kind == "*":
+            for proj in (mixer.q_proj, mixer.k_proj, mixer.v_proj):
+                assert _params_tp(proj) == COLWISE
+            heads = mixer.inner_attention.sharding_config.in_dst_shardings
+            assert {k: _tp(v) for k, v in heads.items()} == dict.fromkeys(
+                ("q_BLHP", "k_BLHP", "v_BLHP"), "S(2)"
+            )
+            out = mixer.o_proj
         else:
-            assert layer.mixer.sharding_config is not None
+            assert kind == "-", kind
+            assert _params_tp(mixer.up_proj) == COLWISE
+            out = mixer.down_proj
+        assert _params_tp(out) == ROWWISE, kind
+        assert _tp(out.sharding_config.out_src_shardings) == "P", kind
+        assert _tp(out.sharding_config.out_dst_shardings) == reduced, kind
+    assert kinds == {"M", "*", "-", "E"}
 
 
 def test_dcp_checkpoint_from_before_the_split_is_refused_and_converts(tmp_path):

@@ -10,6 +10,8 @@ guard under test runs unchanged.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -49,6 +51,45 @@ class NaNInjectingTrainer(NemotronHTrainer):
             return loss, extra
 
         self.loss_fn = loss_fn_with_nan
+        self._record_expert_counts()
+
+    # What the MoE routing-bias update sees: rank 0 appends one JSON line per
+    # event to ``<dump_folder>/expert_counts.jsonl``: each layer's
+    # ``tokens_per_expert_E`` right before the update (an optimizer step pre-hook
+    # run just after the non-finite check, so only on steps that update) and right
+    # after ``train_step`` returns (skipped or not).
+    def _moes(self):
+        moes = {}  # by identity: activation checkpointing wraps each block
+        for model_part in self.model_parts:
+            for name, module in model_part.named_modules():
+                if getattr(module, "moe_enabled", False):
+                    moes.setdefault(id(module.moe), (name, module.moe))
+        return list(moes.values())
+
+    def _write_counts(self, event: str) -> None:
+        if dist.get_rank() != 0:
+            return
+        counts = {}
+        for name, moe in self._moes():
+            t = moe.tokens_per_expert_E
+            counts[name] = (t.to_local() if isinstance(t, DTensor) else t).tolist()
+        path = os.path.join(self.config.dump_folder, "expert_counts.jsonl")
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": self.step, "event": event, "counts": counts}))
+            f.write("\n")
+
+    def _record_expert_counts(self) -> None:
+        hooks = self.optimizers._optimizer_step_pre_hooks
+        check_id = next(iter(hooks))  # NemotronHTrainer's non-finite check
+        handle = self.optimizers.register_step_pre_hook(
+            lambda *_: self._write_counts("update")
+        )
+        hooks.move_to_end(handle.id, last=False)
+        hooks.move_to_end(check_id, last=False)
+
+    def train_step(self, data_iterator) -> None:
+        super().train_step(data_iterator)
+        self._write_counts("after_step")
 
     def _injects(self) -> bool:
         rank = self.config.inject.rank

@@ -8,6 +8,7 @@ a checkpoint with optimizer state after every step) and read the checkpoints bac
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -127,6 +128,35 @@ def _assert_same(a: dict, b: dict) -> None:
     assert not changed, f"changed: {changed[:5]}"
 
 
+def _assert_skip_discards_expert_counts(dump: Path, updated: list[int], steps: int):
+    """What ``nonfinite_config`` recorded of each MoE layer's ``tokens_per_expert_E``:
+    zero after every step, skipped or not, and at each routing-bias update exactly
+    one step's routed tokens (batch × seq_len × top_k per layer, times the passes
+    of the routing per step: the debug config's selective AC recomputes it in the
+    backward, which counts each token twice; the sign-based update does not care):
+    a skipped step's counts must not leak into the next update."""
+    from tests.train.nonfinite_config import nemotron3_debug_nonfinite
+    from torchtitan_nemotron3.hf.config import args_from_model_config
+
+    config = nemotron3_debug_nonfinite()
+    top_k = args_from_model_config(config.model_spec.model).num_experts_per_tok
+    routed = config.training.local_batch_size * config.training.seq_len * top_k
+    lines = (dump / "expert_counts.jsonl").read_text().splitlines()
+    events = [json.loads(line) for line in lines]
+    after = {e["step"]: e["counts"] for e in events if e["event"] == "after_step"}
+    update = {e["step"]: e["counts"] for e in events if e["event"] == "update"}
+    assert sorted(after) == list(range(1, steps + 1))
+    assert sorted(update) == updated
+    for step, counts in after.items():
+        assert counts and all(c == 0 for cs in counts.values() for c in cs), step
+    passes = sum(update[updated[0]][next(iter(update[updated[0]]))]) / routed
+    assert passes in (1, 2), passes
+    for step, counts in update.items():
+        assert {layer: sum(cs) for layer, cs in counts.items()} == dict.fromkeys(
+            counts, routed * passes
+        ), step
+
+
 @pytest.mark.integration
 def test_stop_before_update_and_checkpoint(tmp_path):
     """Default action: a NaN loss at step 3 ends the run with an error naming the
@@ -176,6 +206,7 @@ def test_skip_leaves_weights_and_optimizer_unchanged(tmp_path):
         )
         assert sd[skipped]["train_state.step"] == skipped
         assert sd[skipped]["lr_scheduler.last_epoch"] == skipped
+    _assert_skip_discards_expert_counts(dump, updated=[1, 3, 5], steps=5)
     # and the step after a skip trains again
     assert not torch.equal(sd[5]["lm_head.weight"], sd[4]["lm_head.weight"])
     for tensors in sd.values():
