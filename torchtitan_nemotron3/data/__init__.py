@@ -1,0 +1,1 @@
+"""Pretraining data: blends, packed rows and the pretraining dataloader."""
