@@ -211,3 +211,22 @@ def open_source(spec: str, tokenizer=None, text_key: str = "text"):
             raise SourceError(f"{spec}: text files need the job's tokenizer")
         return TokenizedTextSource(spec, tokenizer, text_key)
     return MegatronSource(spec)
+
+
+def check_blend_files(blend: str, key: str = "dataloader.blend") -> None:
+    """Every source of ``blend`` exists (a prefix's .bin and .idx, text files):
+    the config-time check, one line naming the missing one."""
+    from .blend import parse_blend
+
+    for entry in parse_blend(blend, key=key):
+        spec = entry.spec
+        if is_text_spec(spec):
+            _expand(spec)
+            continue
+        prefix = spec.removesuffix(".bin").removesuffix(".idx")
+        missing = [s for s in (".bin", ".idx") if not os.path.isfile(prefix + s)]
+        if missing:
+            raise SourceError(
+                f"{key}: {prefix}{'/'.join(missing)} not found; prepare it with: "
+                + PREPARE_HINT.format(prefix_stem=prefix.removesuffix("_text_document"))
+            )

@@ -114,6 +114,11 @@ class NemotronHTrainer(Trainer):
                 for layer in self.model_spec.model.layers:
                     if hasattr(layer.mixer, "kernel_backend"):
                         layer.mixer.kernel_backend = self.kernel_backend
+            if self.model_spec is not None:  # pretraining loaders check ids against it
+                vocab = self.model_spec.model.vocab_size
+                for dl in (self.dataloader, getattr(self.validator, "dataloader", None)):
+                    if getattr(dl, "vocab_size", 0) is None:
+                        dl.vocab_size = vocab
             coeff = self.moe_seq_aux_loss_coeff
             if coeff is not None and self.model_spec is not None:
                 if not coeff >= 0:
@@ -182,6 +187,26 @@ class NemotronHTrainer(Trainer):
             self._wire_seq_aux_loss()
         if self._mtp_loss is not None or self._aux_moes:
             self._log_extra_losses()
+        if hasattr(self.dataloader, "data_metrics"):
+            self._log_data_metrics()
+
+    def _log_data_metrics(self) -> None:
+        """The pretraining loader's per-source share and epoch join the log line's
+        metrics (TensorBoard/W&B) and get a line of their own."""
+        log = self.metrics_processor.log
+
+        def log_with_data(step, *args, extra_metrics=None, **kwargs):
+            data = self.dataloader.data_metrics()
+            names = sorted({k.split("/")[1] for k in data})
+            logger.info(
+                "data: " + "  ".join(
+                    f"{n} {data[f'data/{n}/share']:.4f} (epoch {data[f'data/{n}/epoch']:.3f})"
+                    for n in names
+                )
+            )
+            return log(step, *args, extra_metrics={**data, **(extra_metrics or {})}, **kwargs)
+
+        self.metrics_processor.log = log_with_data
 
     def _wire_seq_aux_loss(self) -> None:
         """Each MoE layer's sequence aux loss is a sum over its batch rows; scaled
