@@ -2,11 +2,12 @@
 
 ``"0.7 data/web_text_document 0.3 data/code_text_document"`` (weights need not sum
 to 1: they are normalised) or a single source with no weight. Which source serves
-global row ``i`` is decided greedily, with no random draw: the source whose count
-lags its target share the most, ``argmax_k(w_k·(i+1) − count_k)`` (ties: the first
-listed). Every prefix of the row stream is then within one row of every weight,
-which a random draw (TorchTitan's interleave) is not; the order is a pure function
-of the weights, so any rank can compute it for any row.
+global row ``i`` (0-based) is decided greedily, with no random draw: the source
+that lags its target share the most, ``argmax_k(w_k·max(i, 1) − count_k)`` (ties:
+the first listed), exactly Megatron's ``helpers.build_blending_indices``. Every
+prefix of the row stream is then within one row of every weight, which a random
+draw (TorchTitan's interleave) is not; the order is a pure function of the
+weights, so any rank can compute it for any row.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class GreedyBlend:
             w, counts = self.weights.tolist(), self._counts.tolist()
             K, first = self.K, self._next
             for j in range(n):
-                i = first + j + 1
+                i = max(first + j, 1)
                 best, best_err = 0, w[0] * i - counts[0]
                 for k in range(1, K):
                     err = w[k] * i - counts[k]

@@ -33,7 +33,7 @@ from torchtitan.tools.logging import logger
 
 from .blend import GreedyBlend, parse_blend
 from .rows import SourceRows
-from .sources import HeldOut, SourceError, open_source
+from .sources import TEXT_SUFFIXES, HeldOut, SourceError, open_source
 
 
 class DataStateError(ValueError):
@@ -66,7 +66,7 @@ class PretrainRows:
                     f"{e.spec}: empty source: {len(source)} documents, "
                     f"{rows.tokens_per_epoch} tokens, not one row of seq_len {seq_len}"
                 )
-            self.names.append(_short_name(e.spec))
+            self.names.append(_short_name(e.spec, self.names))
             self.sources.append(rows)
         self.weights = [e.weight for e in entries]
         self.blend = GreedyBlend(self.weights)
@@ -104,9 +104,18 @@ class PretrainRows:
         )
 
 
-def _short_name(spec: str) -> str:
+def _short_name(spec: str, taken: list[str]) -> str:
+    """A source's name in logs and metrics: its file name without the usual
+    suffixes (``data/web_text_document`` → ``web``), numbered if taken."""
     base = spec.rstrip("/").rsplit("/", 1)[-1]
-    return base.removesuffix("_text_document") or spec
+    for suffix in (*TEXT_SUFFIXES, "_text_document", "_document"):
+        base = base.removesuffix(suffix)
+    base = "".join(c if c.isalnum() or c in "-_." else "_" for c in base) or "source"
+    name, i = base, 1
+    while name in taken:
+        i += 1
+        name = f"{base}{i}"
+    return name
 
 
 def _tokenizer_identity(tokenizer) -> str:

@@ -46,8 +46,6 @@ class MegatronSource:
     """A Megatron ``.bin``/``.idx`` pair (``indexed.IndexedDataset``)."""
 
     def __init__(self, prefix: str):
-        from .indexed import IndexedDataset
-
         prefix = prefix.removesuffix(".bin").removesuffix(".idx")
         if not (os.path.exists(prefix + ".bin") or os.path.exists(prefix + ".idx")):
             raise SourceError(
@@ -56,6 +54,8 @@ class MegatronSource:
                 + PREPARE_HINT.format(prefix_stem=prefix.removesuffix("_text_document"))
                 + " (README: 'Preparing data')"
             )
+        from .indexed import IndexedDataset
+
         self.dataset = IndexedDataset(prefix)
         self.name = prefix
         self.doc_lengths = np.asarray(self.dataset.doc_lengths, dtype=np.int64)
