@@ -183,3 +183,43 @@ def test_bad_sources_are_named(tmp_path, corpora):
     small_vocab = WordTokenizer(vocab=10)
     with pytest.raises(ValueError, match=r"a.jsonl: document \d+ has token id \d+, outside"):
         _take(_loader(corpora[0], tokenizer=small_vocab), 1)
+
+
+def _write_prefix(prefix, docs, dtype=np.uint16):
+    from torchtitan_nemotron3.data.indexed import IndexedDatasetWriter
+
+    with IndexedDatasetWriter(str(prefix), dtype) as w:
+        for d in docs:
+            w.add_document(np.asarray(d))
+        w.commit()
+    return str(prefix)
+
+
+def test_megatron_prefix_rows_are_the_written_documents(tmp_path):
+    """A Megatron prefix, unshuffled, isolation off: the rows are the written
+    documents' concatenation; on: every label is the next token of its document."""
+    from conftest import random_docs
+
+    docs = [d % 60000 for d in random_docs(40, seed=4, vocab=1000)]
+    prefix = _write_prefix(tmp_path / "web_text_document", docs)
+    stream = np.concatenate(docs)
+    loader = _loader(prefix, tokenizer=None, batch=1, shuffle=False, isolate_documents=False,
+                     vocab_size=60000)
+    for r, (inp, labels) in enumerate(_take(loader, 10)):
+        window = stream[r * SEQ : r * SEQ + SEQ + 1]
+        assert inp["input"][0].tolist() == window[:-1].tolist()
+        assert labels[0].tolist() == window[1:].tolist()
+    assert loader.rows.names == ["web"]
+
+
+def test_token_ids_beyond_the_model_vocabulary_name_the_file(tmp_path):
+    docs = [np.array([5, 6, 7, 8, 1]), np.array([9, 70000, 3, 1])] * 4
+    prefix = _write_prefix(tmp_path / "x_text_document", docs, np.int32)
+    loader = _loader(prefix, tokenizer=None, batch=1, shuffle=False, vocab_size=65536)
+    with pytest.raises(ValueError) as e:
+        _take(loader, 2)
+    msg = str(e.value)
+    assert msg == (
+        f"{prefix}: document 1 has token id 70000, outside the model's vocabulary "
+        "[0, 65536) (wrong tokenizer?)"
+    )

@@ -18,8 +18,8 @@ import numpy as np
 
 TEXT_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
 PREPARE_HINT = (
-    "python scripts/prepare_data.py --input <your .jsonl/.parquet/.txt files> "
-    "--output_prefix {prefix_stem} --tokenizer <hf_assets_path>"
+    "python scripts/prepare_data.py <your .jsonl/.parquet/.txt files> "
+    "--tokenizer <the job's hf_assets_path> --output_prefix {prefix}"
 )
 
 
@@ -51,8 +51,7 @@ class MegatronSource:
             raise SourceError(
                 f"{prefix}: no such Megatron dataset ({prefix}.bin/.idx not found); "
                 "prepare it with: "
-                + PREPARE_HINT.format(prefix_stem=prefix.removesuffix("_text_document"))
-                + " (README: 'Preparing data')"
+                + PREPARE_HINT.format(prefix=prefix)
             )
         from .indexed import IndexedDataset
 
@@ -228,5 +227,5 @@ def check_blend_files(blend: str, key: str = "dataloader.blend") -> None:
         if missing:
             raise SourceError(
                 f"{key}: {prefix}{'/'.join(missing)} not found; prepare it with: "
-                + PREPARE_HINT.format(prefix_stem=prefix.removesuffix("_text_document"))
+                + PREPARE_HINT.format(prefix=prefix)
             )
