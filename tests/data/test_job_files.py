@@ -75,3 +75,19 @@ def test_debug_job_reads_the_pretokenized_debug_corpus():
     for i, text in enumerate(texts):  # each document: the text's tokens, then EOS
         assert data[i].tolist() == tokenizer.encode(text, add_bos=False, add_eos=True)
         assert data[i][-1] == tokenizer.eos_id and tokenizer.bos_id not in data[i].tolist()
+
+
+def test_validator_without_sets_reads_the_held_out_documents(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = str(REPO / "train_configs" / "nemotron3-nano-30B.toml")
+    blend = "0.5 ./data/a 0.5 ./data/b"
+    config, _ = load_job(path, ["--dataloader.blend", blend, "--dataloader.valid_fraction",
+                                "0.01", "--validator.enable"])
+    v = config.validator.dataloader
+    assert (v.blend, v.valid_fraction, v.split) == (blend, 0.01, "valid")
+    assert config.dataloader.split == "train"
+    with pytest.raises(ConfigError, match="validator: no held-out data; set validator.sets"):
+        load_job(path, ["--validator.enable"])
+    # TorchTitan's list[str] on the command line: comma-separated
+    config, _ = load_job(path, ["--validator.enable", "--validator.sets", "a=./x,b=0.5 ./y 0.5 ./z"])
+    assert config.validator.sets == ["a=./x", "b=0.5 ./y 0.5 ./z"]

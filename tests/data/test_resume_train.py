@@ -50,5 +50,10 @@ def test_saved_at_dp4_resumed_at_dp2_trains_the_same_global_batches(toml, tmp_pa
         tmp_path / "b", timeout=600,
     )  # fmt: skip
     assert "resuming at global row 8" in (tmp_path / "b" / "train.log").read_text()
+    # Step 3's loss comes from step 2's restored weights: only the order of the
+    # loss reduction over ranks differs (measured 5e-6); step 4 adds one AdamW
+    # update from gradients reduced over 2 ranks instead of 4 (measured 1.3e-5).
+    # Other rows would move the loss by the step-to-step scale, ~3e-2.
     assert len(resumed) == 2
-    assert max_rel_diff(resumed, full[2:]) < 1e-5, (full, resumed)
+    assert max_rel_diff(resumed[:1], full[2:3]) < 2e-5, (full, resumed)
+    assert max_rel_diff(resumed, full[2:]) < 1e-4, (full, resumed)

@@ -84,3 +84,29 @@ class NamedSetsValidator(Validator):
                 super().validate(model_parts, step)
         finally:
             self.dl_config, self.metrics_processor = base, real
+
+
+def link_to_training(train_loader, validator) -> None:
+    """A validator whose dataloader is a pretraining loader with no blend and no
+    ``sets`` validates on the training blend's held-out documents: it takes the
+    training blend and ``valid_fraction`` (refused when nothing is held out:
+    validating on training documents would measure nothing)."""
+    from .pretrain import PretrainDataLoader
+
+    loader = getattr(validator, "dataloader", None)
+    if not (
+        getattr(validator, "enable", False)
+        and isinstance(loader, PretrainDataLoader.Config)
+        and isinstance(train_loader, PretrainDataLoader.Config)
+    ):
+        return
+    if loader.valid_fraction == 0 and train_loader.valid_fraction > 0:
+        loader.valid_fraction = train_loader.valid_fraction
+        loader.seed = train_loader.seed
+    if not loader.blend and not getattr(validator, "sets", None):
+        if loader.valid_fraction == 0 or loader.split != "valid":
+            raise ValueError(
+                "validator: no held-out data; set validator.sets (name=<prefix>) or "
+                "dataloader.valid_fraction (documents held out of the training blend)"
+            )
+        loader.blend = train_loader.blend

@@ -40,6 +40,7 @@ from torch.distributed.tensor import DTensor
 from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
+from ..data.validation import link_to_training
 from ..hf.config import args_from_model_config
 from ..hf.dcp_convert import add_hf_config
 from ..pipeline import after_metadata_inference
@@ -119,6 +120,7 @@ class NemotronHTrainer(Trainer):
                 for dl in (self.dataloader, getattr(self.validator, "dataloader", None)):
                     if getattr(dl, "vocab_size", 0) is None:
                         dl.vocab_size = vocab
+            link_to_training(self.dataloader, self.validator)
             coeff = self.moe_seq_aux_loss_coeff
             if coeff is not None and self.model_spec is not None:
                 if not coeff >= 0:
