@@ -52,6 +52,9 @@ def nemotron3_debugmodel() -> NemotronHTrainer.Config:
         loss=_chunked_loss(model_spec),
         metrics=MetricsProcessor.Config(log_freq=1),
         dataloader=PretrainDataLoader.Config(),
+        validator=NamedSetsValidator.Config(
+            dataloader=PretrainDataLoader.Config(split="valid")
+        ),
         optimizer=default_adamw(lr=3e-3),
         lr_scheduler=LRSchedulersContainer.Config(
             warmup_steps=2, decay_ratio=0.8, decay_type="linear", min_lr_factor=0.1

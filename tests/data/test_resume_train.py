@@ -53,7 +53,48 @@ def test_saved_at_dp4_resumed_at_dp2_trains_the_same_global_batches(toml, tmp_pa
     # Step 3's loss comes from step 2's restored weights: only the order of the
     # loss reduction over ranks differs (measured 5e-6); step 4 adds one AdamW
     # update from gradients reduced over 2 ranks instead of 4 (measured 1.3e-5).
-    # Other rows would move the loss by the step-to-step scale, ~3e-2.
     assert len(resumed) == 2
     assert max_rel_diff(resumed[:1], full[2:3]) < 2e-5, (full, resumed)
     assert max_rel_diff(resumed, full[2:]) < 1e-4, (full, resumed)
+    # Control: the same resume without the data state (rows from 0 again) is
+    # far off, so the tolerance above does tell the rows apart.
+    control_dump = tmp_path / "control"
+    copy_checkpoint(full_dump, 2, control_dump)
+    control = run_training(
+        toml, 2,
+        [*ckpt, "--training.steps", "3", "--training.local_batch_size", "2",
+         "--checkpoint.exclude_from_loading", "dataloader", "--dump_folder", str(control_dump)],
+        tmp_path / "c", timeout=600,
+    )  # fmt: skip
+    assert max_rel_diff(control, full[2:3]) > 1e-3, (full, control)
+
+
+def test_named_validation_sets_on_held_out_documents(toml, tmp_path):
+    """Two named sets over the documents training holds out: each set's loss is
+    logged under its name, the two equal (same rows), every evaluation."""
+    import re
+
+    prefix = _debug_prefix()
+    run_training(
+        toml, 1,
+        ["--training.steps", "2", *SHORT, "--dataloader.valid_fraction", "0.05",
+         "--validator.enable", "--validator.freq", "2", "--validator.steps", "2",
+         "--validator.sets", f"heldout={prefix},again=1 {prefix}"],
+        tmp_path,
+    )  # fmt: skip
+    log = (tmp_path / "train.log").read_text()
+    found = re.findall(r"validate step:\s+(\d+)\s+(\w+) loss:\s+([0-9.]+)", log)
+    by_step = {}
+    for step, name, loss in found:
+        by_step.setdefault(int(step), {})[name] = float(loss)
+    assert sorted(by_step) == [1, 2], found
+    for losses in by_step.values():
+        assert set(losses) == {"heldout", "again"} and losses["heldout"] == losses["again"]
+    assert by_step[1]["heldout"] != by_step[2]["heldout"]  # the model trained in between
+    assert re.search(r"data: train 1\.0000 \(epoch 0\.\d+\)", log)
+
+
+def _debug_prefix() -> str:
+    from torchtitan_nemotron3.train.assets import ensure_debug_pretokenized
+
+    return ensure_debug_pretokenized()[1]
