@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_two_ranks_two_workers_serve_every_row_once(tmp_path):
-    from conftest import random_docs
+    from data_helpers import random_docs
 
     from torchtitan_nemotron3.data.indexed import IndexedDatasetWriter
     from torchtitan_nemotron3.data.rows import SourceRows

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import WordTokenizer
+from data_helpers import WordTokenizer
 
 from torchtitan_nemotron3.data.blend import BlendError
 from torchtitan_nemotron3.data.pretrain import DataStateError, PretrainDataLoader
@@ -198,7 +198,7 @@ def _write_prefix(prefix, docs, dtype=np.uint16):
 def test_megatron_prefix_rows_are_the_written_documents(tmp_path):
     """A Megatron prefix, unshuffled, isolation off: the rows are the written
     documents' concatenation; on: every label is the next token of its document."""
-    from conftest import random_docs
+    from data_helpers import random_docs
 
     docs = [d % 60000 for d in random_docs(40, seed=4, vocab=1000)]
     prefix = _write_prefix(tmp_path / "web_text_document", docs)

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import MemorySource, random_docs
+from data_helpers import MemorySource, random_docs
 
 from torchtitan_nemotron3.data.rows import SourceRows, TokenIdError
 

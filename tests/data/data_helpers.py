@@ -1,7 +1,6 @@
 """In-memory document sources and a word tokenizer for the data tests."""
 
 import numpy as np
-import pytest
 
 
 class MemorySource:
@@ -47,8 +46,3 @@ class WordTokenizer:
 
     def get_vocab_size(self):
         return self.vocab
-
-
-@pytest.fixture
-def word_tokenizer():
-    return WordTokenizer()
