@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -134,6 +135,25 @@ def test_changed_data_refused_on_resume_unless_allowed(corpora):
     allowed = _loader(f"0.6 {corpora[0]} 0.4 {corpora[1]}", tokenizer=tok, allow_data_change=True)
     allowed.load_state_dict(state)
     assert allowed.consumed_rows == 4
+
+
+def test_moved_data_resumes_and_changed_content_is_refused(corpora, tmp_path):
+    tok = WordTokenizer()
+    old = _loader(f"0.5 {corpora[0]} 0.5 {corpora[1]}", tokenizer=tok)
+    _take(old, 2)
+    state = old.state_dict()
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for c in corpora[:2]:
+        shutil.copy(c, moved)
+    blend = f"0.5 {moved / 'a.jsonl'} 0.5 {moved / 'b.jsonl'}"
+    resumed = _loader(blend, tokenizer=tok)
+    resumed.load_state_dict(state)
+    assert resumed.consumed_rows == 4
+    with open(moved / "b.jsonl", "a") as f:
+        f.write(json.dumps({"text": "one more document"}) + "\n")
+    with pytest.raises(DataStateError, match=r"sources: .*b.jsonl:docs=80.*b.jsonl:docs=81"):
+        _loader(blend, tokenizer=tok).load_state_dict(state)
 
 
 def test_metrics_report_each_source_share_and_epoch(corpora):

@@ -73,7 +73,8 @@ class PretrainRows:
         self.seq_len = seq_len
         tokenizer_id = _tokenizer_identity(tokenizer)
         self.fingerprint = {
-            "blend": " ".join(f"{w:.6g} {e.spec}" for w, e in zip(self.weights, entries)),
+            # names, not paths: moved files with the same content resume
+            "blend": " ".join(f"{w:.6g} {n}" for w, n in zip(self.weights, self.names)),
             "sources": [rows.source.identity for rows in self.sources],
             "tokenizer": tokenizer_id,
             "seq_len": seq_len,

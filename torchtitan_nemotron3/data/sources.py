@@ -94,7 +94,7 @@ class TokenizedTextSource:
         self._offsets = np.concatenate([[0], np.cumsum(self.doc_lengths)])
         self._tokens = np.concatenate(docs)
         self.identity = (
-            f"text:{spec}:docs={len(docs)}:tokens={len(self._tokens)}:"
+            f"text:{os.path.basename(spec.rstrip('/'))}:docs={len(docs)}:tokens={len(self._tokens)}:"
             f"ids={_digest(self._tokens)}"
         )
 
