@@ -12,6 +12,7 @@ so it reads exactly the documents training leaves out.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 
 from torchtitan.components.validate import Validator
@@ -35,9 +36,26 @@ class _NamedMetrics:
         setattr(self._real, key, value)
 
     def log_validation(self, loss: float, step: int, extra_metrics=None):
-        metrics = {f"validation/{self._name}/loss": loss, **(extra_metrics or {})}
-        self._real.logger.log(metrics, step)
-        logger.info(f"validate step: {step:2}  {self._name} loss: {loss:7.4f}")
+        """TorchTitan's ``log_validation`` under the set's name: loss and tokens/s
+        per device, then its counters reset (the next training line's tokens/s
+        does not count validation)."""
+        real = self._real
+        elapsed = time.perf_counter() - real.time_last_log
+        tps = real.ntokens_since_last_log / (
+            max(elapsed, 1e-9) * real.parallel_dims.non_data_parallel_size
+        )
+        metrics = {
+            f"validation/{self._name}/loss": loss,
+            f"validation/{self._name}/throughput(tps)": tps,
+            **(extra_metrics or {}),
+        }
+        real.logger.log(metrics, step)
+        logger.info(
+            f"validate step: {step:2}  {self._name} loss: {loss:7.4f}  tps: {round(tps):,}"
+        )
+        real.ntokens_since_last_log = 0
+        real.time_last_log = time.perf_counter()
+        real.device_memory_monitor.reset_peak_stats()
 
 
 def parse_sets(sets: list[str]) -> list[tuple[str, str]]:
