@@ -256,7 +256,7 @@ class IndexedDatasetWriter:
         directory, name = os.path.split(self.prefix)
         os.makedirs(directory, exist_ok=True)
         fd, self._bin_tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".bin.tmp", dir=directory)
-        self._bin = os.fdopen(fd, "wb", buffering=1 << 22)
+        self._bin = os.fdopen(fd, "wb", buffering=1 << 20)
         self._lengths = array.array("q")
         self._doc_indices = array.array("q", [0])
         self.num_tokens = 0
