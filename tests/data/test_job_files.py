@@ -91,3 +91,29 @@ def test_validator_without_sets_reads_the_held_out_documents(tmp_path, monkeypat
     # TorchTitan's list[str] on the command line: comma-separated
     config, _ = load_job(path, ["--validator.enable", "--validator.sets", "a=./x,b=0.5 ./y 0.5 ./z"])
     assert config.validator.sets == ["a=./x", "b=0.5 ./y 0.5 ./z"]
+
+
+def test_resume_on_other_data_is_refused_before_any_rank_starts(tmp_path, monkeypatch):
+    """run_train.sh's one-process check reads the data state of the checkpoint
+    the run would resume from and refuses other data in one line."""
+    import torch.distributed.checkpoint as dcp
+
+    monkeypatch.chdir(tmp_path)
+    path = str(REPO / "train_configs" / "debug_model.toml")
+    dump = ["--checkpoint.enable", "--dump_folder", str(tmp_path / "out")]
+    config, source_of = load_job(path, dump)
+    tokenizer = config.tokenizer.build(tokenizer_path=config.hf_assets_path)
+    loader = config.dataloader.build(dp_world_size=1, dp_rank=0, tokenizer=tokenizer,
+                                     seq_len=config.training.seq_len, local_batch_size=2)
+    step = tmp_path / "out" / "checkpoint" / "step-2"
+    dcp.save({"dataloader": loader.state_dict()}, checkpoint_id=str(step))
+    check_config(config, source_of)  # the same data: no complaint
+    config, source_of = load_job(path, [*dump, "--dataloader.seed", "7"])
+    with pytest.raises(ConfigError) as e:
+        check_config(config, source_of)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("command line: ")  # where the change came from
+    assert f"{step}: resume refused: the data differs from the checkpoint's (seed: 1234 -> 7)" in msg
+    config, source_of = load_job(path, [*dump, "--dataloader.seed", "7",
+                                        "--dataloader.allow_data_change"])
+    check_config(config, source_of)

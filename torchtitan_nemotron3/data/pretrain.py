@@ -289,17 +289,9 @@ class PretrainDataLoader(ParallelAwareDataloader):
                     '= ["dataloader"] to start the data from row 0'
                 )
             return
-        saved = json.loads(state_dict["fingerprint"])
-        ours = self.rows.fingerprint
-        changed = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
-        if changed:
-            what = "; ".join(f"{k}: {saved.get(k)!r} -> {ours.get(k)!r}" for k in changed)
-            if not self.config.allow_data_change:
-                raise DataStateError(
-                    f"resume refused: the data differs from the checkpoint's ({what}); "
-                    "set dataloader.allow_data_change = true to continue on the new "
-                    "data from the same global row"
-                )
+        what = data_changes(state_dict["fingerprint"], self.rows.fingerprint,
+                            self.config.allow_data_change)
+        if what:
             logger.warning(f"[pretrain data] data changed since the checkpoint ({what})")
         self.consumed_rows = int(state_dict["consumed_rows"])
         if int(state_dict["global_batch"]) != self.global_batch:
@@ -321,3 +313,35 @@ class PretrainDataLoader(ParallelAwareDataloader):
             out[f"data/{name}/share"] = float(c) / n if n else 0.0
             out[f"data/{name}/epoch"] = float(c) / s.rows_per_epoch
         return out
+
+
+def data_changes(saved_fingerprint: str, ours: dict, allow: bool) -> str:
+    """What differs between a checkpoint's data fingerprint and this run's ("" if
+    nothing); raises ``DataStateError`` unless ``allow``."""
+    saved = json.loads(saved_fingerprint)
+    changed = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+    what = "; ".join(f"{k}: {saved.get(k)!r} -> {ours.get(k)!r}" for k in changed)
+    if what and not allow:
+        raise DataStateError(
+            f"resume refused: the data differs from the checkpoint's ({what}); "
+            "set dataloader.allow_data_change = true to continue on the new "
+            "data from the same global row"
+        )
+    return what
+
+
+def check_checkpoint_data(config, checkpoint_dir: str) -> None:
+    """The resume check of ``load_state_dict``, in one plain process before any
+    rank starts: read the checkpoint's data state (DCP, no process group) and
+    compare it with what ``config`` (a trainer config) would read."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {"dataloader": {"consumed_rows": 0, "global_batch": 0, "fingerprint": ""}}
+    try:
+        dcp.load(state, checkpoint_id=checkpoint_dir)
+    except Exception:  # no pretraining data state there: the ranks say what is wrong
+        return
+    tokenizer = config.tokenizer.build(tokenizer_path=config.hf_assets_path)
+    rows = PretrainRows(config.dataloader, tokenizer=tokenizer, seq_len=config.training.seq_len)
+    data_changes(state["dataloader"]["fingerprint"], rows.fingerprint,
+                 config.dataloader.allow_data_change)

@@ -139,6 +139,17 @@ def _check_dcp_checkpoint(config, source_of) -> None:
         check_dcp_layout(path)
     except ValueError as e:
         raise ConfigError(f"{source_of(key)}: {e}") from None
+    if (
+        key == "checkpoint.folder"
+        and getattr(config.dataloader, "blend", None)
+        and "dataloader" not in ckpt.exclude_from_loading
+    ):
+        from torchtitan_nemotron3.data.pretrain import check_checkpoint_data
+
+        try:  # a resume on other data: refused here, not in every rank
+            check_checkpoint_data(config, path)
+        except ValueError as e:
+            raise ConfigError(f"{source_of('dataloader.blend')}: {path}: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
