@@ -149,7 +149,7 @@ def _check_dcp_checkpoint(config, source_of) -> None:
         try:  # a resume on other data: refused here, not in every rank
             check_checkpoint_data(config, path)
         except ValueError as e:
-            raise ConfigError(f"{source_of('dataloader.blend')}: {path}: {e}") from None
+            raise ConfigError(f"{source_of('dataloader')}: {path}: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
