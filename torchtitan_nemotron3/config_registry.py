@@ -17,14 +17,15 @@ from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
 from torchtitan.components.validate import Validator
 from torchtitan.config import ParallelismConfig, TrainingConfig
 from torchtitan.distributed.activation_checkpoint import SelectiveAC
-from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
 
 from . import model_registry
+from .data.pretrain import PretrainDataLoader
+from .data.validation import NamedSetsValidator
 from .sft.assets import ensure_debug_sft_assets
 from .sft.dataloader import ChatSFTDataLoader
 from .sft.render import ChatTemplateConfig
 from .train import cpu_compat
-from .train.assets import use_debug_assets
+from .train.assets import use_debug_pretraining_data
 from .train.trainer import NemotronHTrainer
 
 
@@ -45,13 +46,17 @@ def _for_this_machine(config: NemotronHTrainer.Config) -> NemotronHTrainer.Confi
 
 def nemotron3_debugmodel() -> NemotronHTrainer.Config:
     """16-layer NemotronH (every layer type, 8 experts top-2) on a small offline
-    corpus and tokenizer generated on first use: trains on a laptop CPU."""
+    corpus and tokenizer generated on first use, the corpus pre-tokenized into
+    Megatron's format and read by the pretraining loader: trains on a laptop CPU."""
     model_spec = model_registry("debugmodel")
     config = NemotronHTrainer.Config(
         model_spec=model_spec,
         loss=_chunked_loss(model_spec),
         metrics=MetricsProcessor.Config(log_freq=1),
-        dataloader=HuggingFaceTextDataLoader.Config(),
+        dataloader=PretrainDataLoader.Config(),
+        validator=NamedSetsValidator.Config(
+            dataloader=PretrainDataLoader.Config(split="valid")
+        ),
         optimizer=default_adamw(lr=3e-3),
         lr_scheduler=LRSchedulersContainer.Config(
             warmup_steps=2, decay_ratio=0.8, decay_type="linear", min_lr_factor=0.1
@@ -61,7 +66,7 @@ def nemotron3_debugmodel() -> NemotronHTrainer.Config:
         checkpoint=CheckpointManager.Config(interval=10, last_save_model_only=False),
         activation_checkpoint=SelectiveAC.Config(),
     )
-    use_debug_assets(config)
+    use_debug_pretraining_data(config)
     return _for_this_machine(config)
 
 
@@ -89,20 +94,31 @@ def nemotron3_ultra_550b() -> NemotronHTrainer.Config:
     return _continued_pretraining("ultra-550B", "NVIDIA-Nemotron-3-Ultra-550B-A55B-BF16")
 
 
+DEFAULT_BLEND = "./data/train_text_document"
+
+
 def _continued_pretraining(
     flavor: str, hub_name: str, moe_comm_backend: str = "standard"
 ) -> NemotronHTrainer.Config:
-    """A released model continued on C4 from its HF checkpoint in
-    ``./assets/hf/<hub_name>``: bf16 compute, fp32 master weights and
-    reductions, seq 8192, EP=8 with FSDP over all ranks, selective AC, fp32 HF
-    export at the end."""
+    """A released model continued from its HF checkpoint in
+    ``./assets/hf/<hub_name>`` on a pre-tokenized blend (``dataloader.blend``,
+    default ``./data/train_text_document``: ``scripts/prepare_data.py`` writes
+    it): bf16 compute, fp32 master weights and reductions, seq 8192, EP=8 with
+    FSDP over all ranks, selective AC, fp32 HF export at the end. Validation
+    (off by default) reads ``validator.sets``."""
     model_spec = model_registry(flavor, moe_comm_backend=moe_comm_backend)
     config = NemotronHTrainer.Config(
         model_spec=model_spec,
         loss=_chunked_loss(model_spec),
         hf_assets_path=f"./assets/hf/{hub_name}",
         metrics=MetricsProcessor.Config(log_freq=10),
-        dataloader=HuggingFaceTextDataLoader.Config(dataset="c4"),
+        dataloader=PretrainDataLoader.Config(blend=DEFAULT_BLEND),
+        validator=NamedSetsValidator.Config(
+            enable=False,
+            freq=100,
+            steps=10,
+            dataloader=PretrainDataLoader.Config(split="valid", infinite=False),
+        ),
         optimizer=default_adamw(lr=1e-5),
         lr_scheduler=LRSchedulersContainer.Config(
             warmup_steps=100, decay_ratio=0.9, decay_type="cosine", min_lr_factor=0.1

@@ -68,6 +68,18 @@ def check_config(config, source_of) -> None:
     if config.validator.enable:
         loaders["validator.dataloader"] = config.validator.dataloader
     for key, loader in loaders.items():
+        if getattr(loader, "blend", None) is not None:  # the pretraining loader
+            from torchtitan_nemotron3.data.sources import check_blend_files
+
+            sets = getattr(config.validator, "sets", []) if key != "dataloader" else []
+            blends = [(key + ".blend", loader.blend)] if loader.blend or not sets else []
+            blends += [("validator.sets", s.partition("=")[2]) for s in sets]
+            for field_key, blend in blends:
+                try:
+                    check_blend_files(blend, key=field_key)
+                except ValueError as e:
+                    raise ConfigError(f"{source_of(field_key)}: {e}") from None
+            continue
         name = getattr(loader, "dataset", "").lower()
         if (
             isinstance(loader, HuggingFaceTextDataLoader.Config)
@@ -127,6 +139,17 @@ def _check_dcp_checkpoint(config, source_of) -> None:
         check_dcp_layout(path)
     except ValueError as e:
         raise ConfigError(f"{source_of(key)}: {e}") from None
+    if (
+        key == "checkpoint.folder"
+        and getattr(config.dataloader, "blend", None)
+        and "dataloader" not in ckpt.exclude_from_loading
+    ):
+        from torchtitan_nemotron3.data.pretrain import check_checkpoint_data
+
+        try:  # a resume on other data: refused here, not in every rank
+            check_checkpoint_data(config, path)
+        except ValueError as e:
+            raise ConfigError(f"{source_of('dataloader')}: {path}: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -366,3 +366,52 @@ def use_debug_assets(config, root: str | os.PathLike | None = None) -> None:
         config.dataloader = HuggingFaceTextDataLoader.Config()
     config.dataloader.dataset = "c4_test"
     config.dataloader.dataset_path = dataset_dir
+
+
+# ------------------------------------------------------------- pre-tokenized corpus
+
+PRETOKENIZED_VERSION = 1
+DEBUG_PREFIX = "train_text_document"
+
+
+def _write_pretokenized(tokenizer_dir: str):
+    def write(out: Path) -> None:
+        from ..data.indexed import IndexedDatasetWriter, optimal_dtype
+
+        tokenizer = Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))
+        eos = tokenizer.token_to_id(SPECIAL_TOKENS[1])
+        with IndexedDatasetWriter(str(out / DEBUG_PREFIX), optimal_dtype(VOCAB_SIZE)) as w:
+            for doc in generate_corpus():
+                w.add_document([*tokenizer.encode(doc).ids, eos])
+            w.commit()
+
+    return write
+
+
+def ensure_debug_pretokenized(root: str | os.PathLike | None = None) -> tuple[str, str]:
+    """``(tokenizer_dir, prefix)``: the debug corpus tokenized with the debug
+    tokenizer into Megatron's indexed format (``<prefix>.bin``/``.idx``), one
+    document per corpus text, ended by EOS, no BOS (NVIDIA's framing, what
+    ``scripts/prepare_data.py`` writes); generated once beside the other assets
+    (:func:`build_once`)."""
+    root = Path(root) if root is not None else default_assets_root()
+    tokenizer_dir, _ = ensure_debug_assets(root)
+    name = (
+        f"v{ASSETS_VERSION}-docs{NUM_DOCS}-vocab{VOCAB_SIZE}-seed{SEED}"
+        f"-megatron-v{PRETOKENIZED_VERSION}"
+    )
+    final = build_once(root, name, _write_pretokenized(tokenizer_dir))
+    return tokenizer_dir, str(final / DEBUG_PREFIX)
+
+
+def use_debug_pretraining_data(config, root: str | os.PathLike | None = None) -> None:
+    """Point a ``Trainer.Config`` at the debug tokenizer and the pre-tokenized
+    debug corpus, read by the pretraining loader (``data/pretrain.py``; other
+    settings of a ``PretrainDataLoader.Config`` are kept)."""
+    from ..data.pretrain import PretrainDataLoader
+
+    tokenizer_dir, prefix = ensure_debug_pretokenized(root)
+    config.hf_assets_path = tokenizer_dir
+    if not isinstance(config.dataloader, PretrainDataLoader.Config):
+        config.dataloader = PretrainDataLoader.Config()
+    config.dataloader.blend = prefix

@@ -40,6 +40,7 @@ from torch.distributed.tensor import DTensor
 from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
+from ..data.validation import link_to_training
 from ..hf.config import args_from_model_config
 from ..hf.dcp_convert import add_hf_config
 from ..lora.converter import adapted_fqns
@@ -134,6 +135,12 @@ class NemotronHTrainer(Trainer):
                 for layer in self.model_spec.model.layers:
                     if hasattr(layer.mixer, "kernel_backend"):
                         layer.mixer.kernel_backend = self.kernel_backend
+            if self.model_spec is not None:  # pretraining loaders check ids against it
+                vocab = self.model_spec.model.vocab_size
+                for dl in (self.dataloader, getattr(self.validator, "dataloader", None)):
+                    if getattr(dl, "vocab_size", 0) is None:
+                        dl.vocab_size = vocab
+            link_to_training(self.dataloader, self.validator)
             coeff = self.moe_seq_aux_loss_coeff
             if coeff is not None and self.model_spec is not None:
                 if not coeff >= 0:
@@ -237,6 +244,8 @@ class NemotronHTrainer(Trainer):
         if self._mtp_loss is not None or self._aux_on:
             self._log_extra_losses()
         self.routing_metrics = RoutingMetrics.attach(self, config.routing_metrics)
+        if hasattr(self.dataloader, "data_metrics"):
+            self._log_data_metrics()
 
     def _load_nf4_base(self, config) -> None:
         """QLoRA: fill the NF4 base (placeholders since ``parallelize``) from the
@@ -262,6 +271,24 @@ class NemotronHTrainer(Trainer):
             states[MODEL] = AdaptersOnly(self.model_parts)
         self.checkpointer.initial_load_path = None
         logger.info(f"QLoRA: NF4 base from {path or 'the seeded init'}")
+
+    def _log_data_metrics(self) -> None:
+        """The pretraining loader's per-source share and epoch join the log line's
+        metrics (TensorBoard/W&B) and get a line of their own."""
+        log = self.metrics_processor.log
+
+        def log_with_data(step, *args, extra_metrics=None, **kwargs):
+            data = self.dataloader.data_metrics()
+            names = sorted({k.split("/")[1] for k in data})
+            logger.info(
+                "data: " + "  ".join(
+                    f"{n} {data[f'data/{n}/share']:.4f} (epoch {data[f'data/{n}/epoch']:.3f})"
+                    for n in names
+                )
+            )
+            return log(step, *args, extra_metrics={**data, **(extra_metrics or {})}, **kwargs)
+
+        self.metrics_processor.log = log_with_data
 
     def _wire_seq_aux_loss(self) -> None:
         """Each MoE layer's sequence aux loss is a sum over its batch rows; scaled
