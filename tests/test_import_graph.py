@@ -1,6 +1,7 @@
 """The package's import graph, read with ``ast``: no cycles, and no module imports a
-layer above its own (``LAYERS``: kernels, model, interop and parallel plans, the
-model registry, fine-tuning / generation / training, data and estimates, entry points).
+layer above its own (``LAYERS``: kernels and data, model, interop and parallel plans,
+adapters, the model registry, generation / training, fine-tuning data, estimates and
+evaluation, preference tuning, entry points).
 
 Every ``import`` counts, at module level or inside a function (a lazy import is
 still a dependency). Parent packages that Python imports implicitly are not
@@ -121,14 +122,17 @@ def test_model_imports_nothing_that_imports_the_model():
 # one layer may import each other (no cycles, above); a new top-level module or
 # folder must be placed here.
 LAYERS = [
-    {"ops"},  # kernels and their torch references
+    {"ops", "data"},  # kernels and their torch references; data files and loaders (no model)
     {"model"},
-    {"hf", "pipeline", "tensor_parallel"},  # interop; per-layer parallel plans
-    {"sharding"},  # layout checks over the plans
+    # interop; per-layer parallel plans; FP8/MXFP8 swaps of the model's GEMMs
+    {"hf", "pipeline", "tensor_parallel", "low_precision"},
+    # layout checks over the plans; LoRA adapters and the NF4 base (applied by parallelize)
+    {"sharding", "lora", "qlora"},
     {"parallelize"},
     {""},  # model_registry: model + hf adapter + parallelize + pipeline
-    {"lora", "generate", "train"},  # fine-tuning, inference, the trainer
-    {"sft", "estimate"},  # chat data (train's assets, job parser); dry-run sizing
+    {"generate", "train"},  # inference, the trainer
+    {"sft", "estimate", "evaluate"},  # chat data (train's assets, job parser); sizing; lm-eval
+    {"dpo"},  # preference tuning: sft's rendering and the trainer
     {"config_registry", "job", "dry_run"},  # configs and entry points
 ]
 
