@@ -36,6 +36,26 @@ class Mutation:
 
 MUTATIONS = [
     Mutation(
+        "dpo-no-reference",
+        "torchtitan_nemotron3/dpo/loss.py",
+        "    ratio_N2 = policy_N2 - reference_N2\n",
+        "    ratio_N2 = policy_N2 - 0 * reference_N2\n",
+        (
+            "tests/dpo/test_dpo_trl.py::test_loss_and_gradients_equal_trl",
+            "tests/dpo/test_dpo_objective.py::test_terms_from_the_definition",
+        ),
+    ),
+    Mutation(
+        "dpo-pairs-per-micro-batch",
+        "torchtitan_nemotron3/dpo/trainer.py",
+        "            loss = terms.loss.sum() / self._global_pairs",
+        "            loss = terms.loss.mean()",
+        (
+            ("tests/dpo/test_dpo_train.py::"
+            "test_pairs_are_normalised_over_the_global_batch"),
+        ),
+    ),
+    Mutation(
         "experts-reversed",
         "torchtitan_nemotron3/hf/experts.py",
         "return {k: weight[k] for k in range(weight.shape[0])}, None",
