@@ -43,6 +43,8 @@ from torchtitan.trainer import Trainer
 from ..hf.config import args_from_model_config
 from ..hf.dcp_convert import add_hf_config
 from ..pipeline import after_metadata_inference
+from ..resilience import hooks as resilience
+from ..resilience.checkpoint import ResilientCheckpointManager, resilient_config
 from .mtp_loss import MTPLoss
 
 
@@ -88,6 +90,10 @@ class NemotronHTrainer(Trainer):
     @dataclass(kw_only=True, slots=True)
     class Config(Trainer.Config):
         nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
+        checkpoint: ResilientCheckpointManager.Config = field(
+            default_factory=ResilientCheckpointManager.Config
+        )
+        """TorchTitan's checkpointing, commit-safe (``resilience/checkpoint.py``)."""
         kernel_backend: Literal["auto", "torch", "cuda"] | None = None
         """The Mamba2 ops of every ``M`` layer, as ``model_registry(kernel_backend=)``:
         "auto" (GPU kernels where installed and the tensors are on CUDA, else torch),
@@ -108,6 +114,7 @@ class NemotronHTrainer(Trainer):
 
         def __post_init__(self):
             Trainer.Config.__post_init__(self)  # (no super() in slots dataclasses)
+            self.checkpoint = resilient_config(self.checkpoint)
             if self.model_spec is not None:
                 self._apply_mtp_options()
             if self.kernel_backend is not None and self.model_spec is not None:
@@ -147,6 +154,7 @@ class NemotronHTrainer(Trainer):
 
     def __init__(self, config: Config):
         super().__init__(config)
+        resilience.after_init(self)
         self.skipped_steps = 0  # by this process; not checkpointed
         self.consecutive_skips = 0
         self._loss_is_finite: torch.Tensor | None = None
@@ -289,6 +297,8 @@ class NemotronHTrainer(Trainer):
             yield input_dict, labels
 
     def train(self) -> None:
+        if resilience.run_is_complete(self):
+            return
         super().train()
         checkpoint = self.config.checkpoint
         if checkpoint.enable and checkpoint.last_save_in_hf:
