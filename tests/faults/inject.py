@@ -21,6 +21,14 @@ is the torchrun attempt (``TORCHELASTIC_RESTART_COUNT``) that injects. Phases:
 * ``crash``: raise ``RuntimeError`` (a deterministic bug).
 * ``term_launcher``: SIGTERM the torchrun agent (parent process) mid-step.
 
+``FAULT_CYCLES=N``: instead, SIGKILL rank ``<rank>`` mid-step in each of the
+first N attempts, at the second step the attempt trains (run it with
+``checkpoint.interval`` 1 so each attempt commits one step before it dies).
+
+Every rank also draws from torch's, Python's and NumPy's generators each step
+and scales its gradients by the draw (``random_op``): a resume that does not
+restore the RNG state diverges from the uninterrupted run.
+
 ``FAULT_LOG=<dir>``: every rank appends ``attempt step rank sha1`` of each batch it
 trains (inputs and labels) to ``<dir>/batches-rank<r>.txt``.
 """
@@ -29,11 +37,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
+import random
 import signal
 import sys
 import time
 
+import numpy as np
+import torch
 import torch.distributed.checkpoint.filesystem as dcp_fs
 from torchtitan.tools import filesystem as tt_fs
 
@@ -50,10 +60,17 @@ if _spec:
 else:
     FAULT_RANK, FAULT_STEP, PHASE = -1, -1, ""
 _want_attempt = int(os.environ.get("FAULT_ATTEMPT", "0"))
+CYCLES = int(os.environ.get("FAULT_CYCLES", "0"))
 ACTIVE = bool(_spec) and RANK == FAULT_RANK and _want_attempt in (-1, ATTEMPT)
+if CYCLES:
+    ACTIVE = bool(_spec) and RANK == FAULT_RANK and ATTEMPT < CYCLES
 LOG_DIR = os.environ.get("FAULT_LOG")
 
-state = {"step": 0}
+state = {"step": 0, "first": None}
+# TorchTitan seeds torch only; seed Python's and NumPy's generators too (per rank,
+# the same in every attempt) so the reference run is reproducible.
+random.seed(1000 + RANK)
+np.random.seed(2000 + RANK)
 
 
 def _say(what: str) -> None:
@@ -64,9 +81,13 @@ def _say(what: str) -> None:
 def fire(phase: str, step: int | None = None) -> None:
     """Inject ``phase`` if it is the one asked for, here and now."""
     step = state["step"] if step is None else step
-    if not (ACTIVE and phase == PHASE and step == FAULT_STEP):
+    want = FAULT_STEP if not CYCLES else (state["first"] or 0) + 1
+    if not (ACTIVE and phase == PHASE and step == want):
         return
     _say(phase)
+    if LOG_DIR:
+        with open(os.path.join(LOG_DIR, "fault-times.txt"), "a") as f:
+            f.write(f"{ATTEMPT} {RANK} {step} {phase} {time.time()}\n")
     if phase == "sleep":
         time.sleep(3600)
     elif phase == "stop":
@@ -88,6 +109,8 @@ _check_update = NemotronHTrainer._check_update
 
 def train_step(self, data_iterator):
     state["step"] = self.step
+    if state["first"] is None:
+        state["first"] = self.step
     return _train_step(self, data_iterator)
 
 
@@ -105,7 +128,19 @@ def post_dataloading_process(self, input_dict, labels):
     return _post(self, input_dict, labels)
 
 
+def random_op(self) -> None:
+    """Scale this rank's gradients by a draw from each generator."""
+    draw = torch.rand(()).item() + random.random() + float(np.random.rand())
+    scale = 0.9 + 0.2 * draw / 3
+    with torch.no_grad():
+        for part in self.model_parts:
+            for p in part.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+
+
 def check_update(self, *args):
+    random_op(self)
     for phase in ("mid_step", "sleep", "stop", "crash", "term_launcher"):
         fire(phase)
     return _check_update(self, *args)
@@ -173,4 +208,3 @@ commit.CommitWriter.finish = finish
 commit.commit_step = commit_step
 rcheckpoint.ResilientCheckpointManager.dcp_save = dcp_save
 tt_fs.rmtree = rmtree
-del shutil

@@ -192,11 +192,16 @@ class ResilientCheckpointManager(CheckpointManager):
         with open(path) as f:
             return json.load(f)
 
+    def rewind_applied(self, step: int) -> bool:
+        """Whether ``load_step = step`` was already applied (it acts once)."""
+        history = self._timeline() if self.enable else []
+        return bool(history) and history[-1]["load_step"] == step
+
     def _apply_rewind(self, step: int) -> int:
         """``load_step = step``: move later steps aside once; return the step to
         load (-1 once the rewind was applied by an earlier attempt)."""
         history = self._timeline()
-        if history and history[-1]["load_step"] == step:
+        if self.rewind_applied(step):
             logger.info(
                 f"checkpoint.load_step={step}: this rewind was applied at "
                 f"{history[-1]['time']}; resuming the new timeline's newest step"

@@ -62,11 +62,29 @@ def restore(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"].to(torch.uint8))
 
 
+_pending: dict[str, torch.Tensor] | None = None
+
+
+def apply_pending() -> None:
+    """Restore the loaded state now (the trainer calls this when a step's first
+    batch has been fetched; see ``RngState``)."""
+    global _pending
+    if _pending is not None:
+        restore(_pending)
+        _pending = None
+
+
 class RngState(Stateful):
-    """The ``rng`` entry of the checkpoint: ``{"rank_<r>": capture()}``."""
+    """The ``rng`` entry of the checkpoint: ``{"rank_<r>": capture()}``.
+
+    A loaded state is applied when the resumed run's first batch has been
+    fetched, not at load: creating the data iterator draws a seed from torch's
+    generator, which the uninterrupted run did before the saved step, so a state
+    restored at load would be one draw ahead of it."""
 
     def state_dict(self) -> dict:
         return {rank_key(): capture()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        restore(state_dict[rank_key()])
+        global _pending
+        _pending = {k: v.clone() for k, v in state_dict[rank_key()].items()}

@@ -299,7 +299,11 @@ class NemotronHTrainer(Trainer):
     def train(self) -> None:
         if resilience.run_is_complete(self):
             return
-        super().train()
+        try:
+            super().train()
+        except Exception as e:
+            resilience.name_timed_out_collective(e)
+            raise
         checkpoint = self.config.checkpoint
         if checkpoint.enable and checkpoint.last_save_in_hf:
             if not dist.is_initialized() or dist.get_rank() == 0:
@@ -325,6 +329,7 @@ class NemotronHTrainer(Trainer):
     def post_dataloading_process(self, input_dict, labels):
         """TorchTitan's, plus, for MTP under PP, each depth's labels stacked: the
         schedule calls the loss without ``positions`` (``MTPLoss.stack_labels``)."""
+        resilience.apply_pending_rng()  # a resumed run's RNG state (resilience/rng.py)
         inputs, labels, extra_kwargs = super().post_dataloading_process(input_dict, labels)
         if self._mtp_loss is not None and self.parallel_dims.pp_enabled:
             labels = self._mtp_loss.stack_labels(labels, extra_kwargs.get("positions"))
