@@ -52,14 +52,15 @@ def reference(tmp_path_factory):
     }
 
 
-def assert_like_reference(job, reference, max_lost=INTERVAL):
+def assert_like_reference(job, reference, max_lost=INTERVAL, first_step=1):
     assert job.rc == 0, job.log[-6000:]
     assert not job.leftovers, f"processes alive 10 s after the job: {job.leftovers}"
     state = final_state(job.checkpoint / f"step-{STEPS}")
     bad = differences(state, reference["state"])
     assert not bad, f"{len(bad)} entries differ from the reference, e.g. {bad[:5]}"
     got = lineage(job.dump)
-    assert got == reference["lineage"], "final lineage's batches differ"
+    want = {k: v for k, v in reference["lineage"].items() if k[1] >= first_step}
+    assert got == want, "final lineage's batches differ"
     assert len(set(got.values())) == len(got), "a batch was trained twice"
     lost = steps_lost(job.dump)
     assert lost <= max_lost, (lost, steps_by_attempt(job.dump))
@@ -144,7 +145,7 @@ def test_rewind_killed_inside_resave_never_mixes_timelines(tmp_path, reference):
         "step-12", "step-8"]  # fmt: skip
     history = json.loads((dump / "checkpoint" / "timeline.json").read_text())
     assert [h["load_step"] for h in history] == [4]
-    assert_like_reference(job, reference)
+    assert_like_reference(job, reference, first_step=5)
 
 
 @pytest.mark.matrix
