@@ -79,8 +79,29 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-
 # Ignored on CPU; without CUDA the entry point applies cpu_compat (gloo, CPU device).
 export PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-expandable_segments:True}
 
+# Preemption: a SIGTERM (Slurm, Kubernetes) is passed to torchrun, which passes it
+# to the ranks; they agree on a step, save it, and rank 0 writes it to the marker
+# file: then this script exits 0 (torchtitan_nemotron3/resilience/preempt.py).
+marker=$(mktemp "${TMPDIR:-/tmp}/nemotron-preempt.XXXXXX")
+export NEMOTRON_PREEMPT_MARKER="$marker"
+
 set -x
-exec "$TORCHRUN" --nproc_per_node="$NGPU" "${RDZV_ARGS[@]}" \
+"$TORCHRUN" --nproc_per_node="$NGPU" "${RDZV_ARGS[@]}" \
     --max-restarts "${MAX_RESTARTS:-0}" \
     --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
-    -m torchtitan_nemotron3.train --config_file "$CONFIG_FILE" "$@"
+    -m torchtitan_nemotron3.train --config_file "$CONFIG_FILE" "$@" &
+set +x
+pid=$!
+trap 'kill -TERM "$pid" 2>/dev/null || true' TERM
+trap 'kill -INT "$pid" 2>/dev/null || true' INT
+while :; do
+    rc=0
+    wait "$pid" || rc=$?
+    kill -0 "$pid" 2>/dev/null || break  # else a trapped signal interrupted the wait
+done
+if [[ -s "$marker" ]]; then
+    echo "run_train.sh: preempted; every rank saved step $(cat "$marker"). Launch the job again to resume." >&2
+    rc=0
+fi
+rm -f "$marker"
+exit "$rc"

@@ -32,6 +32,7 @@ class Job:
     ended: float  # time.time() when the launcher exited
     dump: Path
     leftovers: list[int]  # processes of the job still alive 10 s after it ended
+    signalled: float | None = None  # time.time() of the SIGTERM sent to the launcher
 
     @property
     def checkpoint(self) -> Path:
@@ -60,6 +61,7 @@ def launch(
     env: dict[str, str] | None = None,
     timeout: float = 480,
     dump: Path | None = None,
+    term_at_step: int | None = None,
 ) -> Job:
     """Run the job once (``MAX_RESTARTS`` etc. through ``env``); never raises on
     a failed run: the caller checks ``rc``."""
@@ -88,6 +90,16 @@ def launch(
         cwd=REPO_ROOT, env=run_env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
+    signalled = None
+    if term_at_step is not None:  # SIGTERM the launcher once rank 0 trains that step
+        rank0 = logdir / "batches-rank0.txt"
+        while proc.poll() is None and time.monotonic() - begin < timeout:
+            steps = [int(x.split()[1]) for x in rank0.read_text().splitlines()] if rank0.exists() else []
+            if steps and max(steps) >= term_at_step:
+                proc.send_signal(signal.SIGTERM)
+                signalled = time.time()
+                break
+            time.sleep(0.2)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -105,7 +117,7 @@ def launch(
         except OSError:
             pass
     (tmp / f"{name}.log").write_text(out)
-    return Job(proc.returncode, out, seconds, ended, dump, left)
+    return Job(proc.returncode, out, seconds, ended, dump, left, signalled)
 
 
 def final_state(step_dir: Path) -> dict:

@@ -169,6 +169,30 @@ def test_finished_run_relaunched_exits_at_once(tmp_path, reference):
     assert not job.leftovers
 
 
+# -------------------------------------------------------------- preemption
+
+
+@pytest.mark.matrix
+def test_sigterm_to_launcher_saves_one_step_and_resumes_losing_none(tmp_path, reference):
+    """SIGTERM to run_train.sh while rank 0 trains step 6: every rank stops after
+    the same step, saves it, and the launcher exits 0 within 30 s; launched
+    again, the job resumes at the next step and ends like the reference."""
+    job = launch(tmp_path, "term", term_at_step=6, env={"MAX_RESTARTS": "1"})
+    assert job.rc == 0, job.log[-4000:]
+    took = job.ended - job.signalled
+    assert took <= 30, f"{took:.1f} s from SIGTERM to exit"
+    saved = int(re.search(r"every rank saved step (\d+)", job.log).group(1))
+    assert saved >= 6 and (job.checkpoint / f"step-{saved}" / ".metadata").exists()
+    trained = steps_by_attempt(job.dump)[0]
+    assert max(trained) == saved, (trained, saved)
+    assert not job.leftovers
+    again = launch(tmp_path, "resume", dump=job.dump)
+    trained_again = steps_by_attempt(job.dump)[0][len(trained):]
+    assert trained_again[0] == saved + 1, "steps lost or redone"
+    assert_like_reference(again, reference)
+    print(f"SIGTERM: exit 0 {took:.1f} s after the signal, saved step {saved}, 0 lost")
+
+
 # ------------------------------------------------------------------- hangs
 
 

@@ -9,6 +9,9 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d
 from torchtitan.tools.logging import logger
 
+from .preempt import Preemption
+from .spike import KEY as SPIKE_KEY
+from .spike import SpikeGuard
 from .rng import apply_pending as apply_pending_rng  # noqa: F401 (the trainer's hook)
 
 
@@ -16,6 +19,15 @@ def after_init(trainer) -> None:
     """TorchTitan's async-checkpoint group is created without a timeout (gloo's
     default: 30 minutes) and ``set_pg_timeouts`` does not cover it: give it the
     init timeout, the budget of a collective that waits for other ranks' writes."""
+    trainer.preemption = Preemption()
+    trainer._spike_guard = None
+    spike = trainer.config.spike
+    if spike.enable:
+        if trainer.parallel_dims.pp_enabled:
+            raise ValueError("spike.enable: not supported with pipeline parallelism yet")
+        trainer._spike_guard = SpikeGuard(spike)
+        if trainer.checkpointer.enable:
+            trainer.checkpointer.states[SPIKE_KEY] = trainer._spike_guard
     pg = getattr(trainer.checkpointer, "pg", None)
     if pg is not None:
         timeout = timedelta(seconds=trainer.config.comm.init_timeout_seconds)
@@ -71,3 +83,44 @@ def name_timed_out_collective(error: BaseException) -> None:
         f"{last.get('timeout_ms')} ms, input sizes {last.get('input_sizes')}; a "
         "rank that never reached it (hung, frozen or dead) is the cause"
     )
+
+
+def preempted(trainer) -> bool:
+    """At the top of each train-loop iteration: whether the ranks agree to stop
+    for a SIGTERM (then the step is saved: ``preempt.py``)."""
+    preemption = getattr(trainer, "preemption", None)
+    if preemption is None or trainer.step >= trainer.config.training.steps:
+        return False
+    if preemption.stopped_at is not None:
+        return True
+    if not preemption.agreed(trainer.device):
+        return False
+    preemption.stop(trainer)
+    return True
+
+
+def loss_spike(trainer) -> bool:
+    """Whether this step's global loss is a spike (``spike.py``); counts, logs,
+    and stops a run that keeps spiking (``nonfinite.max_consecutive_skips``)."""
+    loss = trainer._step_loss.detach().clone()
+    if trainer.parallel_dims.dp_cp_enabled:
+        dist.all_reduce(loss, group=trainer.parallel_dims.get_mesh("loss").get_group())
+    guard = trainer._spike_guard
+    limit = guard.threshold()
+    if not guard.is_spike(float(loss)):
+        return False
+    trainer.consecutive_skips += 1
+    most = trainer.config.nonfinite.max_consecutive_skips
+    if most and trainer.consecutive_skips >= most:
+        raise RuntimeError(
+            f"loss spike at step {trainer.step} (loss {float(loss):.4f} > {limit:.4f}), "
+            f"{trainer.consecutive_skips} skipped steps in a row "
+            f"(nonfinite.max_consecutive_skips={most}): stopping."
+        )
+    logger.warning(
+        f"Loss spike at step {trainer.step}: loss {float(loss):.4f} > mean + "
+        f"{guard.config.sigmas:g}σ = {limit:.4f} over the last "
+        f"{min(int(guard.count), guard.config.window)} steps: skipped the update. "
+        f"Spikes skipped so far: {int(guard.skipped)}."
+    )
+    return True

@@ -45,6 +45,7 @@ from ..hf.dcp_convert import add_hf_config
 from ..pipeline import after_metadata_inference
 from ..resilience import hooks as resilience
 from ..resilience.checkpoint import ResilientCheckpointManager, resilient_config
+from ..resilience.spike import SpikeConfig
 from .mtp_loss import MTPLoss
 
 
@@ -94,6 +95,8 @@ class NemotronHTrainer(Trainer):
             default_factory=ResilientCheckpointManager.Config
         )
         """TorchTitan's checkpointing, commit-safe (``resilience/checkpoint.py``)."""
+        spike: SpikeConfig = field(default_factory=SpikeConfig)
+        """Opt-in loss-spike skipping (``resilience/spike.py``)."""
         kernel_backend: Literal["auto", "torch", "cuda"] | None = None
         """The Mamba2 ops of every ``M`` layer, as ``model_registry(kernel_backend=)``:
         "auto" (GPU kernels where installed and the tensors are on CUDA, else torch),
@@ -304,6 +307,8 @@ class NemotronHTrainer(Trainer):
         except Exception as e:
             resilience.name_timed_out_collective(e)
             raise
+        if self.preemption.stopped_at is not None:
+            return
         checkpoint = self.config.checkpoint
         if checkpoint.enable and checkpoint.last_save_in_hf:
             if not dist.is_initialized() or dist.get_rank() == 0:
@@ -326,6 +331,9 @@ class NemotronHTrainer(Trainer):
         )
         logger.info(f"HF export complete: {config_path} (+ tokenizer files if any)")
 
+    def should_continue_training(self) -> bool:
+        return not resilience.preempted(self) and super().should_continue_training()
+
     def post_dataloading_process(self, input_dict, labels):
         """TorchTitan's, plus, for MTP under PP, each depth's labels stacked: the
         schedule calls the loss without ``positions`` (``MTPLoss.stack_labels``)."""
@@ -339,6 +347,8 @@ class NemotronHTrainer(Trainer):
         if self._mtp_loss is not None:
             self._mtp_loss.pop_main()
         loss = super().forward_backward_step(**kwargs)
+        if self._spike_guard is not None:
+            self._step_loss = self._step_loss + _local(loss.detach()).float().sum()
         finite = torch.isfinite(_local(loss.detach())).all()
         self._loss_is_finite = finite & self._loss_is_finite
         if self._aux_moes:
@@ -360,6 +370,7 @@ class NemotronHTrainer(Trainer):
 
     def train_step(self, data_iterator) -> None:
         self._loss_is_finite = torch.ones((), dtype=torch.bool, device=self.device)
+        self._step_loss = torch.zeros((), device=self.device)
         self._aux_loss_sum = None
         if self._mtp_loss is not None:
             self._mtp_loss.start_step(self._sum_over_batch)
@@ -397,6 +408,8 @@ class NemotronHTrainer(Trainer):
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         loss_bad, grad_bad = bad.tolist()
         if not (loss_bad or grad_bad):
+            if self._spike_guard is not None and resilience.loss_spike(self):
+                raise _SkipUpdate  # the same skip as a non-finite step's
             return
         what = "loss" if loss_bad else "gradient norm"
         how = self.config.nonfinite
