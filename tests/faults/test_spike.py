@@ -55,6 +55,7 @@ def _train(dump: Path, *overrides: str) -> str:
 
 
 @pytest.mark.integration
+@pytest.mark.matrix  # two 7-step runs, ~4 min on 2 busy cores: kept out of CI
 def test_spike_skipped_like_a_dropped_step(tmp_path):
     spiked = _train(
         tmp_path / "spike", "--inject.spike_steps", "5", "--spike.enable",
