@@ -215,3 +215,40 @@ def test_fuzz_dcp_step_files(dcp_step, tmp_path):
             n += 1
     print(f"DCP corruptions refused naming the file: {n}")
     assert n == 76
+
+
+def test_fuzz_tokenizer_files(tmp_path):
+    """tokenizer.json and tokenizer_config.json of the debug assets: each
+    corruption refused by the job check naming the file."""
+    from torchtitan_nemotron3.hf.files import check_tokenizer_files
+    from torchtitan_nemotron3.train.assets import ensure_debug_assets
+
+    tokenizer_dir = Path(ensure_debug_assets()[0])
+    rng = random.Random(2)
+    n = 0
+    for name, kinds in [
+        ("tokenizer.json", ["truncate", "garbage", "empty", "wrong_type"]),
+        ("tokenizer_config.json", ["truncate", "garbage", "empty"]),
+    ]:
+        for kind, _ in _cases(rng, kinds, 12):
+            dst = tmp_path / f"t{n}"
+            shutil.copytree(tokenizer_dir, dst)
+            file = dst / name
+            if kind == "truncate":
+                size = file.stat().st_size
+                os.truncate(file, rng.randrange(0, size - 2))  # never a whole JSON
+                how = "truncate"
+            elif kind == "garbage":
+                how = _garbage(file, rng)
+            elif kind == "empty":
+                how = _empty(file, rng)
+            else:
+                obj = json.loads(file.read_text())
+                obj["model"] = rng.choice(["x", [1], 3])
+                file.write_text(json.dumps(obj))
+                how = f"model={obj['model']!r}"
+            _expect_named(check_tokenizer_files, dst, file, how)
+            shutil.rmtree(dst)
+            n += 1
+    print(f"tokenizer corruptions refused naming the file: {n}")
+    assert n == 24

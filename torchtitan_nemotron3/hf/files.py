@@ -182,3 +182,25 @@ def check_finite(tensor: torch.Tensor, name: str, file: str) -> None:
         raise CorruptCheckpointError(
             f"{file}: {name} holds non-finite values (NaN or inf)"
         )
+
+
+def check_tokenizer_files(path: str | os.PathLike) -> None:
+    """The tokenizer files of an assets directory parse: ``tokenizer.json`` loads
+    with ``tokenizers`` and the JSON side files are JSON objects; else
+    ``CorruptCheckpointError`` naming the file (``tokenizers`` names none)."""
+    path = os.fspath(path)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            read_json(file)
+    file = os.path.join(path, "tokenizer.json")
+    if os.path.isfile(file):
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(file)
+        except Exception as e:  # tokenizers raises plain Exception
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            raise CorruptCheckpointError(
+                f"{file}: not a readable tokenizer ({reason})"
+            ) from None
