@@ -15,7 +15,8 @@ is the torchrun attempt (``TORCHELASTIC_RESTART_COUNT``) that injects. Phases:
   (rank 0: at the coordinator's ``finish`` entry, before ``.metadata``).
 * ``after_commit``: SIGKILL right after the commit (rank 0: after the rename;
   other ranks: when the save returns).
-* ``purge``: SIGKILL inside the purge's deletion (rank 0 purges).
+* ``purge``: SIGKILL inside the purge's deletion of step ``<step>`` (rank 0
+  purges, in a thread), after deleting one of its files.
 * ``sleep`` / ``stop``: sleep an hour / SIGSTOP itself before the update's
   all-reduce (a hung rank).
 * ``crash``: raise ``RuntimeError`` (a deterministic bug).
@@ -194,11 +195,14 @@ def dcp_save(self, state_dict, checkpoint_id, *args, **kwargs):
 
 
 def rmtree(path):
-    # Delete part of the folder, then die: a purge killed halfway.
+    # Delete part of the folder, then die: a purge killed halfway. The step is
+    # the purged one (``.trash-step-N-...``): the purge runs in a thread.
+    name = os.path.basename(str(path))
+    purged = int(name.split("-")[2]) if name.startswith(".trash-step-") else -1
     names = sorted(os.listdir(path)) if os.path.isdir(path) else []
-    if names and ACTIVE and PHASE == "purge" and state["step"] == FAULT_STEP:
+    if names and ACTIVE and PHASE == "purge" and purged == FAULT_STEP:
         os.remove(os.path.join(path, names[0]))
-    fire("purge")
+    fire("purge", purged)
     return _rmtree(path)
 
 
