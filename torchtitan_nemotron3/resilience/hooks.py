@@ -95,6 +95,7 @@ def preempted(trainer) -> bool:
         return True
     if not preemption.agreed(trainer.device):
         return False
+    preemption.stopping = True
     preemption.stop(trainer)
     return True
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import torch
 import torch.distributed as dist
@@ -24,12 +25,22 @@ from torchtitan.tools.logging import logger
 from .layout import is_committed
 
 MARKER_ENV = "NEMOTRON_PREEMPT_MARKER"
+GRACE_ENV = "NEMOTRON_PREEMPT_GRACE_S"
 
 
 class Preemption:
+    """The SIGTERM flag. A rank that does not reach the next step boundary within
+    ``$NEMOTRON_PREEMPT_GRACE_S`` (default 8 s) of the signal is hung (torchrun
+    also sends SIGTERM to the survivors of a failed rank): it then dies of the
+    signal as without a handler, instead of waiting for torchrun's SIGKILL 30 s
+    later."""
+
     def __init__(self) -> None:
         self.requested = False
+        self.stopping = False
         self.stopped_at: int | None = None
+        self.grace_s = float(os.environ.get(GRACE_ENV, "8"))
+        self._timer: threading.Timer | None = None
         try:
             signal.signal(signal.SIGTERM, self._on_signal)
         except ValueError:  # not the main thread (an in-process test): no handler
@@ -37,6 +48,20 @@ class Preemption:
 
     def _on_signal(self, signum, frame) -> None:
         self.requested = True
+        if self._timer is None:
+            self._timer = threading.Timer(self.grace_s, self._expire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _expire(self) -> None:
+        if self.stopping:
+            return  # saving: torchrun's own grace decides
+        logger.error(
+            f"SIGTERM: no step boundary reached within {self.grace_s:g} s (a hung "
+            "or failed peer?): exiting without a preemption save"
+        )
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def agreed(self, device: torch.device) -> bool:
         flag = torch.tensor([int(self.requested)], dtype=torch.int32, device=device)
@@ -46,6 +71,7 @@ class Preemption:
 
     def stop(self, trainer) -> None:
         """Save ``trainer.step`` (all ranks) and record it."""
+        self.stopping = True
         step, ckpt = trainer.step, trainer.checkpointer
         if ckpt.enable and step > 0:
             ckpt.maybe_wait_for_saving()
