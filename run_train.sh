@@ -92,15 +92,18 @@ set -x
     -m torchtitan_nemotron3.train --config_file "$CONFIG_FILE" "$@" &
 set +x
 pid=$!
-trap 'kill -TERM "$pid" 2>/dev/null || true' TERM
+# The marker says "preempting" before the ranks see the SIGTERM: torchrun also
+# sends SIGTERM when a rank fails, which is not a preemption.
+trap 'echo preempting > "$marker"; kill -TERM "$pid" 2>/dev/null || true' TERM
 trap 'kill -INT "$pid" 2>/dev/null || true' INT
 while :; do
     rc=0
     wait "$pid" || rc=$?
     kill -0 "$pid" 2>/dev/null || break  # else a trapped signal interrupted the wait
 done
-if [[ -s "$marker" ]]; then
-    echo "run_train.sh: preempted; every rank saved step $(cat "$marker"). Launch the job again to resume." >&2
+saved=$(cat "$marker")
+if [[ "$saved" =~ ^[0-9]+$ ]]; then
+    echo "run_train.sh: preempted; every rank saved step $saved. Launch the job again to resume." >&2
     rc=0
 fi
 rm -f "$marker"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -28,18 +29,35 @@ MARKER_ENV = "NEMOTRON_PREEMPT_MARKER"
 GRACE_ENV = "NEMOTRON_PREEMPT_GRACE_S"
 
 
+def _says_preempting(marker: str, wait_s: float = 1.0) -> bool:
+    """Whether the launcher marked a preemption; waits up to ``wait_s`` for it
+    (Slurm may signal the launcher and the ranks at the same moment)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with open(marker) as f:
+                if f.read().strip() == "preempting":
+                    return True
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
 class Preemption:
-    """The SIGTERM flag. A rank that does not reach the next step boundary within
-    ``$NEMOTRON_PREEMPT_GRACE_S`` (default 8 s) of the signal is hung (torchrun
-    also sends SIGTERM to the survivors of a failed rank): it then dies of the
-    signal as without a handler, instead of waiting for torchrun's SIGKILL 30 s
-    later."""
+    """The SIGTERM flag. Under ``run_train.sh`` a SIGTERM is a preemption only
+    if the launcher wrote "preempting" to the marker first (torchrun also sends
+    SIGTERM to the survivors of a failed rank: those die of it at once). A rank
+    that does not reach the next step boundary within
+    ``$NEMOTRON_PREEMPT_GRACE_S`` (default 20 s) of the signal is hung: it exits
+    as killed by the signal, before torchrun's SIGKILL 30 s after it."""
 
     def __init__(self) -> None:
         self.requested = False
         self.stopping = False
         self.stopped_at: int | None = None
-        self.grace_s = float(os.environ.get(GRACE_ENV, "8"))
+        self.grace_s = float(os.environ.get(GRACE_ENV, "20"))
         self._timer: threading.Timer | None = None
         try:
             signal.signal(signal.SIGTERM, self._on_signal)
@@ -47,6 +65,13 @@ class Preemption:
             pass
 
     def _on_signal(self, signum, frame) -> None:
+        marker = os.environ.get(MARKER_ENV)
+        if marker and not _says_preempting(marker):
+            # run_train.sh writes "preempting" before it passes a SIGTERM on; any
+            # other SIGTERM is torchrun stopping the survivors of a failed rank.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         self.requested = True
         if self._timer is None:
             self._timer = threading.Timer(self.grace_s, self._expire)
@@ -60,8 +85,9 @@ class Preemption:
             f"SIGTERM: no step boundary reached within {self.grace_s:g} s (a hung "
             "or failed peer?): exiting without a preemption save"
         )
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
+        for handler in logger.handlers:
+            handler.flush()
+        os._exit(128 + signal.SIGTERM)  # as killed by the signal (from a thread)
 
     def agreed(self, device: torch.device) -> bool:
         flag = torch.tensor([int(self.requested)], dtype=torch.int32, device=device)
