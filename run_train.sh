@@ -13,6 +13,9 @@
 #     NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   static rendezvous
 #     RDZV_ENDPOINT [, RDZV_ID, RDZV_BACKEND=c10d]  dynamic (elastic) rendezvous
 #   TORCHRUN     launcher command                               default torchrun
+#   MAX_RESTARTS torchrun --max-restarts: after a rank fails, restart all ranks up
+#                to this many times; each attempt resumes from the newest
+#                complete checkpoint (torchtitan_nemotron3/resilience)  default 0
 #   CHECK_JOB    1: check the job in one plain process before torchrun (a bad job
 #                is one line, not one traceback per rank; ~10 s of imports);
 #                0: skip it (the ranks run the same checks)   default 1
@@ -68,10 +71,40 @@ else
     RDZV_ARGS=(--nnodes 1 --rdzv_backend c10d --rdzv_endpoint "localhost:0")
 fi
 
+# Restarts: a fresh rendezvous store per attempt. With torchrun's shared store
+# (the default) a restarted attempt can read the previous one's stale gloo/NCCL
+# addresses and fail or hang (pytorch/pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+
 # Ignored on CPU; without CUDA the entry point applies cpu_compat (gloo, CPU device).
 export PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-expandable_segments:True}
 
+# Preemption: a SIGTERM (Slurm, Kubernetes) is passed to torchrun, which passes it
+# to the ranks; they agree on a step, save it, and rank 0 writes it to the marker
+# file: then this script exits 0 (torchtitan_nemotron3/resilience/preempt.py).
+marker=$(mktemp "${TMPDIR:-/tmp}/nemotron-preempt.XXXXXX")
+export NEMOTRON_PREEMPT_MARKER="$marker"
+
 set -x
-exec "$TORCHRUN" --nproc_per_node="$NGPU" "${RDZV_ARGS[@]}" \
+"$TORCHRUN" --nproc_per_node="$NGPU" "${RDZV_ARGS[@]}" \
+    --max-restarts "${MAX_RESTARTS:-0}" \
     --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
-    -m torchtitan_nemotron3.train --config_file "$CONFIG_FILE" "$@"
+    -m torchtitan_nemotron3.train --config_file "$CONFIG_FILE" "$@" &
+set +x
+pid=$!
+# The marker says "preempting" before the ranks see the SIGTERM: torchrun also
+# sends SIGTERM when a rank fails, which is not a preemption.
+trap 'echo preempting > "$marker"; kill -TERM "$pid" 2>/dev/null || true' TERM
+trap 'kill -INT "$pid" 2>/dev/null || true' INT
+while :; do
+    rc=0
+    wait "$pid" || rc=$?
+    kill -0 "$pid" 2>/dev/null || break  # else a trapped signal interrupted the wait
+done
+saved=$(cat "$marker")
+if [[ "$saved" =~ ^[0-9]+$ ]]; then
+    echo "run_train.sh: preempted; every rank saved step $saved. Launch the job again to resume." >&2
+    rc=0
+fi
+rm -f "$marker"
+exit "$rc"

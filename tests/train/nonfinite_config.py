@@ -30,6 +30,9 @@ class InjectConfig:
     grad_steps: list[int] = field(default_factory=list)
     """Steps where one gradient element becomes inf (the loss stays finite)."""
 
+    spike_steps: list[int] = field(default_factory=list)
+    """Steps whose loss (and so its gradients) is multiplied by 100: a spike."""
+
     rank: int = -1
     """Only this rank injects (-1: every rank)."""
 
@@ -48,6 +51,8 @@ class NaNInjectingTrainer(NemotronHTrainer):
             loss, extra = loss_fn(*args, **kwargs)
             if self._injects() and self.step in self.config.inject.loss_steps:
                 loss = loss + float("nan")
+            if self._injects() and self.step in self.config.inject.spike_steps:
+                loss = loss * 100.0
             return loss, extra
 
         self.loss_fn = loss_fn_with_nan

@@ -165,6 +165,35 @@ def load_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     return read_json(file)
 
 
+def _check_type(key: str, name: str, value: Any) -> None:
+    """A used field's value has the type of its default (a bool is not a number,
+    a number not a bool): a wrong type is a bad file, not a silent change."""
+    default = getattr(NemotronHArgs, name, None)
+    if value is None or default is None:
+        return
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(value, str):  # "inf", "1e-5": how some files spell floats
+            try:
+                float(value)
+                ok = True
+            except ValueError:
+                ok = False
+    elif isinstance(default, str):
+        ok = isinstance(value, (str, list))
+    else:
+        return
+    if not ok:
+        raise ValueError(
+            f"{key}={value!r}: expected {type(default).__name__}, "
+            f"found {type(value).__name__}"
+        )
+
+
 def args_from_hf_config(
     config: dict[str, Any] | str | os.PathLike, **overrides: Any
 ) -> NemotronHArgs:
@@ -199,6 +228,7 @@ def args_from_hf_config(
                 f"({values[name]!r} and {key}={value!r})"
             )
         if (name in _FIELDS and name not in _NOT_HF) or name in _PATTERN_LISTS:
+            _check_type(key, name, value)
             values[name] = value
         elif name not in _IGNORED:
             unknown.append(key)

@@ -59,6 +59,11 @@ def safetensors_files(path: str | os.PathLike) -> list[str]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CorruptCheckpointError(f"{index}: no weight_map")
+        bad = [k for k, v in weight_map.items() if not isinstance(v, str)]
+        if bad:
+            raise CorruptCheckpointError(
+                f"{index}: weight_map[{bad[0]!r}] is not a file name"
+            )
         files = sorted(set(weight_map.values()))
         missing = [
             name for name in files if not os.path.isfile(os.path.join(path, name))
@@ -89,6 +94,8 @@ def _unreadable(file: str, error: Exception) -> CorruptCheckpointError:
     try:
         with open(file, "rb") as f:
             (header_size,) = struct.unpack("<Q", f.read(8))
+            if header_size > size - 8:  # garbage: do not read (or allocate) it
+                raise ValueError("header larger than the file")
             header = json.loads(f.read(header_size))
         data_size = size - 8 - header_size
         cut = [
@@ -175,3 +182,25 @@ def check_finite(tensor: torch.Tensor, name: str, file: str) -> None:
         raise CorruptCheckpointError(
             f"{file}: {name} holds non-finite values (NaN or inf)"
         )
+
+
+def check_tokenizer_files(path: str | os.PathLike) -> None:
+    """The tokenizer files of an assets directory parse: ``tokenizer.json`` loads
+    with ``tokenizers`` and the JSON side files are JSON objects; else
+    ``CorruptCheckpointError`` naming the file (``tokenizers`` names none)."""
+    path = os.fspath(path)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            read_json(file)
+    file = os.path.join(path, "tokenizer.json")
+    if os.path.isfile(file):
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(file)
+        except Exception as e:  # tokenizers raises plain Exception
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            raise CorruptCheckpointError(
+                f"{file}: not a readable tokenizer ({reason})"
+            ) from None

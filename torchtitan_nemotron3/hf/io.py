@@ -19,7 +19,7 @@ from torchtitan.protocols.module import Module
 from torchtitan_nemotron3.model import NemotronHModel, build_model_config
 
 from .config import args_from_hf_config, hf_config_from_args, load_hf_config
-from .errors import CheckpointMismatchError, listing
+from .errors import CheckpointMismatchError, CorruptCheckpointError, listing
 from .files import check_finite, open_safetensors, read_stored, scan_checkpoint
 from .hub import MODEL_FILES, local_dir
 from .naming import is_mtp, keep_fp32, ours_to_hub, packed_part, packed_parts
@@ -28,15 +28,25 @@ from .writer import DEFAULT_MAX_SHARD_SIZE, write_hf_checkpoint
 
 
 def check_checkpoint(
-    expected: dict[str, tuple], found: dict[str, tuple], path: str
+    expected: dict[str, tuple],
+    found: dict[str, tuple],
+    path: str,
+    files: dict[str, str] | None = None,
 ) -> None:
     """Raise ``CheckpointMismatchError`` naming every missing tensor, unexpected
     tensor and shape mismatch (key, expected vs found) at once; both dicts map
-    tensor names to shapes."""
+    tensor names to shapes; ``files`` (name → file) names the file of each found
+    tensor (a damaged name in one shard shows as unexpected, in that file)."""
+    files = files or {}
+
+    def at(n: str) -> str:
+        return f"{n} (in {os.path.basename(files[n])})" if n in files else n
+
     missing = [n for n in expected if n not in found]
-    unexpected = sorted(n for n in found if n not in expected)
+    unexpected = sorted(at(n) for n in found if n not in expected)
     mismatched = [
         f"{n}: expected {tuple(expected[n])}, found {tuple(found[n])}"
+        + (f" (in {os.path.basename(files[n])})" if n in files else "")
         for n in expected
         if n in found and tuple(found[n]) != tuple(expected[n])
     ]
@@ -54,6 +64,19 @@ def check_checkpoint(
             f"checkpoint {path} does not match the architecture of its config.json: "
             + "; ".join(problems)
         )
+
+
+def _args_of(path: str):
+    """The architecture in ``path``'s config.json; a bad value is a
+    ``CorruptCheckpointError`` (a ``ValueError``) naming the file and the key."""
+    config = load_hf_config(path)
+    try:
+        return args_from_hf_config(config)
+    except (CorruptCheckpointError, CheckpointMismatchError):
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:
+        file = os.path.join(path, "config.json")
+        raise CorruptCheckpointError(f"{file}: {type(e).__name__}: {e}") from None
 
 
 def _build_on_meta(
@@ -96,7 +119,7 @@ def from_pretrained(
     MTP off (the default) they are skipped, as transformers skips them.
     """
     path = local_dir(path, MODEL_FILES)
-    args = args_from_hf_config(load_hf_config(path))
+    args = _args_of(path)
     stored = scan_checkpoint(path)
     if mtp_num_layers and not any(is_mtp(n) for n in stored):
         raise CheckpointMismatchError(
@@ -109,7 +132,12 @@ def from_pretrained(
     if model.mtp is None:
         stored = {n: entry for n, entry in stored.items() if not is_mtp(n)}
     expected = {n: t.shape for n, t in adapter.to_hf(model.state_dict()).items()}
-    check_checkpoint(expected, {n: s.shape for n, s in stored.items()}, path)
+    check_checkpoint(
+        expected,
+        {n: s.shape for n, s in stored.items()},
+        path,
+        files={n: s.file for n, s in stored.items()},
+    )
 
     if dtype is None:
         dtype = stored["lm_head.weight"].dtype

@@ -91,6 +91,13 @@ def check_config(config, source_of) -> None:
                 f"({key}.dataset_path only says where to read one of these from)"
             )
     path = config.hf_assets_path
+    if isinstance(config.tokenizer, HuggingFaceTokenizer.Config) and os.path.isdir(path):
+        from torchtitan_nemotron3.hf.files import check_tokenizer_files
+
+        try:
+            check_tokenizer_files(path)
+        except ValueError as e:
+            raise ConfigError(f"{source_of('hf_assets_path')}: {e}") from None
     names = ("tokenizer.json", "tokenizer_config.json")
     if isinstance(config.tokenizer, HuggingFaceTokenizer.Config) and not any(
         os.path.isfile(os.path.join(path, n)) for n in names

@@ -48,6 +48,9 @@ from ..low_precision import LowPrecisionConfig
 from ..low_precision import config as low_precision
 from ..low_precision.peak import use_fp8_peak
 from ..pipeline import after_metadata_inference
+from ..resilience import hooks as resilience
+from ..resilience.checkpoint import ResilientCheckpointManager, resilient_config
+from ..resilience.spike import SpikeConfig
 from .mtp_loss import MTPLoss
 from .routing_metrics import RoutingMetrics, RoutingMetricsConfig
 
@@ -94,6 +97,12 @@ class NemotronHTrainer(Trainer):
     @dataclass(kw_only=True, slots=True)
     class Config(Trainer.Config):
         nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
+        checkpoint: ResilientCheckpointManager.Config = field(
+            default_factory=ResilientCheckpointManager.Config
+        )
+        """TorchTitan's checkpointing, commit-safe (``resilience/checkpoint.py``)."""
+        spike: SpikeConfig = field(default_factory=SpikeConfig)
+        """Opt-in loss-spike skipping (``resilience/spike.py``)."""
         kernel_backend: Literal["auto", "torch", "cuda"] | None = None
         """The Mamba2 ops of every ``M`` layer, as ``model_registry(kernel_backend=)``:
         "auto" (GPU kernels where installed and the tensors are on CUDA, else torch),
@@ -126,6 +135,7 @@ class NemotronHTrainer(Trainer):
 
         def __post_init__(self):
             Trainer.Config.__post_init__(self)  # (no super() in slots dataclasses)
+            self.checkpoint = resilient_config(self.checkpoint)
             if self.model_spec is not None:
                 self._apply_mtp_options()
                 self._apply_low_precision()
@@ -199,6 +209,7 @@ class NemotronHTrainer(Trainer):
             use_fp8_peak(self.metrics_processor)
         if getattr(config.model_spec.model, "base_dtype", None) == "nf4":
             self._load_nf4_base(config)
+        resilience.after_init(self)
         self.skipped_steps = 0  # by this process; not checkpointed
         self.consecutive_skips = 0
         self._loss_is_finite: torch.Tensor | None = None
@@ -430,7 +441,15 @@ class NemotronHTrainer(Trainer):
             yield input_dict, labels
 
     def train(self) -> None:
-        super().train()
+        if resilience.run_is_complete(self):
+            return
+        try:
+            super().train()
+        except Exception as e:
+            resilience.name_timed_out_collective(e)
+            raise
+        if self.preemption.stopped_at is not None:
+            return
         checkpoint = self.config.checkpoint
         if checkpoint.enable and checkpoint.last_save_in_hf:
             if not dist.is_initialized() or dist.get_rank() == 0:
@@ -453,9 +472,13 @@ class NemotronHTrainer(Trainer):
         )
         logger.info(f"HF export complete: {config_path} (+ tokenizer files if any)")
 
+    def should_continue_training(self) -> bool:
+        return not resilience.preempted(self) and super().should_continue_training()
+
     def post_dataloading_process(self, input_dict, labels):
         """TorchTitan's, plus, for MTP under PP, each depth's labels stacked: the
         schedule calls the loss without ``positions`` (``MTPLoss.stack_labels``)."""
+        resilience.apply_pending_rng()  # a resumed run's RNG state (resilience/rng.py)
         inputs, labels, extra_kwargs = super().post_dataloading_process(input_dict, labels)
         if self._mtp_loss is not None and self.parallel_dims.pp_enabled:
             labels = self._mtp_loss.stack_labels(labels, extra_kwargs.get("positions"))
@@ -465,6 +488,8 @@ class NemotronHTrainer(Trainer):
         if self._mtp_loss is not None:
             self._mtp_loss.pop_main()
         loss = super().forward_backward_step(**kwargs)
+        if self._spike_guard is not None:
+            self._step_loss = self._step_loss + _local(loss.detach()).float().sum()
         finite = torch.isfinite(_local(loss.detach())).all()
         self._loss_is_finite = finite & self._loss_is_finite
         if self._aux_moes:
@@ -489,6 +514,7 @@ class NemotronHTrainer(Trainer):
 
     def train_step(self, data_iterator) -> None:
         self._loss_is_finite = torch.ones((), dtype=torch.bool, device=self.device)
+        self._step_loss = torch.zeros((), device=self.device)
         self._aux_loss_sum = None
         if self._mtp_loss is not None:
             self._mtp_loss.start_step(self._sum_over_batch)
@@ -526,6 +552,8 @@ class NemotronHTrainer(Trainer):
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         loss_bad, grad_bad = bad.tolist()
         if not (loss_bad or grad_bad):
+            if self._spike_guard is not None and resilience.loss_spike(self):
+                raise _SkipUpdate  # the same skip as a non-finite step's
             return
         what = "loss" if loss_bad else "gradient norm"
         how = self.config.nonfinite

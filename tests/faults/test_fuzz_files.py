@@ -1,0 +1,254 @@
+"""Every corrupt input named: seeded corruptions (truncation at random offsets,
+flipped header bytes, garbage, empty files, wrong JSON types) of the files a run
+reads: HF safetensors shards, ``config.json``, the shard index (through
+``from_pretrained``), and a DCP step's ``.metadata``, ``.distcp`` and manifest
+(through the commit-safe checkpoint manager with ``on_corrupt = "stop"``). Each
+must fail with one line naming the file: never a bare ``OverflowError`` /
+``EOFError`` / deep traceback, never a silent load."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf"))
+pytest.importorskip("transformers")
+
+from hf_checkpoints import save_transformers_checkpoint, tiny_args  # noqa: E402
+
+from torchtitan_nemotron3 import from_pretrained, save_pretrained  # noqa: E402
+from torchtitan_nemotron3.hf import CheckpointMismatchError, CorruptCheckpointError  # noqa: E402
+from torchtitan_nemotron3.resilience.manifest import CheckpointCorruptError  # noqa: E402
+
+NAMED = (CorruptCheckpointError, CheckpointMismatchError, CheckpointCorruptError)
+COUNTS: Counter = Counter()
+
+
+def _truncate(path: Path, rng: random.Random) -> str:
+    size = path.stat().st_size
+    cut = rng.randrange(0, size)
+    os.truncate(path, cut)
+    return f"truncate@{cut}"
+
+
+def _flip(path: Path, rng: random.Random, limit: int) -> str:
+    data = bytearray(path.read_bytes())
+    at = rng.randrange(0, min(limit, len(data)))
+    data[at] ^= 1 << rng.randrange(8)
+    path.write_bytes(bytes(data))
+    return f"flip@{at}"
+
+
+def _garbage(path: Path, rng: random.Random) -> str:
+    n = rng.choice([1, 7, 8, 64, 1000, 40000])
+    path.write_bytes(bytes(rng.randrange(256) for _ in range(n)))
+    return f"garbage{n}"
+
+
+def _empty(path: Path, rng: random.Random) -> str:
+    path.write_bytes(b"")
+    return "empty"
+
+
+def _used(key: str) -> bool:
+    """A config.json key the loader reads (others are ignored by design)."""
+    from torchtitan_nemotron3.hf import config as hf_config
+
+    name = hf_config._ALIASES.get(key, key)
+    return (
+        name in hf_config._FIELDS and name not in hf_config._NOT_HF
+    ) or name in hf_config._PATTERN_LISTS or key == "model_type"
+
+
+def _wrong_type(path: Path, rng: random.Random) -> str:
+    obj = json.loads(path.read_text())
+    if path.name == "config.json":
+        keys = sorted(k for k in obj if _used(k))
+    else:  # the index: its weight_map is what is read
+        keys = ["weight_map"]
+    key = rng.choice(keys)
+    old = obj[key]
+    # A value of another JSON type than the stored one (null, "unset", is valid).
+    wrong = [[1, 2], {"a": 1}]
+    if not isinstance(old, str):
+        wrong.append("x")
+    if not isinstance(old, bool):
+        wrong.append(True)
+    if isinstance(old, (bool, str, list, dict)):
+        wrong.append(3)
+    obj[key] = rng.choice(wrong)
+    path.write_text(json.dumps(obj))
+    return f"{key}={obj[key]!r}"
+
+
+def _header_size(path: Path) -> int:
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    single = save_transformers_checkpoint(tmp_path_factory.mktemp("one") / "hf", tiny_args(0))
+    sharded = tmp_path_factory.mktemp("sharded") / "hf"
+    save_pretrained(from_pretrained(single), sharded, max_shard_size="40KB")
+    return Path(single), sharded
+
+
+def _expect_named(load, path: Path, file: Path, how: str) -> None:
+    try:
+        load(path)
+    except NAMED as e:
+        message = str(e)
+        assert file.name in message, f"{file.name} {how}: not named in: {message}"
+        assert "\n" not in message, f"{file.name} {how}: several lines: {message}"
+        COUNTS[file.name.split("-")[0]] += 1
+        return
+    except Exception as e:  # noqa: BLE001 (the point: nothing else may escape)
+        pytest.fail(f"{file.name} {how}: {type(e).__name__}: {e}")
+    pytest.fail(f"{file.name} {how}: loaded silently")
+
+
+def _cases(rng, kinds, n):
+    return [(kinds[i % len(kinds)], rng.random()) for i in range(n)]
+
+
+def test_fuzz_hf_checkpoint_files(hf_dirs, tmp_path):
+    single, sharded = hf_dirs
+    rng = random.Random(0)
+    n = 0
+    plans = [
+        (single, "model.safetensors", ["truncate", "flip_header", "garbage", "empty"], 48),
+        (single, "config.json", ["truncate", "garbage", "empty", "wrong_type"], 40),
+        (sharded, "model.safetensors.index.json", ["truncate", "garbage", "empty", "wrong_type"], 24),
+        (sharded, None, ["truncate", "flip_header"], 16),  # a shard
+    ]
+    for src, name, kinds, count in plans:
+        for kind, _ in _cases(rng, kinds, count):
+            dst = tmp_path / f"c{n}"
+            shutil.copytree(src, dst)
+            if name is None:
+                name_now = rng.choice(sorted(p.name for p in dst.glob("model-*.safetensors")))
+            else:
+                name_now = name
+            file = dst / name_now
+            if kind == "truncate":
+                how = _truncate(file, rng)
+            elif kind == "flip_header":
+                how = _flip(file, rng, _header_size(file))
+            elif kind == "garbage":
+                how = _garbage(file, rng)
+            elif kind == "empty":
+                how = _empty(file, rng)
+            else:
+                how = _wrong_type(file, rng)
+            _expect_named(from_pretrained, dst, file, how)
+            shutil.rmtree(dst)
+            n += 1
+    print(f"HF corruptions refused naming the file: {n} ({dict(COUNTS)})")
+    assert n == 128
+
+
+@pytest.fixture(scope="module")
+def dcp_step(tmp_path_factory):
+    """A committed one-rank step (with its manifest) from the checkpoint manager."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn as nn
+
+    from tests.faults.test_checkpoint_commit import _manager, _save
+
+    store = tmp_path_factory.mktemp("pg") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    base = tmp_path_factory.mktemp("dcp")
+    mgr, model, ts = _manager(base, keep_latest_k=0, on_corrupt="stop")
+    _save(mgr, model, ts, 1)
+    mgr.close()
+    del nn, torch
+    yield base
+    dist.destroy_process_group()
+
+
+def test_fuzz_dcp_step_files(dcp_step, tmp_path):
+    from tests.faults.test_checkpoint_commit import _manager
+
+    rng = random.Random(1)
+    n = 0
+    plans = [
+        (".metadata", ["truncate", "flip", "garbage", "empty"], 28),
+        ("__0_0.distcp", ["truncate", "flip", "garbage", "empty"], 28),
+        ("manifest.json", ["truncate", "garbage", "empty", "wrong_type"], 20),
+    ]
+
+    def load(base):
+        mgr, _, _ = _manager(base, keep_latest_k=0, on_corrupt="stop")
+        try:
+            mgr.load()
+        finally:
+            mgr.close()
+
+    for name, kinds, count in plans:
+        for kind, _ in _cases(rng, kinds, count):
+            base = tmp_path / f"c{n}"
+            shutil.copytree(dcp_step, base)
+            file = base / "checkpoint" / "step-1" / name
+            if kind == "truncate":
+                how = _truncate(file, rng)
+            elif kind == "flip":
+                how = _flip(file, rng, file.stat().st_size)
+            elif kind == "garbage":
+                how = _garbage(file, rng)
+            elif kind == "empty":
+                how = _empty(file, rng)
+            else:
+                obj = json.loads(file.read_text())
+                obj["files"] = rng.choice(["x", [1], {".metadata": "x"}, 3])
+                file.write_text(json.dumps(obj))
+                how = f"files={obj['files']!r}"
+            _expect_named(load, base, file, how)
+            shutil.rmtree(base)
+            n += 1
+    print(f"DCP corruptions refused naming the file: {n}")
+    assert n == 76
+
+
+def test_fuzz_tokenizer_files(tmp_path):
+    """tokenizer.json and tokenizer_config.json of the debug assets: each
+    corruption refused by the job check naming the file."""
+    from torchtitan_nemotron3.hf.files import check_tokenizer_files
+    from torchtitan_nemotron3.train.assets import ensure_debug_assets
+
+    tokenizer_dir = Path(ensure_debug_assets()[0])
+    rng = random.Random(2)
+    n = 0
+    for name, kinds in [
+        ("tokenizer.json", ["truncate", "garbage", "empty", "wrong_type"]),
+        ("tokenizer_config.json", ["truncate", "garbage", "empty"]),
+    ]:
+        for kind, _ in _cases(rng, kinds, 12):
+            dst = tmp_path / f"t{n}"
+            shutil.copytree(tokenizer_dir, dst)
+            file = dst / name
+            if kind == "truncate":
+                size = file.stat().st_size
+                os.truncate(file, rng.randrange(0, size - 2))  # never a whole JSON
+                how = "truncate"
+            elif kind == "garbage":
+                how = _garbage(file, rng)
+            elif kind == "empty":
+                how = _empty(file, rng)
+            else:
+                obj = json.loads(file.read_text())
+                obj["model"] = rng.choice(["x", [1], 3])
+                file.write_text(json.dumps(obj))
+                how = f"model={obj['model']!r}"
+            _expect_named(check_tokenizer_files, dst, file, how)
+            shutil.rmtree(dst)
+            n += 1
+    print(f"tokenizer corruptions refused naming the file: {n}")
+    assert n == 24
