@@ -56,7 +56,10 @@ done
 # dataset or a missing tokenizer is one line here, before torchrun starts any rank.
 if [[ "${CHECK_JOB:-1}" != 0 ]] && ! check_log=$("${PYTHON:-python}" -m torchtitan_nemotron3.train \
         --config_file "$CONFIG_FILE" "$@" --print_config 2>&1 >/dev/null); then
-    printf '%s\n' "$check_log" | grep -E "error|Error" >&2 || printf '%s\n' "$check_log" >&2
+    # The logged ERROR line (or an exception's last line), not import-time warnings
+    # that merely mention an error (torchao's deprecation notices do).
+    printf '%s\n' "$check_log" | grep -E " ERROR |^[A-Za-z_.]*Error: " >&2 \
+        || printf '%s\n' "$check_log" >&2
     exit 2
 fi
 
