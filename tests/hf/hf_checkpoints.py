@@ -127,20 +127,24 @@ def tiny_args(seed: int = 0, **changes):
     return args.replace(**changes) if changes else args
 
 
-def first_batch(seq_len: int, batch: int):
-    """The batch TorchTitan's dataloader gives a single rank first on the debug
-    corpus: (tokens, positions, labels)."""
+def first_batch(seq_len: int, batch: int, blend: str | None = None):
+    """The batch the debug job's dataloader (the pretraining loader over the
+    pre-tokenized debug corpus, or over ``blend``) gives a single rank first:
+    (tokens, positions, labels)."""
+    import dataclasses
+
     from torchtitan.components.tokenizer import HuggingFaceTokenizer
-    from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
 
-    from torchtitan_nemotron3.train.assets import ensure_debug_assets
+    from torchtitan_nemotron3.config_registry import nemotron3_debugmodel
 
-    tokenizer_dir, dataset_dir = ensure_debug_assets()
-    loader = HuggingFaceTextDataLoader(
-        HuggingFaceTextDataLoader.Config(dataset="c4_test", dataset_path=dataset_dir),
+    config = nemotron3_debugmodel()
+    dl = config.dataloader
+    if blend is not None:
+        dl = dataclasses.replace(dl, blend=blend)
+    loader = dl.build(
         dp_world_size=1,
         dp_rank=0,
-        tokenizer=HuggingFaceTokenizer(tokenizer_path=tokenizer_dir),
+        tokenizer=HuggingFaceTokenizer(tokenizer_path=config.hf_assets_path),
         seq_len=seq_len,
         local_batch_size=batch,
     )

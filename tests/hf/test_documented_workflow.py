@@ -1,4 +1,5 @@
-"""The README's Nano workflow as a user types it: download into ``./assets/hf``, then
+"""The README's Nano workflow as a user types it: download into ``./assets/hf``,
+tokenize a corpus into the job's default blend with ``scripts/prepare_data.py``, then
 ``run_train.sh`` with the Nano job file and its relative paths, from the user's own
 directory.
 
@@ -78,6 +79,15 @@ def test_readme_nano_workflow_with_relative_paths(tmp_path, monkeypatch, hub):
     assert download.main(argv) == 0
     assert (user_dir / "assets/hf/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16/config.json").is_file()
 
+    # The README's next step: tokenize the corpus with the downloaded tokenizer into
+    # the job file's default blend (./data/train_text_document).
+    prepare = _load(REPO / "scripts" / "prepare_data.py", "prepare_data")
+    assets = "./assets/hf/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"
+    corpus = ensure_debug_assets()[1]
+    argv = [corpus, "--tokenizer", assets, "--output_prefix", "./data/train_text_document"]
+    assert prepare.main(argv) == 0
+    assert (user_dir / "data/train_text_document.idx").is_file()
+
     harness = _load(REPO / "tests" / "train" / "_harness.py", "_harness")
     # The Nano job file as shipped: hf_assets_path, initial_load_path and dump_folder
     # relative. Only the model, the step size and the layout (one process: no
@@ -97,7 +107,8 @@ def test_readme_nano_workflow_with_relative_paths(tmp_path, monkeypatch, hub):
     losses = harness.run_training(
         REPO / "train_configs" / "nemotron3-nano-30B.toml", 1, overrides, tmp_path / "run"
     )
-    reference = transformers_loss(files, *first_batch(SEQ_LEN, BATCH))
+    blend = str(user_dir / "data/train_text_document")
+    reference = transformers_loss(files, *first_batch(SEQ_LEN, BATCH, blend))
     assert losses[0] == pytest.approx(reference, abs=2e-5)  # the log prints 5 decimals
 
     export = user_dir / "outputs/nano-30B/checkpoint/step-1"

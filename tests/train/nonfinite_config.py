@@ -85,7 +85,9 @@ class NaNInjectingTrainer(NemotronHTrainer):
 
     def _record_expert_counts(self) -> None:
         hooks = self.optimizers._optimizer_step_pre_hooks
-        check_id = next(iter(hooks))  # NemotronHTrainer's non-finite check
+        # NemotronHTrainer's non-finite check (other hooks, e.g. the routing
+        # metrics' capture, may be ahead of it)
+        check_id = next(k for k, h in hooks.items() if h == self._check_update)
         handle = self.optimizers.register_step_pre_hook(
             lambda *_: self._write_counts("update")
         )

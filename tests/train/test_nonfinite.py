@@ -28,7 +28,7 @@ CONFIG = [
     "--config",
     "nemotron3_debug_nonfinite",
 ]
-NON_MODEL = ("train_state", "optimizer", "dataloader", "lr_scheduler")
+NON_MODEL = ("train_state", "optimizer", "dataloader", "lr_scheduler", "rng")  # rng: per-rank generators
 
 
 # ------------------------------------------------------------------------- unit

@@ -38,9 +38,11 @@ def capture() -> dict[str, torch.Tensor]:
         "python": torch.tensor([version, *py_state], dtype=torch.int64),
         "numpy": torch.tensor([*keys.tolist(), pos, has_gauss], dtype=torch.int64),
         "numpy_gauss": torch.tensor([cached], dtype=torch.float64),
-        # random.gauss's cached second value; NaN for none (same keys every save)
+        # random.gauss's cached second value: (has one, value), the same keys every
+        # save and no NaN in a checkpoint (tools flag non-finite checkpoint values)
         "python_gauss": torch.tensor(
-            [float("nan") if gauss is None else gauss], dtype=torch.float64
+            [float(gauss is not None), 0.0 if gauss is None else gauss],
+            dtype=torch.float64,
         ),
     }
     if torch.cuda.is_available():
@@ -51,8 +53,8 @@ def capture() -> dict[str, torch.Tensor]:
 def restore(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch_cpu"].to(torch.uint8))
     py = state["python"].tolist()
-    gauss = state["python_gauss"].item()
-    random.setstate((py[0], tuple(py[1:]), None if gauss != gauss else gauss))
+    has_gauss, gauss = state["python_gauss"].tolist()
+    random.setstate((py[0], tuple(py[1:]), gauss if has_gauss else None))
     keys = state["numpy"].tolist()
     np.random.set_state(
         ("MT19937", np.array(keys[:624], dtype=np.uint32), keys[624], keys[625],

@@ -15,7 +15,9 @@ TorchTitan 0.3.0 has no TOML: a job is ``--module M --config fn`` (a function re
     [[optimizer.param_groups]]        --optimizer.param_groups.0.<key> ...
 
 ``"None"`` is tyro's None. The command line's flags follow the file's, so they win.
-``[job] debug_assets = true`` adds flags for the generated offline tokenizer and corpus.
+``[job] debug_assets = true`` adds flags for the generated offline tokenizer and corpus
+(the pre-tokenized debug corpus for the pretraining loader, the text one for
+TorchTitan's HF text loader).
 
 Why translate: one parser (TorchTitan's), so files, flags and ``torchrun -m
 torchtitan.train`` accept the same fields the same way. This layer adds what tyro
@@ -308,18 +310,27 @@ def load_job(config_file: str | None, argv: list[str]):
     if job.get("debug_assets") in (True, "True", "true"):
         from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
 
-        from torchtitan_nemotron3.train.assets import ensure_debug_assets
+        from torchtitan_nemotron3.data.pretrain import PretrainDataLoader
+        from torchtitan_nemotron3.train.assets import (
+            ensure_debug_assets,
+            ensure_debug_pretokenized,
+        )
 
-        if not isinstance(base.dataloader, HuggingFaceTextDataLoader.Config):
+        if isinstance(base.dataloader, PretrainDataLoader.Config):
+            paths = zip(("hf_assets_path", "dataloader.blend"), ensure_debug_pretokenized())
+            entries[:0] = [_Entry(job_source, key, path) for key, path in paths]
+        elif isinstance(base.dataloader, HuggingFaceTextDataLoader.Config):
+            paths = zip(
+                ("hf_assets_path", "dataloader.dataset_path"), ensure_debug_assets()
+            )
+            entries[:0] = [_Entry(job_source, key, path) for key, path in paths]
+            entries.insert(0, _Entry(job_source, "dataloader.dataset", "c4_test"))
+        else:
             raise ConfigError(
                 f"{job_source}: job.debug_assets = true: {module}:{fn}() needs a "
-                "HuggingFaceTextDataLoader (or calls use_debug_assets(config) itself)"
+                "PretrainDataLoader or HuggingFaceTextDataLoader (or sets its own "
+                "data, e.g. use_debug_pretraining_data(config))"
             )
-        paths = zip(
-            ("hf_assets_path", "dataloader.dataset_path"), ensure_debug_assets()
-        )
-        entries[:0] = [_Entry(job_source, key, path) for key, path in paths]
-        entries.insert(0, _Entry(job_source, "dataloader.dataset", "c4_test"))
     args, blame = _render(base, entries)
     captured = io.StringIO()
     try:

@@ -117,3 +117,14 @@ def test_h100_job_fits_80gb_as_its_comment_says(capsys):
     assert verdict.startswith("verdict: fits in 80 GiB per GPU: 62.9 GiB"), verdict
     with open(toml) as f:
         assert "62.9 GiB per GPU" in f.read()
+
+
+def test_float8_emulated_debug_config_function_converts():
+    """The H100 recipe's debug config function: 57 FP8 rowwise Linears (as the
+    MXFP8 one converts 57 MXFP8 ones) and quantized experts on every MoE layer."""
+    config, _ = load_job(None, ["--config", "nemotron3_debugmodel_float8_emulated"])
+    model = config.model_spec.model
+    assert _count(model, Float8Linear) == 57 and _count(model, MXFP8Linear) == 0
+    experts = _experts(model)
+    assert experts and all(cls is not ReluSquaredGroupedExperts.Config for cls, _ in experts)
+    assert config.low_precision.linear == config.low_precision.experts == "float8_rowwise"
