@@ -38,6 +38,13 @@ the adapters). ``--adapters_only`` writes the adapters alone in PEFT's format
     python scripts/convert_checkpoint.py dcp-to-hf out/peft \\
         --config_file train_configs/debug_lora.toml --adapters_only --mamba_out_proj
 
+QLoRA runs (and any adapters-only checkpoint): ``--merge_into_base HF_DIR`` merges
+the adapters into the bf16 HF base (a QLoRA job file defaults to its
+``initial_load_path``) and reports the share of LoRA deltas the bf16 rounding erases
+(``--dtype float32`` keeps them all)::
+
+    python scripts/convert_checkpoint.py dcp-to-hf out/hf --config_file train_configs/debug_qlora.toml
+
 PEFT refuses LoRA on Mamba ``out_proj``, one of the default targets:
 ``--adapters_only`` then stops with that message unless ``--mamba_out_proj`` (a run
 trained with ``lora.converter.PEFT_TARGET_MODULES`` exports as is).
@@ -109,6 +116,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     to_hf.add_argument(
         "--base_model", help="--adapters_only: recorded as base_model_name_or_path"
+    )
+    to_hf.add_argument(
+        "--merge_into_base",
+        metavar="HF_DIR",
+        help="LoRA: merge the adapters into the HF base at HF_DIR (the usual QLoRA "
+        "export: the bf16 release, not the NF4 copy the run trained on); --dtype "
+        "bfloat16 (default) or float32; reports the share of LoRA deltas the bf16 "
+        "rounding erases. A QLoRA job (--config_file) defaults to its "
+        "checkpoint.initial_load_path: its checkpoints hold the adapters only",
     )
     to_hf.add_argument(
         "--mamba_out_proj",
@@ -196,6 +212,7 @@ def _apply_job(opts) -> None:
             opts.lora_alpha = job_file.lora_alpha(job)
     else:
         opts.job_model = job.model_spec.model
+    opts.initial_load_path = job.checkpoint.initial_load_path or None
 
 
 def _model_config(opts):
@@ -269,6 +286,33 @@ def _lora_model_config(opts, args, run_config):
     return lora_config_for_dcp(opts.dcp_dir, build_model_config(args), opts.lora_alpha)
 
 
+def _merge_into_base(opts, args, lora_config) -> int:
+    """An adapters-only checkpoint (QLoRA) merged into the HF base
+    (``lora.serve.export_merged``), plus config.json."""
+    from torchtitan_nemotron3.hf.dcp_convert import add_hf_config
+    from torchtitan_nemotron3.lora.serve import export_merged
+
+    base = opts.merge_into_base or getattr(opts, "initial_load_path", None)
+    if not base:
+        raise ValueError(
+            "--merge_into_base HF_DIR: the HF base the adapters were trained on "
+            "(the job's checkpoint.initial_load_path is not set)"
+        )
+    if lora_config is None:
+        raise ValueError(f"--merge_into_base: {opts.dcp_dir} holds no LoRA adapters")
+    dtype = opts.dtype or torch.bfloat16
+    report = export_merged(
+        opts.dcp_dir, base, opts.out_dir, lora_config, dtype=dtype,
+        assets_dir=opts.assets_dir or base,
+    )  # fmt: skip
+    add_hf_config(opts.out_dir, args, dtype)
+    print(
+        f"wrote {opts.out_dir} (LoRA adapters merged into {base}, {dtype}; "
+        f"{100 * report.erased_share:.2f}% of the LoRA deltas erased by the rounding)"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     opts, opts.overrides = parser.parse_known_args(argv)
@@ -293,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     if not opts.adapters_only and (opts.base_model or opts.mamba_out_proj):
         raise ValueError("--base_model and --mamba_out_proj go with --adapters_only")
     lora_config = _lora_model_config(opts, args, run_config)
+    if opts.merge_into_base or getattr(run_config, "base_dtype", None) == "nf4":
+        return _merge_into_base(opts, args, lora_config)
     if opts.adapters_only:
         from torchtitan_nemotron3.lora.export import load_lora_adapters
         from torchtitan_nemotron3.lora.peft import save_peft_adapters

@@ -99,3 +99,32 @@ def test_peft_export_checked_for_vllm(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="in_proj: alpha/r"):
         check_peft_for_vllm(tmp_path / "peft")
+
+
+def test_convert_script_merges_into_the_base(tmp_path):
+    """``convert_checkpoint.py dcp-to-hf --merge_into_base`` (the QLoRA export from
+    the command line) writes what ``export_merged`` writes, plus config.json that
+    transformers' config loader reads."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from lora_testing import ALPHA
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "convert_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", script)
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+
+    args, _, lora, base_dir = _setup(tmp_path, 0.1)
+    out = tmp_path / "cli"
+    argv = ["dcp-to-hf", str(tmp_path / "step-1"), str(out), "--config_json",
+            str(base_dir), "--lora_alpha", str(ALPHA), "--merge_into_base",
+            str(base_dir), "--dtype", "float32", "--no_progress"]  # fmt: skip
+    assert convert.main(argv) == 0
+    got = load_file(str(out / "model.safetensors"))
+    want, _ = _expected(args, lora, base_dir)
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v.float(), rtol=0, atol=2e-6, msg=k)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "nemotron_h"
+    assert (out / "nano_v3_reasoning_parser.py").exists()
