@@ -44,9 +44,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def one_rank():
+def one_rank(monkeypatch):
     cpu_compat.apply()
-    os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=str(_free_port()))
+    # monkeypatch: left in this process's environment, MASTER_ADDR/PORT would make
+    # every later run_train.sh of this pytest worker use that (stale) port.
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
