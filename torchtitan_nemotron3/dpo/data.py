@@ -32,6 +32,7 @@ from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.tools.logging import logger
 
 from ..sft.chat_data import ChatDataError
+from ..sft.dataloader import ChatSFTDataLoader
 from ..sft.packing import IGNORE_INDEX, Document, make_document
 from ..sft.render import ChatEncoder, ChatTemplate, ChatTemplateConfig
 from ..sft.sources import ChatSource
@@ -204,8 +205,11 @@ class PreferenceDataset(IterableDataset, Stateful):
         ]
 
 
-class PreferenceDataLoader(ParallelAwareDataloader):
-    """(prompt, chosen, rejected) pairs for DPO: both replies of a pair in one row."""
+class PreferenceDataLoader(ChatSFTDataLoader):
+    """(prompt, chosen, rejected) pairs for DPO: both replies of a pair in one row
+    (the SFT loader's construction, with its own dataset and Config)."""
+
+    dataset_class = PreferenceDataset
 
     @dataclass(kw_only=True, slots=True)
     class Config(ParallelAwareDataloader.Config):
@@ -229,34 +233,3 @@ class PreferenceDataLoader(ParallelAwareDataloader):
         overflow: Literal["drop", "truncate"] = "drop"
         """A pair longer than seq_len: dropped (counted), or each side cut to
         seq_len / 2 tokens."""
-
-    def __init__(
-        self,
-        config: Config,
-        *,
-        dp_world_size: int,
-        dp_rank: int,
-        tokenizer: BaseTokenizer,
-        seq_len: int,
-        local_batch_size: int,
-        snapshot_every_n_steps: int | None = 1,
-        **kwargs,
-    ):
-        dataset = PreferenceDataset(
-            config,
-            tokenizer=tokenizer,
-            seq_len=seq_len,
-            dp_rank=dp_rank,
-            dp_world_size=dp_world_size,
-        )
-        super().__init__(
-            dataset,
-            dp_rank=dp_rank,
-            dp_world_size=dp_world_size,
-            num_workers=config.num_workers,
-            persistent_workers=config.persistent_workers,
-            pin_memory=config.pin_memory,
-            prefetch_factor=config.prefetch_factor,
-            snapshot_every_n_steps=snapshot_every_n_steps,
-            batch_size=local_batch_size,
-        )

@@ -162,6 +162,9 @@ class ChatSFTDataset(IterableDataset, Stateful):
 class ChatSFTDataLoader(ParallelAwareDataloader):
     """Multi-turn chat SFT data: assistant-only labels, packed rows, per-rank rows."""
 
+    # The rows' dataset; the DPO loader (``dpo/data.py``) reuses this constructor.
+    dataset_class = ChatSFTDataset
+
     @dataclass(kw_only=True, slots=True)
     class Config(ParallelAwareDataloader.Config):
         dataset: str = "chat"
@@ -222,7 +225,7 @@ class ChatSFTDataLoader(ParallelAwareDataloader):
         snapshot_every_n_steps: int | None = 1,
         **kwargs,
     ):
-        dataset = ChatSFTDataset(
+        dataset = self.dataset_class(
             config,
             tokenizer=tokenizer,
             seq_len=seq_len,
