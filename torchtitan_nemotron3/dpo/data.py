@@ -32,10 +32,9 @@ from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.tools.logging import logger
 
 from ..sft.chat_data import ChatDataError
-from ..sft.dataloader import ChatSFTDataLoader
+from ..sft.dataloader import ChatSFTDataLoader, open_chat_data
 from ..sft.packing import IGNORE_INDEX, Document, make_document
-from ..sft.render import ChatEncoder, ChatTemplate, ChatTemplateConfig
-from ..sft.sources import ChatSource
+from ..sft.render import ChatTemplateConfig
 from .pairs import PairColumns, to_pair
 
 SEGMENT_KEY, PAIR_KEY = "dpo_segment", "dpo_pair"
@@ -92,27 +91,11 @@ class PreferenceDataset(IterableDataset, Stateful):
         dp_rank: int = 0,
         dp_world_size: int = 1,
     ):
-        assets_dir = getattr(tokenizer, "tokenizer_path", None)
-        fast = getattr(tokenizer, "tokenizer", None)
-        if assets_dir is None or not hasattr(fast, "encode"):
-            raise ChatDataError(
-                "preference data needs TorchTitan's HuggingFaceTokenizer (the chat "
-                f"template of hf_assets_path), got {type(tokenizer).__name__}"
-            )
-        if not config.dataset_path:
-            raise ChatDataError(
-                "dataloader.dataset_path: not set (a file, directory or hub id)"
-            )
-        template = ChatTemplate.from_assets(assets_dir, config.template)
-        self.encoder = ChatEncoder(
-            template, fast, config=config.template, assistant_turns="last"
-        )
-        self.source = ChatSource(
-            config.dataset_path,
-            name=config.dataset_name,
-            split=config.split,
-            streaming=config.streaming,
-            shuffle_seed=config.shuffle_seed,
+        _, self.encoder, self.source = open_chat_data(
+            config,
+            tokenizer,
+            needs="preference data",
+            assistant_turns="last",
             dp_rank=dp_rank,
             dp_world_size=dp_world_size,
         )

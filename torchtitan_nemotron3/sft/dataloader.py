@@ -30,6 +30,48 @@ from .render import ChatEncoder, ChatTemplate, ChatTemplateConfig
 from .sources import ChatSource
 
 
+def open_chat_data(
+    config,
+    tokenizer: BaseTokenizer,
+    *,
+    needs: str,
+    assistant_turns: str,
+    dp_rank: int,
+    dp_world_size: int,
+    columns: list[str] | None = None,
+) -> tuple[ChatTemplate, ChatEncoder, ChatSource]:
+    """The chat template, its encoder and this rank's row source for a chat job
+    (SFT rows, DPO pairs): both render with the template of ``hf_assets_path``,
+    so both need TorchTitan's HuggingFaceTokenizer. ``needs`` says what for, in
+    the error."""
+    assets_dir = getattr(tokenizer, "tokenizer_path", None)
+    fast = getattr(tokenizer, "tokenizer", None)
+    if assets_dir is None or not hasattr(fast, "encode"):
+        raise ChatDataError(
+            f"{needs} needs TorchTitan's HuggingFaceTokenizer (the chat template "
+            f"of hf_assets_path), got {type(tokenizer).__name__}"
+        )
+    if not config.dataset_path:
+        raise ChatDataError(
+            "dataloader.dataset_path: not set (a file, directory or hub id)"
+        )
+    template = ChatTemplate.from_assets(assets_dir, config.template)
+    encoder = ChatEncoder(
+        template, fast, config=config.template, assistant_turns=assistant_turns
+    )
+    source = ChatSource(
+        config.dataset_path,
+        name=config.dataset_name,
+        split=config.split,
+        streaming=config.streaming,
+        shuffle_seed=config.shuffle_seed,
+        dp_rank=dp_rank,
+        dp_world_size=dp_world_size,
+        columns=columns,
+    )
+    return template, encoder, source
+
+
 class ChatSFTDataset(IterableDataset, Stateful):
     """Conversations of one rank, rendered, masked and packed into rows."""
 
@@ -42,30 +84,11 @@ class ChatSFTDataset(IterableDataset, Stateful):
         dp_rank: int = 0,
         dp_world_size: int = 1,
     ):
-        assets_dir = getattr(tokenizer, "tokenizer_path", None)
-        fast = getattr(tokenizer, "tokenizer", None)
-        if assets_dir is None or not hasattr(fast, "encode"):
-            raise ChatDataError(
-                f"chat SFT needs TorchTitan's HuggingFaceTokenizer (token offsets and "
-                f"the chat template of hf_assets_path), got {type(tokenizer).__name__}"
-            )
-        if not config.dataset_path:
-            raise ChatDataError(
-                "dataloader.dataset_path: not set (a file, directory or hub id)"
-            )
-        template = ChatTemplate.from_assets(assets_dir, config.template)
-        self.encoder = ChatEncoder(
-            template,
-            fast,
-            config=config.template,
+        template, self.encoder, self.source = open_chat_data(
+            config,
+            tokenizer,
+            needs="chat SFT",
             assistant_turns=config.assistant_turns,
-        )
-        self.source = ChatSource(
-            config.dataset_path,
-            name=config.dataset_name,
-            split=config.split,
-            streaming=config.streaming,
-            shuffle_seed=config.shuffle_seed,
             dp_rank=dp_rank,
             dp_world_size=dp_world_size,
             columns=config.columns.names(),
