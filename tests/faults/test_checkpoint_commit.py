@@ -13,12 +13,17 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.stateful import Stateful
 
-from torchtitan_nemotron3.resilience import rng
+from torchtitan_nemotron3.resilience import commit, rng
 from torchtitan_nemotron3.resilience.checkpoint import ResilientCheckpointManager
-from torchtitan_nemotron3.resilience.manifest import CheckpointCorruptError
+from torchtitan_nemotron3.resilience.manifest import (
+    CheckpointCorruptError,
+    file_sum,
+    read_manifest,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -160,3 +165,114 @@ def test_rng_state_round_trip(tmp_path):
     got = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
     mgr.close()
+
+
+# --- checksums computed while DCP writes ---------------------------------------
+
+
+@pytest.mark.parametrize("async_mode", ["disabled", "async"])
+def test_sums_are_taken_while_writing_and_match_the_files(tmp_path, monkeypatch, async_mode):
+    """No file is read back at save (sync and async), and every recorded entry is
+    the size and XXH3 of the file on disk."""
+    read_back = []
+    real_file_sum = commit.file_sum
+    monkeypatch.setattr(commit, "file_sum", lambda p, *a: read_back.append(p) or real_file_sum(p, *a))
+    mgr, model, ts = _manager(tmp_path, keep_latest_k=0, async_mode=async_mode)
+    _save(mgr, model, ts, 1)
+    mgr.maybe_wait_for_saving()
+    mgr.close()
+    assert read_back == []
+    step = os.path.join(mgr.folder, "step-1")
+    manifest = read_manifest(step)
+    assert manifest["format"] == 2 and {".metadata", "__0_0.distcp"} <= set(manifest["files"])
+    for name, entry in manifest["files"].items():
+        assert entry == file_sum(os.path.join(step, name)), name
+        assert set(entry) == {"size", "xxh3_64"}
+
+
+def test_a_stream_used_other_than_sequentially_is_read_back(tmp_path):
+    """A write path that seeks back (or truncates) gets the sum of the file as it
+    ends up on disk, not of the bytes that went through."""
+    fs = commit.SummingFileSystem()
+    for i, edit in enumerate(["seek", "truncate", "none"]):
+        path = tmp_path / f"f{i}"
+        with fs.create_stream(path, "wb") as stream:
+            stream.write(b"abcdef")
+            stream.write(memoryview(np.arange(4, dtype=np.int32)))
+            if edit == "seek":
+                stream.seek(1)
+                stream.write(b"X")
+            elif edit == "truncate":
+                stream.truncate(3)
+        assert os.path.getsize(path) == (3 if edit == "truncate" else 22)
+        assert fs.take(path) == file_sum(str(path)), edit
+    # A file changed after its stream closed (size differs): read back too.
+    path = tmp_path / "g"
+    with fs.create_stream(path, "wb") as stream:
+        stream.write(b"abc")
+    with open(path, "ab") as f:
+        f.write(b"d")
+    assert fs.take(path) == file_sum(str(path))
+
+
+def test_format_1_crc32_manifests_are_still_checked(tmp_path, caplog):
+    """Steps saved before XXH3 (manifest format 1, CRC32 entries) load checked."""
+    mgr, model, ts = _manager(tmp_path, keep_latest_k=0)
+    for step in (1, 2):
+        _save(mgr, model, ts, step)
+    for step in (1, 2):
+        folder = os.path.join(mgr.folder, f"step-{step}")
+        manifest = read_manifest(folder)
+        manifest["format"] = 1
+        manifest["files"] = {n: file_sum(os.path.join(folder, n), "crc32") for n in manifest["files"]}
+        with open(os.path.join(folder, "manifest.json"), "w") as f:
+            json.dump(manifest, f)
+    assert mgr.load()
+    assert torch.equal(model.weight, torch.full((8, 8), 2.0))
+    data = os.path.join(mgr.folder, "step-2", "__0_0.distcp")
+    with open(data, "r+b") as f:
+        f.seek(os.path.getsize(data) - 1)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x10]))
+    assert mgr.load()
+    assert torch.equal(model.weight, torch.full((8, 8), 1.0))
+    assert f"{data}: crc32 0x" in caplog.text
+    mgr.close()
+
+
+# --- never a committed step without its manifest -------------------------------
+
+
+@pytest.mark.parametrize("fail_in", ["metadata", "manifest", "rename"])
+def test_a_save_failing_before_the_commit_leaves_no_step(tmp_path, monkeypatch, fail_in):
+    """CommitWriter.finish writes .metadata, then manifest.json, then renames: a
+    failure at any of them leaves step 1 only, and the next load removes the rest."""
+    mgr, model, ts = _manager(tmp_path, keep_latest_k=0)
+    _save(mgr, model, ts, 1)
+
+    def boom(*args, **kwargs):
+        raise OSError(f"injected in {fail_in}")
+
+    target = {"metadata": (dcp.FileSystemWriter, "finish"),
+              "manifest": (commit, "write_manifest"),
+              "rename": (commit.os, "rename")}[fail_in]  # fmt: skip
+    monkeypatch.setattr(*target, boom)
+    with pytest.raises(BaseException, match=f"injected in {fail_in}"):  # DCP wraps it
+        _save(mgr, model, ts, 2)
+    monkeypatch.undo()
+    assert mgr.latest_step() == 1
+    assert [n for n in _folder(mgr) if n.startswith("step-")] == ["step-1"]
+    assert ".tmp-step-2" in _folder(mgr)
+    assert mgr.load()
+    assert _folder(mgr) == ["step-1"]
+    mgr.close()
+
+
+def test_commit_refuses_a_folder_without_manifest(tmp_path):
+    tmp, final = tmp_path / ".tmp-step-3", tmp_path / "step-3"
+    tmp.mkdir()
+    (tmp / ".metadata").write_bytes(b"x")
+    with pytest.raises(RuntimeError, match=r"\.tmp-step-3: no manifest\.json"):
+        commit.commit_step(str(tmp), str(final))
+    assert not final.exists()

@@ -113,10 +113,12 @@ class SummingFileSystem(FileSystem):
 
     def take(self, path) -> dict:
         """The size and checksum of a file written through this file system (read
-        back if its stream was not purely sequential)."""
+        back if its stream was not purely sequential, or its size changed since)."""
         key = os.path.normpath(str(path))
         entry = self.sums.pop(key, None)
-        return entry if entry is not None else file_sum(key, self.algo)
+        if entry is not None and os.path.getsize(key) == entry["size"]:
+            return entry
+        return file_sum(key, self.algo)
 
 
 class CommitWriter(FileSystemWriter):
