@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import zlib
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+import xxhash
 from torch.distributed.checkpoint.stateful import Stateful
 
 from torchtitan_nemotron3.resilience import commit, rng
@@ -194,18 +196,21 @@ def test_a_stream_used_other_than_sequentially_is_read_back(tmp_path):
     """A write path that seeks back (or truncates) gets the sum of the file as it
     ends up on disk, not of the bytes that went through."""
     fs = commit.SummingFileSystem()
-    for i, edit in enumerate(["seek", "truncate", "none"]):
-        path = tmp_path / f"f{i}"
+    edits = {
+        # Same size as the bytes that went through, other content: only the
+        # seek tells (a hole of 2, then the start overwritten).
+        "seek": lambda s: (s.write(b"abc"), s.seek(5), s.write(b"d"), s.seek(0), s.write(b"xy")),
+        "truncate": lambda s: (s.write(b"abcdef"), s.truncate(3)),
+        "none": lambda s: (s.write(b"abcdef"), s.write(memoryview(np.arange(4, dtype=np.int32)))),
+    }
+    for edit, write in edits.items():
+        path = tmp_path / edit
         with fs.create_stream(path, "wb") as stream:
-            stream.write(b"abcdef")
-            stream.write(memoryview(np.arange(4, dtype=np.int32)))
-            if edit == "seek":
-                stream.seek(1)
-                stream.write(b"X")
-            elif edit == "truncate":
-                stream.truncate(3)
-        assert os.path.getsize(path) == (3 if edit == "truncate" else 22)
+            write(stream)
         assert fs.take(path) == file_sum(str(path)), edit
+    assert file_sum(str(tmp_path / "seek")) == {
+        "size": 6, "xxh3_64": xxhash.xxh3_64(b"xyc\0\0d").hexdigest()}
+    assert file_sum(str(tmp_path / "none"))["size"] == 22
     # A file changed after its stream closed (size differs): read back too.
     path = tmp_path / "g"
     with fs.create_stream(path, "wb") as stream:
@@ -224,7 +229,11 @@ def test_format_1_crc32_manifests_are_still_checked(tmp_path, caplog):
         folder = os.path.join(mgr.folder, f"step-{step}")
         manifest = read_manifest(folder)
         manifest["format"] = 1
-        manifest["files"] = {n: file_sum(os.path.join(folder, n), "crc32") for n in manifest["files"]}
+        manifest["files"] = {}
+        for name in sorted(os.listdir(folder)):
+            if name != "manifest.json" and not name.endswith("sums.json"):
+                data = open(os.path.join(folder, name), "rb").read()
+                manifest["files"][name] = {"size": len(data), "crc32": zlib.crc32(data)}
         with open(os.path.join(folder, "manifest.json"), "w") as f:
             json.dump(manifest, f)
     assert mgr.load()
@@ -235,9 +244,10 @@ def test_format_1_crc32_manifests_are_still_checked(tmp_path, caplog):
         byte = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0x10]))
+    bad = zlib.crc32(open(data, "rb").read())
     assert mgr.load()
     assert torch.equal(model.weight, torch.full((8, 8), 1.0))
-    assert f"{data}: crc32 0x" in caplog.text
+    assert f"{data}: crc32 {bad:#010x}, the save wrote" in caplog.text
     mgr.close()
 
 
