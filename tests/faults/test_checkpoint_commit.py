@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -23,6 +25,7 @@ from torchtitan_nemotron3.resilience import commit, rng
 from torchtitan_nemotron3.resilience.checkpoint import ResilientCheckpointManager
 from torchtitan_nemotron3.resilience.manifest import (
     CheckpointCorruptError,
+    check_files,
     file_sum,
     read_manifest,
 )
@@ -62,11 +65,12 @@ def _manager(tmp_path, **config):
     return mgr, model, extra["train_state"]
 
 
-def _save(mgr, model, train_state, step):
+def _save(mgr, model, train_state, step, last_step=False):
     with torch.no_grad():
-        model.weight.fill_(float(step))
+        for p in model.parameters():
+            p.fill_(float(step))
     train_state.value.fill_(float(step))
-    mgr.save(step)
+    mgr.save(step, last_step=last_step)
 
 
 def _folder(mgr):
@@ -286,3 +290,127 @@ def test_commit_refuses_a_folder_without_manifest(tmp_path):
     with pytest.raises(RuntimeError, match=r"\.tmp-step-3: no manifest\.json"):
         commit.commit_step(str(tmp), str(final))
     assert not final.exists()
+
+
+# --- TorchTitan's HF last step (last_save_in_hf) through the commit ------------
+
+
+class _HubNames:
+    """A stand-in state dict adapter (what TorchTitan's HF save uses of one): hub
+    names are ours under ``model.``; ``fqn_to_index_mapping`` puts the two layers
+    in two files (TorchTitan's per-rank consolidation) or is None (one file,
+    consolidated by the coordinator)."""
+
+    def __init__(self, indexed: bool):
+        self.fqn_to_index_mapping = (
+            {"model.0.weight": 1, "model.0.bias": 1, "model.1.weight": 2} if indexed else None
+        )
+
+    def to_hf(self, sd):
+        return {f"model.{k}": v for k, v in sd.items()}
+
+
+def _hf_manager(base, indexed: bool):
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4, bias=False))
+    extra = {"train_state": _State()}
+    cfg = ResilientCheckpointManager.Config(
+        enable=True, interval=1, keep_latest_k=0, last_save_model_only=True,
+        last_save_in_hf=True,
+    )  # fmt: skip
+    mgr = cfg.build(
+        dataloader=_State(), model_parts=[model], optimizers=_State(),
+        lr_schedulers=_State(), states=extra, sd_adapter=_HubNames(indexed),
+        base_folder=str(base),
+    )  # fmt: skip
+    return mgr, model, extra["train_state"]
+
+
+@pytest.mark.parametrize("indexed", [False, True], ids=["one_file", "indexed"])
+def test_hf_last_step_appears_only_once_complete(tmp_path, indexed):
+    """The HF step is written into .tmp-step-N; the hook (config.json) runs before
+    any step-N exists; the commit brings the safetensors, the index, config.json
+    and a manifest that checks, with the model's values."""
+    from safetensors.torch import load_file
+
+    mgr, model, ts = _hf_manager(tmp_path, indexed)
+    _save(mgr, model, ts, 1)
+    seen = {}
+
+    def hook(tmp):
+        seen["tmp"] = sorted(os.listdir(tmp))
+        seen["steps"] = [n for n in _folder(mgr) if n.startswith("step-")]
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            f.write("{}")
+
+    mgr.before_hf_commit = hook
+    _save(mgr, model, ts, 2, last_step=True)
+    mgr.close()
+    shards = (["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+              if indexed else ["model-00001-of-00001.safetensors"])  # fmt: skip
+    assert seen["steps"] == ["step-1"]
+    assert set(shards) | {"model.safetensors.index.json"} <= set(seen["tmp"])
+    assert _folder(mgr) == ["step-1", "step-2"]
+    step = os.path.join(mgr.folder, "step-2")
+    manifest = read_manifest(step)
+    assert set(shards) | {"config.json", "model.safetensors.index.json"} <= set(manifest["files"])
+    assert any(n.startswith("sharded/") for n in manifest["files"])
+    assert check_files(step, manifest["files"]) is None
+    got = {}
+    for shard in shards:
+        got.update(load_file(os.path.join(step, shard)))
+    want = {f"model.{k}": v for k, v in model.state_dict().items()}
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert mgr.latest_step() == 2
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "phase, indexed",
+    [
+        ("index", True),
+        pytest.param("index", False, marks=pytest.mark.matrix),
+        pytest.param("sharded", True, marks=pytest.mark.matrix),
+        pytest.param("config", True, marks=pytest.mark.matrix),
+    ],
+)
+def test_sigkill_inside_the_hf_save_leaves_no_step(tmp_path, phase, indexed):
+    """A process SIGKILLed inside its HF last save (after the per-rank files, right
+    after the index that makes the folder look complete, inside config.json) leaves
+    no step-2; the next load removes the leftover and loads step 1."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+               OMP_NUM_THREADS="1")  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.faults.hf_save_child", str(tmp_path), phase, str(int(indexed))],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == -9, proc.stdout + proc.stderr
+    folder = tmp_path / "checkpoint"
+    names = sorted(os.listdir(folder))
+    assert names == [".tmp-step-2", "step-1"], names
+    if phase == "index":  # what a reader of HF files would take as complete
+        assert (folder / ".tmp-step-2" / "model.safetensors.index.json").is_file()
+    mgr, model, ts = _hf_manager(tmp_path, indexed)
+    assert mgr.latest_step() == 1
+    assert mgr.load()
+    assert all(torch.equal(p, torch.full_like(p, 1.0)) for p in model.parameters())
+    assert sorted(os.listdir(folder)) == ["step-1"]
+    mgr.close()
+
+
+@pytest.mark.integration
+def test_the_hf_save_child_completes_without_a_kill(tmp_path):
+    """The kill test's child, run to the end, commits step 2 (so the kills above
+    are what leaves no step)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+               OMP_NUM_THREADS="1")  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.faults.hf_save_child", str(tmp_path), "none", "1"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "saved" in proc.stdout, proc.stdout + proc.stderr
+    step = tmp_path / "checkpoint" / "step-2"
+    assert json.loads((step / "config.json").read_text()) == {"model_type": "nemotron_h"}
+    assert check_files(str(step), read_manifest(str(step))["files"]) is None
