@@ -60,8 +60,9 @@ class _SummingStream:
         self.sequential = True
 
     def write(self, buf) -> int:
+        view = memoryview(buf)
+        view = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
         n = self._raw.write(buf)
-        view = memoryview(buf).cast("B")
         if n is None or n != view.nbytes:  # a partial write: DCP would not retry
             self.sequential = False
         self.summer.update(view[: n or 0])
