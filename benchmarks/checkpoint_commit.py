@@ -33,10 +33,10 @@ from torchtitan_nemotron3.resilience.manifest import check_files, read_manifest
 
 WRITERS = {
     "plain DCP (no checksum)": None,
-    "re-read CRC32 (before)": dict(algo="crc32", sum_in_write=False),
-    "re-read XXH3": dict(algo="xxh3_64", sum_in_write=False),
-    "in-write CRC32": dict(algo="crc32", sum_in_write=True),
-    "in-write XXH3 (default)": dict(algo="xxh3_64", sum_in_write=True),
+    "re-read CRC32 (before)": {"algo": "crc32", "sum_in_write": False},
+    "re-read XXH3": {"algo": "xxh3_64", "sum_in_write": False},
+    "in-write CRC32": {"algo": "crc32", "sum_in_write": True},
+    "in-write XXH3 (default)": {"algo": "xxh3_64", "sum_in_write": True},
 }
 
 

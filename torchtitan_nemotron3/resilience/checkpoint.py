@@ -44,8 +44,7 @@ from torchtitan.tools.logging import logger
 from torchtitan.tools.utils import GarbageCollection
 
 from . import rng
-from .commit import CommitWriter
-from .commit import commit_step
+from .commit import CommitWriter, commit_step
 from .layout import (
     MANIFEST,
     TIMELINE,
