@@ -402,6 +402,7 @@ def test_sigkill_inside_the_hf_save_leaves_no_step(tmp_path, phase, indexed):
 
 
 @pytest.mark.integration
+@pytest.mark.matrix  # the default control is the two-rank save below
 def test_the_hf_save_child_completes_without_a_kill(tmp_path):
     """The kill test's child, run to the end, commits step 2 (so the kills above
     are what leaves no step)."""
@@ -416,3 +417,51 @@ def test_the_hf_save_child_completes_without_a_kill(tmp_path):
     step = tmp_path / "checkpoint" / "step-2"
     assert json.loads((step / "config.json").read_text()) == {"model_type": "nemotron_h"}
     assert check_files(str(step), read_manifest(str(step))["files"]) is None
+
+
+def _two_ranks(tmp_path, phase, kill_rank):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+               OMP_NUM_THREADS="1")  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.faults.hf_save_child", str(tmp_path), phase, "1",
+             str(rank), "2", str(kill_rank)],
+            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    outs = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        outs.append((proc.returncode, out))
+    return outs
+
+
+@pytest.mark.integration
+def test_two_rank_hf_save_commits_both_ranks_files(tmp_path):
+    """Two ranks, a two-file index: each rank consolidates one file (TorchTitan's
+    per-rank consolidation), rank 0 the index; one commit brings both."""
+    outs = _two_ranks(tmp_path, "none", -1)
+    assert [rc for rc, _ in outs] == [0, 0], outs
+    step = tmp_path / "checkpoint" / "step-2"
+    files = read_manifest(str(step))["files"]
+    assert {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+            "model.safetensors.index.json", "config.json"} <= set(files)  # fmt: skip
+    assert check_files(str(step), files) is None
+    assert sorted(os.listdir(tmp_path / "checkpoint")) == ["step-1", "step-2"]
+
+
+@pytest.mark.integration
+@pytest.mark.matrix
+def test_rank_1_sigkilled_after_its_consolidation_leaves_no_step(tmp_path):
+    """Rank 1 dies after writing its consolidated file; rank 0 fails in the
+    gather: no step-2 (upstream would leave step-2 with rank 0's file only)."""
+    outs = _two_ranks(tmp_path, "consolidated", 1)
+    assert outs[1][0] == -9 and outs[0][0] != 0, outs
+    folder = tmp_path / "checkpoint"
+    assert sorted(os.listdir(folder)) == [".tmp-step-2", "step-1"]
+    assert (folder / ".tmp-step-2" / "model-00001-of-00002.safetensors").is_file()
+    mgr, model, _ = _hf_manager(tmp_path, True)
+    assert mgr.latest_step() == 1
+    mgr.close()
