@@ -423,12 +423,12 @@ def _two_ranks(tmp_path, phase, kill_rank):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
                OMP_NUM_THREADS="1")  # fmt: skip
+    child = [sys.executable, "-m", "tests.faults.hf_save_child", str(tmp_path), phase, "1"]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.faults.hf_save_child", str(tmp_path), phase, "1",
-             str(rank), "2", str(kill_rank)],
-            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+            [*child, str(rank), "2", str(kill_rank)], cwd=root, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
         for rank in (0, 1)
     ]
     outs = []
@@ -464,4 +464,6 @@ def test_rank_1_sigkilled_after_its_consolidation_leaves_no_step(tmp_path):
     assert (folder / ".tmp-step-2" / "model-00001-of-00002.safetensors").is_file()
     mgr, model, _ = _hf_manager(tmp_path, True)
     assert mgr.latest_step() == 1
+    assert mgr.load()
+    assert all(torch.equal(p, torch.full_like(p, 1.0)) for p in model.parameters())
     mgr.close()
