@@ -4,7 +4,11 @@ What it changes (everything else is TorchTitan's):
 
 * **Save**: DCP writes into ``.tmp-step-N`` and the coordinator renames it to
   ``step-N`` after ``.metadata`` and the checksum manifest (``commit.py``), in
-  sync and async modes. TorchTitan's HF last step is written as upstream.
+  sync and async modes. TorchTitan's HF last step (``last_save_in_hf``) too: its
+  ``HuggingFaceStorageWriter`` and the consolidation of the sharded safetensors
+  (on the coordinator, or on every rank with a file index) write into
+  ``.tmp-step-N``; once every rank is done, rank 0 runs ``before_hf_commit`` (the
+  trainer's ``config.json``), checksums the files into the manifest and renames.
 * **Load**: leftovers of killed saves and purges are removed; the newest committed
   step whose files match its manifest is loaded (the checks split over the ranks).
   A mismatch names the step and the file; ``on_corrupt = "fallback"`` moves that
@@ -40,20 +44,24 @@ from torchtitan.tools.logging import logger
 from torchtitan.tools.utils import GarbageCollection
 
 from . import rng
-from .commit import CommitWriter
+from .commit import CommitWriter, commit_step
 from .layout import (
+    MANIFEST,
     TIMELINE,
     committed_steps,
     fsync_dir,
     is_committed,
     stamp,
     step_of,
+    tmp_dir,
 )
 from .manifest import (
     CheckpointCorruptError,
     check_files,
+    file_sum,
     read_manifest,
     write_json_atomic,
+    write_manifest,
 )
 
 
@@ -108,7 +116,8 @@ class ResilientCheckpointManager(CheckpointManager):
         raises naming the step and the file."""
 
         verify: bool = True
-        """Record per-file sizes and CRC32s at save and check them at load."""
+        """Check each file's size and checksum at load against the manifest
+        that every save records."""
 
         def __post_init__(self) -> None:
             CheckpointManager.Config.__post_init__(self)
@@ -125,6 +134,10 @@ class ResilientCheckpointManager(CheckpointManager):
         self.on_corrupt = config.on_corrupt
         self.verify = config.verify
         self.states[rng.KEY] = rng.RngState()
+        self.before_hf_commit = None
+        """Called on rank 0 with the temporary folder of an HF last step, after
+        every rank's files and before the manifest and the rename (the trainer
+        writes ``config.json`` and the tokenizer files there)."""
 
     # ------------------------------------------------------------------ save
 
@@ -137,8 +150,8 @@ class ResilientCheckpointManager(CheckpointManager):
         to_hf: bool = False,
     ):
         if to_hf:
-            return super().dcp_save(
-                state_dict, checkpoint_id, async_mode, enable_garbage_collection, to_hf
+            return self._hf_save(
+                state_dict, checkpoint_id, async_mode, enable_garbage_collection
             )
         writer = CommitWriter(
             checkpoint_id,
@@ -164,6 +177,37 @@ class ResilientCheckpointManager(CheckpointManager):
         if enable_garbage_collection:
             GarbageCollection.collect("GC collection invoked by checkpointer.")
         return ret
+
+    def _hf_save(self, state_dict, checkpoint_id, async_mode, gc) -> None:
+        """TorchTitan's HF save into ``.tmp-step-N``, then manifest and rename."""
+        if async_mode != AsyncMode.DISABLED:
+            raise ValueError(
+                "an HF-format save (checkpoint.last_save_in_hf) is synchronous: "
+                f"async_mode {async_mode} is not supported for it"
+            )
+        rank, _ = _world()
+        tmp = tmp_dir(checkpoint_id)
+        if rank == 0 and os.path.exists(tmp):
+            # The consolidation globs every *.safetensors of tmp/sharded.
+            shutil.rmtree(tmp)
+        _barrier()
+        super().dcp_save(state_dict, tmp, async_mode, gc, to_hf=True)
+        # dcp.save returns after the coordinator's finish (its consolidation); the
+        # per-rank consolidation ends with a barrier: every file is written.
+        if rank == 0:
+            if self.before_hf_commit is not None:
+                self.before_hf_commit(tmp)
+            files = {}
+            for root, _, names in os.walk(tmp):
+                for name in names:
+                    path = os.path.join(root, name)
+                    files[os.path.relpath(path, tmp)] = file_sum(path)
+            write_manifest(
+                tmp, step_of(os.path.basename(os.path.normpath(checkpoint_id))),
+                ["model"], files=files,
+            )  # fmt: skip
+            commit_step(tmp, checkpoint_id)
+        _barrier()
 
     def _purge_stale_checkpoints(self):
         if not self._should_purge():
@@ -237,8 +281,10 @@ class ResilientCheckpointManager(CheckpointManager):
             manifest, problem = None, str(e)
         if manifest is None and problem is None:
             if os.path.isfile(os.path.join(path, ".metadata")):
-                logger.warning(f"{path}: no {'manifest.json'} (saved without "
-                               "checksums): loading it unchecked")
+                logger.warning(
+                    f"{path}: no {MANIFEST} (saved by plain TorchTitan or before "
+                    "checksums): loading it unchecked"
+                )
         elif manifest is not None:
             names = sorted(manifest["files"])[rank::world]
             problem = check_files(path, {n: manifest["files"][n] for n in names})

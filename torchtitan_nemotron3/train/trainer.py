@@ -210,6 +210,10 @@ class NemotronHTrainer(Trainer):
         if getattr(config.model_spec.model, "base_dtype", None) == "nf4":
             self._load_nf4_base(config)
         resilience.after_init(self)
+        if isinstance(self.checkpointer, ResilientCheckpointManager):
+            # config.json inside the HF last step, before its commit (a kill after
+            # the commit must not leave an export without it)
+            self.checkpointer.before_hf_commit = self._add_hf_config
         self.skipped_steps = 0  # by this process; not checkpointed
         self.consecutive_skips = 0
         self._loss_is_finite: torch.Tensor | None = None
@@ -463,6 +467,10 @@ class NemotronHTrainer(Trainer):
             os.path.join(export_dir, "config.json")
         ):
             return
+        self._add_hf_config(export_dir)
+
+    def _add_hf_config(self, export_dir: str) -> None:
+        checkpoint = self.config.checkpoint
         assets = self.config.hf_assets_path
         config_path = add_hf_config(
             export_dir,
