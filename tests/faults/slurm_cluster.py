@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Self
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "scontrol", "squeue", "sinfo")
@@ -52,6 +53,7 @@ class Cluster:
         self.cpus = cpus or os.cpu_count() or 1
         self.conf = self.root / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.socket"
+        self.pids: dict[str, int | None] = {}  # read at start: daemons delete the files
 
     @property
     def env(self) -> dict[str, str]:
@@ -105,7 +107,7 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             cmd, env=self.env, capture_output=True, text=True, timeout=timeout, check=False
         )
 
-    def start(self, timeout: float = 60) -> "Cluster":
+    def start(self, timeout: float = 60) -> Self:
         missing = missing_binaries()
         if missing:
             raise RuntimeError(f"Slurm not installed: {', '.join(missing)} not found")
@@ -129,6 +131,7 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
                 self.stop()
                 raise RuntimeError(f"{cmd[0]} failed (rc {proc.returncode}): "
                                    f"{(proc.stderr or proc.stdout).strip()}")  # fmt: skip
+            self.pids[cmd[0]] = self._pid(cmd[0])
         deadline = time.monotonic() + timeout
         state = ""
         while time.monotonic() < deadline:
@@ -148,13 +151,21 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         except (OSError, ValueError, IndexError):
             return None
 
-    def stop(self, timeout: float = 30) -> None:
-        if self.conf.exists():
-            self._run("scancel", "--full", "--quiet", "--partition", "debug")
-            self._run("scontrol", "shutdown")  # slurmctld and slurmd
+    def stop(self, timeout: float = 60) -> None:
+        """Cancel every job and wait for its processes to end (SIGTERM, SIGKILL
+        ``KillWait`` later: slurmd and munged must outlive them), then shut down
+        slurmctld and slurmd, then munged; a daemon still alive is SIGKILLed."""
         deadline = time.monotonic() + timeout
+        if self.pids.get("slurmctld"):
+            self._run("scancel", "--quiet", "--partition", "debug")
+            while time.monotonic() < deadline:
+                proc = self._run("squeue", "-h", "-o", "%i")
+                if proc.returncode != 0 or not proc.stdout.strip():
+                    break
+                time.sleep(0.5)
+            self._run("scontrol", "shutdown")  # slurmctld and slurmd
         for name in ("slurmd", "slurmctld", "munged"):
-            pid = self._pid(name)
+            pid = self.pids.pop(name, None)
             if pid is None:
                 continue
             if name == "munged":
@@ -164,7 +175,7 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             if _alive(pid, name):
                 os.kill(pid, signal.SIGKILL)
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -172,11 +183,13 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 
 
 def _alive(pid: int, name: str) -> bool:
-    """Whether ``pid`` is still this daemon (not a reused pid)."""
+    """Whether ``pid`` is still this daemon (not a reused pid, not a zombie)."""
     try:
-        return name in Path(f"/proc/{pid}/comm").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
+    comm, state = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2]
+    return name in comm and state != "Z"
 
 
 if __name__ == "__main__":
@@ -187,4 +200,5 @@ if __name__ == "__main__":
         cluster.start()
         print(f"SLURM_CONF={cluster.conf}")
     else:
+        cluster.pids = {name: cluster._pid(name) for name in DAEMONS}
         cluster.stop()

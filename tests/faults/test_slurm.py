@@ -20,7 +20,6 @@ command line (one node, no GPUs, this machine's cores).
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import subprocess
@@ -59,7 +58,7 @@ INTERRUPT_AT = 6
 def time_limit_signal() -> list[str]:
     """``scancel`` options sending what ``#SBATCH --signal=[B:]SIG@T`` makes Slurm
     send ``T`` seconds before the time limit (``B:``: to the batch script only)."""
-    spec = re.search(r"^#SBATCH --signal=(B:)?(\w+)@\d+$", SBATCH.read_text(), re.M)
+    spec = re.search(r"^#SBATCH --signal=(B:)?(\w+)@\d+$", SBATCH.read_text(), re.MULTILINE)
     assert spec, "train.sbatch asks for no time-limit signal"
     return (["--batch"] if spec.group(1) else []) + [f"--signal={spec.group(2)}"]
 
