@@ -1,6 +1,6 @@
 """A throwaway one-node Slurm cluster on localhost, for testing the sbatch script.
 
-Debian's ``slurm-wlm`` and ``munge`` (``apt-get install slurm-wlm munge``): a
+Debian's Slurm and MUNGE (``apt-get install slurmctld slurmd munge``): a
 ``munged``, a ``slurmctld`` and a ``slurmd`` started as the current user (root:
 ``slurmd`` launches the job's tasks as their owner), every file they write (key,
 socket, state, spool, logs, pid files) in one folder, free ports, no cgroups

@@ -47,7 +47,7 @@ pytestmark = [
     pytest.mark.skipif(
         bool(_missing),
         reason=f"Slurm not installed ({', '.join(_missing)} not found): "
-        "apt-get install slurm-wlm munge",
+        "apt-get install slurmctld slurmd munge",
     ),
 ]
 
