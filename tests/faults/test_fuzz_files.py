@@ -252,3 +252,182 @@ def test_fuzz_tokenizer_files(tmp_path):
             n += 1
     print(f"tokenizer corruptions refused naming the file: {n}")
     assert n == 24
+
+
+# --------------------------------------------------------------------------------
+# The data files: Megatron .bin/.idx pairs and their prepare manifest, text sources
+# (pretraining and prepare_data.py), SFT/DPO rows, the DPO reference table, the
+# adapters-only (LoRA/QLoRA) export path, the checkpoint timeline.
+
+DATA_COUNTS: Counter = Counter()  # file kind -> corruptions refused naming the file
+SILENT: Counter = Counter()  # file kind -> corruptions no reader can see (reported)
+
+
+def _corrupt(file: Path, kind: str, rng: random.Random, *, header: int = 0) -> str:
+    if kind == "truncate":
+        return _truncate(file, rng)
+    if kind == "truncate_json":  # never a cut that only drops trailing whitespace
+        text = file.read_bytes()
+        cut = rng.randrange(0, len(text.rstrip()))
+        file.write_bytes(text[:cut])
+        return f"truncate@{cut}"
+    if kind == "flip":
+        return _flip(file, rng, file.stat().st_size)
+    if kind == "flip_header":
+        return _flip(file, rng, header)
+    if kind == "garbage":
+        return _garbage(file, rng)
+    if kind == "empty":
+        return _empty(file, rng)
+    raise AssertionError(kind)
+
+
+def _refused(load, file: Path, how: str, errors) -> bool:
+    """True: refused with one line naming ``file``; False: it loaded."""
+    try:
+        load()
+    except errors as e:
+        message = str(e)
+        assert file.name in message, f"{file.name} {how}: not named in: {message}"
+        assert "\n" not in message, f"{file.name} {how}: several lines: {message}"
+        return True
+    except Exception as e:  # noqa: BLE001 (the point: nothing else may escape)
+        pytest.fail(f"{file.name} {how}: {type(e).__name__}: {e}")
+    return False
+
+
+def _wrong_json_type(old):
+    """A JSON value of another type than ``old`` (bool is not an int here)."""
+    wrong = [[1, 2], {"a": 1}, None]
+    if not isinstance(old, str):
+        wrong.append("x")
+    if not isinstance(old, bool):
+        wrong.append(True)
+    if isinstance(old, (bool, str, list, dict)) or old is None:
+        wrong.append(3)
+    if isinstance(old, (int, float)) and not isinstance(old, bool):
+        wrong.append(1.5)
+    return wrong
+
+
+def _set_path(obj: dict, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    for p in parents:
+        obj = obj[p]
+    obj[leaf] = value
+
+
+def _get_path(obj: dict, key: str):
+    for p in key.split("."):
+        obj = obj[p]
+    return obj
+
+
+@pytest.fixture(scope="module")
+def megatron_pair(tmp_path_factory):
+    """``ds.bin``/``ds.idx``/``ds.manifest.json`` from prepare_data.py's function on
+    the debug tokenizer (vocabulary 2048: uint16 tokens)."""
+    from torchtitan_nemotron3.data.prepare import prepare
+    from torchtitan_nemotron3.train.assets import ensure_debug_assets, generate_corpus
+
+    tok_dir = ensure_debug_assets()[0]
+    base = tmp_path_factory.mktemp("megatron")
+    corpus = base / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in generate_corpus(40, seed=3)))
+    prepare([str(corpus)], tok_dir, base / "pair" / "ds", progress=False)
+    return base / "pair", tok_dir
+
+
+# manifest keys the loader reads (the others describe the run, for people)
+MANIFEST_KEYS = [
+    "manifest_version", "files", "files.bin_bytes", "files.idx_bytes",
+    "files.idx_sha256", "files.bin_sha256", "documents", "tokens", "dtype",
+]
+
+
+def _read_pair(prefix: Path, verify_bin: bool = False) -> None:
+    """What the pretraining loader does with a prefix: open (and check against its
+    manifest), then build every row of an epoch with the vocabulary check."""
+    from torchtitan_nemotron3.data.rows import SourceRows
+    from torchtitan_nemotron3.data.sources import MegatronSource
+
+    rows = SourceRows(MegatronSource(str(prefix), verify_bin=verify_bin), seq_len=16,
+                      seed=0, vocab_size=2048)
+    for q in range(rows.rows_per_epoch):
+        rows.row(q)
+
+
+def _megatron_plans(k: int):
+    """k = 1 by default (258 cases, ~0.4 s); --matrix: k = 8."""
+    return [
+        # (file, kinds, cases, with the manifest)
+        ("ds.idx", ["truncate", "flip_header", "flip", "garbage", "empty"], 60 * k, True),
+        ("ds.idx", ["truncate", "flip_header", "flip", "garbage", "empty"], 60 * k, False),
+        ("ds.bin", ["truncate", "flip", "garbage", "empty"], 48 * k, True),
+        ("ds.bin", ["truncate", "garbage", "empty"], 18 * k, False),
+        ("ds.manifest.json", ["truncate_json", "garbage", "empty", "wrong_type"], 72 * k, True),
+    ]
+
+
+def _fuzz_megatron(megatron_pair, tmp_path, k: int):
+    from torchtitan_nemotron3.data.indexed import DataFileError
+    from torchtitan_nemotron3.data.rows import TokenIdError
+    from torchtitan_nemotron3.data.sources import SourceError
+
+    errors = (DataFileError, SourceError, TokenIdError)
+    src, _ = megatron_pair
+    rng = random.Random(3)
+    n = 0
+    counts, silent = Counter(), Counter()
+    for name, kinds, count, with_manifest in _megatron_plans(k):
+        label = name if with_manifest or name.endswith(".json") else f"{name} (no manifest)"
+        for kind, _ in _cases(rng, kinds, count):
+            dst = tmp_path / f"m{n}"
+            shutil.copytree(src, dst)
+            if not with_manifest:
+                (dst / "ds.manifest.json").unlink()
+            file = dst / name
+            if kind == "wrong_type":
+                obj = json.loads(file.read_text())
+                key = rng.choice(MANIFEST_KEYS)
+                _set_path(obj, key, rng.choice(_wrong_json_type(_get_path(obj, key))))
+                file.write_text(json.dumps(obj))
+                how = f"{key}={_get_path(obj, key)!r}"
+            else:
+                how = _corrupt(file, kind, rng, header=34)
+            prefix = dst / "ds"
+            if _refused(lambda: _read_pair(prefix), file, how, errors):
+                counts[label] += 1
+            else:
+                # Only a token value changed inside the .bin (a flip keeping the id
+                # in the vocabulary) or a flip in the .idx of a pair without manifest
+                # that its structure cannot reveal: found only by a checksum.
+                assert kind == "flip" and name != "ds.manifest.json", f"{name} {how}: loaded silently"
+                if with_manifest:
+                    assert name == "ds.bin", f"{name} {how}: loaded silently beside its manifest"
+                    assert _refused(lambda: _read_pair(prefix, verify_bin=True), file, how, errors), (
+                        f"{name} {how}: loaded silently with verify_checksums"
+                    )
+                    counts[label + " (verify_checksums)"] += 1
+                silent[label] += 1
+            shutil.rmtree(dst)
+            n += 1
+    DATA_COUNTS.update(counts)
+    SILENT.update(silent)
+    print(f"Megatron pair: {n} corruptions; refused naming the file: {dict(counts)}; "
+          f"loaded without verify_checksums (token values / no manifest): {dict(silent)}")
+    return n, counts, silent
+
+
+def test_fuzz_megatron_pair(megatron_pair, tmp_path):
+    n, counts, silent = _fuzz_megatron(megatron_pair, tmp_path, 1)
+    assert n == 258
+    # with its manifest, nothing loads silently but .bin token values without verify
+    assert set(silent) <= {"ds.bin", "ds.idx (no manifest)"}
+
+
+@pytest.mark.matrix
+def test_fuzz_megatron_pair_matrix(megatron_pair, tmp_path):
+    n, _, silent = _fuzz_megatron(megatron_pair, tmp_path, 8)
+    assert n == 8 * 258
+    assert set(silent) <= {"ds.bin", "ds.idx (no manifest)"}
