@@ -431,3 +431,165 @@ def test_fuzz_megatron_pair_matrix(megatron_pair, tmp_path):
     n, _, silent = _fuzz_megatron(megatron_pair, tmp_path, 8)
     assert n == 8 * 258
     assert set(silent) <= {"ds.bin", "ds.idx (no manifest)"}
+
+
+# ------------------------------------------------------------ text and chat inputs
+
+WRONG_ROW_VALUES = [3, True, {"a": 1}, [1, 2]]  # invalid for every field below
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows, indent=1))
+    elif path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        path.write_text(rows[0]["text"])
+
+
+def _row_fields(row: dict) -> list[tuple]:
+    """The paths of the fields a reader checks in one row."""
+    paths = []
+    for key, value in row.items():
+        paths.append((key,))
+        if isinstance(value, list):
+            for i, m in enumerate(value):
+                paths += [(key, i, k) for k in ("role", "content") if k in m]
+    return paths
+
+
+def _wrong_row_type(file: Path, rows: list[dict], rng: random.Random) -> str:
+    rows = json.loads(json.dumps(rows))
+    r = rng.randrange(len(rows))
+    path = rng.choice(_row_fields(rows[r]))
+    holder = rows[r]
+    for p in path[:-1]:
+        holder = holder[p]
+    holder[path[-1]] = rng.choice(WRONG_ROW_VALUES)
+    _write_rows(file, rows)
+    return f"row {r + 1} {'.'.join(map(str, path))}={holder[path[-1]]!r}"
+
+
+def _at_row_boundary(original: bytes, file: Path) -> bool:
+    """A JSONL file cut between two rows: a valid shorter file (only a recorded
+    size could tell)."""
+    kept = file.read_bytes()
+    return file.suffix == ".jsonl" and (
+        kept.endswith(b"\n") or original[len(kept) : len(kept) + 1] == b"\n"
+    )
+
+
+TEXT_PLANS = [  # (file, kinds, cases)
+    ("c.jsonl", ["truncate_json", "garbage", "empty", "wrong_type"], 16),
+    ("c.json", ["truncate_json", "garbage", "empty", "wrong_type"], 12),
+    ("c.parquet", ["truncate", "flip_footer", "garbage", "empty"], 12),
+]
+
+
+def _fuzz_rows(tmp_path, rows, plans, load, errors, seed, label):
+    rng = random.Random(seed)
+    counts, silent = Counter(), Counter()
+    n = 0
+    for name, kinds, count in plans:
+        for kind, _ in _cases(rng, kinds, count):
+            dst = tmp_path / f"{label}{n}"
+            dst.mkdir()
+            file = dst / name
+            _write_rows(file, rows)
+            original = file.read_bytes()
+            if kind == "wrong_type":
+                how = _wrong_row_type(file, rows, rng)
+            elif kind == "flip_footer":  # Parquet's metadata: the file's last bytes
+                footer = 8 + int.from_bytes(original[-8:-4], "little")
+                data = bytearray(original)
+                at = len(data) - 1 - rng.randrange(footer)
+                data[at] ^= 1 << rng.randrange(8)
+                file.write_bytes(bytes(data))
+                how = f"flip@{at}"
+            else:
+                how = _corrupt(file, kind, rng)
+            kind_label = f"{label} {Path(name).suffix[1:]}"
+            got = []
+            if _refused(lambda: got.append(load(file, dst)), file, how, errors):
+                counts[kind_label] += 1
+            elif kind == "flip_footer":
+                # a flip in footer metadata the reader does not use (a statistic,
+                # created_by): harmless only if every row reads back unchanged
+                clean = dst / ("clean" + file.suffix)
+                _write_rows(clean, rows)
+                assert got[0] == load(clean, dst), f"{name} {how}: loaded changed rows silently"
+                silent[kind_label + " (footer flip, rows unchanged)"] += 1
+            else:
+                assert kind == "truncate_json" and _at_row_boundary(original, file), (
+                    f"{name} {how}: loaded silently"
+                )
+                silent[kind_label + " (cut between rows)"] += 1
+            shutil.rmtree(dst)
+            n += 1
+    DATA_COUNTS.update(counts)
+    SILENT.update(silent)
+    print(f"{label}: {n} corruptions; refused naming the file: {dict(counts)}; "
+          f"valid shorter files: {dict(silent)}")
+    return n
+
+
+@pytest.fixture(scope="module")
+def text_rows():
+    from torchtitan_nemotron3.train.assets import generate_corpus
+
+    return [{"text": t} for t in generate_corpus(24, seed=5)]
+
+
+def test_fuzz_pretraining_text_files(text_rows, tmp_path):
+    """Text sources of a blend (tokenized at start-up) and prepare_data.py's inputs."""
+    import sys as _sys
+
+    from torchtitan_nemotron3.data.indexed import DataFileError
+    from torchtitan_nemotron3.data.prepare import prepare
+    from torchtitan_nemotron3.data.sources import SourceError, TokenizedTextSource
+    from torchtitan_nemotron3.train.assets import ensure_debug_assets
+
+    _sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+    from data_helpers import WordTokenizer
+
+    tok_dir = ensure_debug_assets()[0]
+    plans = TEXT_PLANS + [("c.txt", ["empty"], 2)]
+
+    def blend_text(file, _):
+        source = TokenizedTextSource(str(file), WordTokenizer())
+        return [source[k].tolist() for k in range(len(source))]
+
+    def prepare_input(file, dst):
+        out = dst / f"out-{file.stem}" / "o"
+        prepare([str(file)], tok_dir, out, progress=False)
+        return (out.parent / "o.bin").read_bytes(), (out.parent / "o.idx").read_bytes()
+
+    n = _fuzz_rows(tmp_path, text_rows, plans, blend_text, (SourceError,), 10, "blend text")
+    n += _fuzz_rows(tmp_path, text_rows, plans, prepare_input, (DataFileError,), 11,
+                    "prepare_data input")
+    assert n == 2 * 42
+
+
+def test_fuzz_sft_and_dpo_files(tmp_path):
+    from torchtitan_nemotron3.dpo.assets import generate_pairs
+    from torchtitan_nemotron3.dpo.pairs import PairColumns, to_pair
+    from torchtitan_nemotron3.sft.assets import generate_chats
+    from torchtitan_nemotron3.sft.chat_data import ChatColumns, ChatDataError, to_messages
+    from torchtitan_nemotron3.sft.sources import ChatSource
+
+    def sft(file, _):
+        rows = ChatSource(str(file), shuffle_seed=None).rows()
+        return [to_messages(row, ChatColumns(), where) for where, row in rows]
+
+    def dpo(file, _):
+        rows = ChatSource(str(file), shuffle_seed=None).rows()
+        return [to_pair(row, PairColumns(), where) for where, row in rows]
+
+    n = _fuzz_rows(tmp_path, generate_chats(12, seed=1), TEXT_PLANS, sft, (ChatDataError,), 12, "sft")
+    n += _fuzz_rows(tmp_path, generate_pairs(12, seed=2), TEXT_PLANS, dpo, (ChatDataError,), 13, "dpo")
+    assert n == 2 * 40
