@@ -593,3 +593,91 @@ def test_fuzz_sft_and_dpo_files(tmp_path):
     n = _fuzz_rows(tmp_path, generate_chats(12, seed=1), TEXT_PLANS, sft, (ChatDataError,), 12, "sft")
     n += _fuzz_rows(tmp_path, generate_pairs(12, seed=2), TEXT_PLANS, dpo, (ChatDataError,), 13, "dpo")
     assert n == 2 * 40
+
+
+# ------------------------------------------------ files read back on resume
+
+
+def test_fuzz_dpo_reference_table(tmp_path):
+    """``dpo_reference/<split>.safetensors``: a resumed precomputed-reference DPO run
+    reads it back instead of recomputing; its values carry a SHA-256, so a flip in
+    the data is refused too."""
+    import torch
+
+    from torchtitan_nemotron3.dpo.reference import ReferenceTable
+
+    good = tmp_path / "good.safetensors"
+    ReferenceTable(-torch.rand(20, 2, generator=torch.Generator().manual_seed(0)) * 50, "fp").save(str(good))
+    rng = random.Random(14)
+    counts = Counter()
+    kinds = ["truncate", "flip_header", "flip", "garbage", "empty"]
+    for i, (kind, _) in enumerate(_cases(rng, kinds, 30)):
+        file = tmp_path / f"r{i}" / "train.safetensors"
+        file.parent.mkdir()
+        shutil.copy(good, file)
+        how = _corrupt(file, kind, rng, header=_header_size(file))
+        assert _refused(lambda: ReferenceTable.load(str(file), "fp"), file, how, (ValueError,)), (
+            f"{file.name} {how}: loaded silently"
+        )
+        counts[kind] += 1
+    DATA_COUNTS["dpo reference table"] += sum(counts.values())
+    print(f"DPO reference table: refused naming the file: {dict(counts)}")
+    assert sum(counts.values()) == 30
+
+
+@pytest.fixture(scope="module")
+def rewound_folder(dcp_step, tmp_path_factory):
+    """A checkpoint folder with steps 1, 2 and a timeline.json (rewound to 1)."""
+    from tests.faults.test_checkpoint_commit import _manager, _save
+
+    base = tmp_path_factory.mktemp("timeline")
+    mgr, model, ts = _manager(base, keep_latest_k=0)
+    _save(mgr, model, ts, 1)
+    _save(mgr, model, ts, 2)
+    mgr.close()
+    mgr, _, _ = _manager(base, keep_latest_k=0)
+    assert mgr.load(step=1)
+    mgr.close()
+    assert (base / "checkpoint" / "timeline.json").is_file()
+    return base
+
+
+def test_fuzz_checkpoint_timeline(rewound_folder, tmp_path):
+    """``timeline.json`` (the rewinds applied): read by every restart with a
+    ``load_step``; refused naming it, never a bare JSON or KeyError."""
+    from tests.faults.test_checkpoint_commit import _manager
+
+    rng = random.Random(15)
+    kinds = ["truncate_json", "garbage", "empty", "wrong_type"]
+    n = 0
+    for kind, _ in _cases(rng, kinds, 16):
+        base = tmp_path / f"t{n}"
+        shutil.copytree(rewound_folder, base)
+        file = base / "checkpoint" / "timeline.json"
+        if kind == "wrong_type":
+            history = json.loads(file.read_text())
+            key = rng.choice([None, "entry", "load_step", "time"])
+            if key is None:
+                history = rng.choice([3, "x", {"a": 1}, True])
+            elif key == "entry":
+                history[-1] = rng.choice([3, "x", [1], None])
+            else:
+                history[-1][key] = rng.choice([v for v in _wrong_json_type(history[-1][key]) if v != 3 or key != "load_step"])
+            file.write_text(json.dumps(history))
+            how = f"{key}: {json.dumps(history)[:60]}"
+        else:
+            how = _corrupt(file, kind, rng)
+
+        def load():
+            mgr, _, _ = _manager(base, keep_latest_k=0)
+            try:
+                mgr.load(step=1)
+            finally:
+                mgr.close()
+
+        assert _refused(load, file, how, NAMED), f"{file.name} {how}: loaded silently"
+        shutil.rmtree(base)
+        n += 1
+    DATA_COUNTS["timeline.json"] += n
+    print(f"timeline.json: refused naming the file: {n}")
+    assert n == 16
