@@ -681,3 +681,62 @@ def test_fuzz_checkpoint_timeline(rewound_folder, tmp_path):
     DATA_COUNTS["timeline.json"] += n
     print(f"timeline.json: refused naming the file: {n}")
     assert n == 16
+
+
+@pytest.fixture(scope="module")
+def adapters_dcp(dcp_step, tmp_path_factory):
+    """An adapters-only DCP checkpoint of a LoRA model (what a QLoRA run saves,
+    ``qlora.checkpoint.AdaptersOnly``), with the commit-safe manager's manifest."""
+    import torch.distributed.checkpoint as dcp
+
+    from torchtitan_nemotron3.lora.merge import is_adapter_key
+    from torchtitan_nemotron3.resilience.manifest import write_manifest, write_rank_sums
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lora"))
+    from lora_testing import args_for_test, base_and_lora, lora_config
+
+    args = args_for_test(3)
+    _, lora = base_and_lora(args, 3)
+    base = tmp_path_factory.mktemp("adapters") / "step-1"
+    adapters = {k: v for k, v in lora.state_dict().items() if is_adapter_key(k)}
+    dcp.save(adapters, checkpoint_id=str(base), no_dist=True)
+    write_rank_sums(str(base), "__0_", [n for n in os.listdir(base) if n.endswith(".distcp")])
+    write_manifest(str(base), 1, ["model"])
+    return base, lora_config(args)
+
+
+def test_fuzz_adapters_only_checkpoint(adapters_dcp, tmp_path):
+    """The export path of LoRA/QLoRA adapters-only checkpoints
+    (``convert_checkpoint.py dcp-to-hf --merge_into_base``, ``serve``): with the
+    manifest every corruption is refused naming the file; without it (a plain
+    TorchTitan save) truncated and empty files are, a changed value is not (DCP
+    has no checksums)."""
+    from torchtitan_nemotron3.lora.export import load_lora_adapters
+    from torchtitan_nemotron3.resilience.manifest import CheckpointCorruptError
+
+    src, config = adapters_dcp
+    distcp = sorted(n for n in os.listdir(src) if n.endswith(".distcp"))[0]
+    rng = random.Random(16)
+    plans = [
+        (".metadata", ["truncate", "flip", "garbage", "empty"], 12, True),
+        (distcp, ["truncate", "flip", "garbage", "empty"], 12, True),
+        (".metadata", ["truncate", "garbage", "empty"], 6, False),
+        (distcp, ["truncate", "empty"], 4, False),
+    ]
+    counts = Counter()
+    n = 0
+    for name, kinds, count, with_manifest in plans:
+        for kind, _ in _cases(rng, kinds, count):
+            dst = tmp_path / f"a{n}" / "step-1"
+            shutil.copytree(src, dst)
+            if not with_manifest:
+                (dst / "manifest.json").unlink()
+            file = dst / name
+            how = _corrupt(file, kind, rng)
+            assert _refused(lambda: load_lora_adapters(dst, config), file, how,
+                            (ValueError, CheckpointCorruptError)), f"{name} {how}: loaded silently"
+            counts[Path(name).suffix + ("" if with_manifest else " (no manifest)")] += 1
+            n += 1
+    DATA_COUNTS["adapters-only DCP"] += n
+    print(f"adapters-only DCP: refused naming the file: {dict(counts)}")
+    assert n == 34
