@@ -426,6 +426,29 @@ def test_fuzz_megatron_pair(megatron_pair, tmp_path):
     assert set(silent) <= {"ds.bin", "ds.idx (no manifest)"}
 
 
+def test_idx_change_its_structure_cannot_show_is_found_by_the_manifest(megatron_pair, tmp_path):
+    """Document index 2 raised to 3 (one bit): still rising from 0 to S, so the
+    structural checks pass (document 1 takes two sequences, document 2 none); only
+    the manifest's .idx SHA-256 tells."""
+    import struct
+
+    from torchtitan_nemotron3.data.indexed import DataFileError, IndexedDataset
+
+    src, _ = megatron_pair
+    shutil.copytree(src, tmp_path / "p")
+    prefix = tmp_path / "p" / "ds"
+    ds = IndexedDataset(prefix)
+    S = len(ds.sequence_lengths)
+    assert ds.document_indices[2] == 2 and ds.document_indices[3] == 3
+    with open(f"{prefix}.idx", "r+b") as f:
+        f.seek(34 + 12 * S + 8 * 2)
+        f.write(struct.pack("<q", 3))
+    with pytest.raises(DataFileError, match=r"ds\.idx: SHA-256 .* its manifest .*ds\.manifest\.json recorded"):
+        _read_pair(prefix)
+    (tmp_path / "p" / "ds.manifest.json").unlink()
+    assert list(IndexedDataset(prefix).doc_lengths[1:3]) != list(ds.doc_lengths[1:3])  # loads: the limit
+
+
 @pytest.mark.matrix
 def test_fuzz_megatron_pair_matrix(megatron_pair, tmp_path):
     n, _, silent = _fuzz_megatron(megatron_pair, tmp_path, 8)
@@ -735,7 +758,8 @@ def test_fuzz_adapters_only_checkpoint(adapters_dcp, tmp_path):
             how = _corrupt(file, kind, rng)
             assert _refused(lambda: load_lora_adapters(dst, config), file, how,
                             (ValueError, CheckpointCorruptError)), f"{name} {how}: loaded silently"
-            counts[Path(name).suffix + ("" if with_manifest else " (no manifest)")] += 1
+            label = name if name.startswith(".") else Path(name).suffix
+            counts[label + ("" if with_manifest else " (no manifest)")] += 1
             n += 1
     DATA_COUNTS["adapters-only DCP"] += n
     print(f"adapters-only DCP: refused naming the file: {dict(counts)}")
