@@ -273,6 +273,12 @@ def _corrupt(file: Path, kind: str, rng: random.Random, *, header: int = 0) -> s
         return f"truncate@{cut}"
     if kind == "flip":
         return _flip(file, rng, file.stat().st_size)
+    if kind == "flip_high":  # bit 7 of an ASCII byte: never valid UTF-8
+        data = bytearray(file.read_bytes())
+        at = rng.choice([i for i, b in enumerate(data) if b < 0x80 and chr(b).isalnum()])
+        data[at] ^= 0x80
+        file.write_bytes(bytes(data))
+        return f"flip_high@{at}"
     if kind == "flip_header":
         return _flip(file, rng, header)
     if kind == "garbage":
@@ -508,8 +514,8 @@ def _at_row_boundary(original: bytes, file: Path) -> bool:
 
 
 TEXT_PLANS = [  # (file, kinds, cases)
-    ("c.jsonl", ["truncate_json", "garbage", "empty", "wrong_type"], 16),
-    ("c.json", ["truncate_json", "garbage", "empty", "wrong_type"], 12),
+    ("c.jsonl", ["truncate_json", "garbage", "empty", "wrong_type", "flip_high"], 20),
+    ("c.json", ["truncate_json", "garbage", "empty", "wrong_type", "flip_high"], 15),
     ("c.parquet", ["truncate", "flip_footer", "garbage", "empty"], 12),
 ]
 
@@ -581,7 +587,7 @@ def test_fuzz_pretraining_text_files(text_rows, tmp_path):
     from data_helpers import WordTokenizer
 
     tok_dir = ensure_debug_assets()[0]
-    plans = TEXT_PLANS + [("c.txt", ["empty"], 2)]
+    plans = TEXT_PLANS + [("c.txt", ["empty", "flip_high"], 4)]
 
     def blend_text(file, _):
         source = TokenizedTextSource(str(file), WordTokenizer())
@@ -595,7 +601,7 @@ def test_fuzz_pretraining_text_files(text_rows, tmp_path):
     n = _fuzz_rows(tmp_path, text_rows, plans, blend_text, (SourceError,), 10, "blend text")
     n += _fuzz_rows(tmp_path, text_rows, plans, prepare_input, (DataFileError,), 11,
                     "prepare_data input")
-    assert n == 2 * 42
+    assert n == 2 * 51
 
 
 def test_fuzz_sft_and_dpo_files(tmp_path):
@@ -615,7 +621,7 @@ def test_fuzz_sft_and_dpo_files(tmp_path):
 
     n = _fuzz_rows(tmp_path, generate_chats(12, seed=1), TEXT_PLANS, sft, (ChatDataError,), 12, "sft")
     n += _fuzz_rows(tmp_path, generate_pairs(12, seed=2), TEXT_PLANS, dpo, (ChatDataError,), 13, "dpo")
-    assert n == 2 * 40
+    assert n == 2 * 47
 
 
 # ------------------------------------------------ files read back on resume
