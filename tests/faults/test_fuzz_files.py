@@ -455,6 +455,30 @@ def test_idx_change_its_structure_cannot_show_is_found_by_the_manifest(megatron_
     assert list(IndexedDataset(prefix).doc_lengths[1:3]) != list(ds.doc_lengths[1:3])  # loads: the limit
 
 
+def test_verify_checksums_finds_a_changed_token_value(megatron_pair, tmp_path):
+    """A token id changed by one (bit 0 of a uint16: still in the vocabulary) is
+    invisible to every structural check; ``dataloader.verify_checksums`` finds it
+    through the manifest's .bin SHA-256, before the first batch."""
+    from torchtitan_nemotron3.data.indexed import DataFileError
+    from torchtitan_nemotron3.data.pretrain import PretrainDataLoader
+
+    src, _ = megatron_pair
+    shutil.copytree(src, tmp_path / "p")
+    prefix = tmp_path / "p" / "ds"
+    data = bytearray(Path(f"{prefix}.bin").read_bytes())
+    data[10] ^= 1
+    Path(f"{prefix}.bin").write_bytes(bytes(data))
+
+    def loader(verify):
+        cfg = PretrainDataLoader.Config(blend=str(prefix), vocab_size=2048, verify_checksums=verify)
+        return PretrainDataLoader(cfg, dp_world_size=1, dp_rank=0, tokenizer=None,
+                                  seq_len=16, local_batch_size=2)
+
+    next(iter(loader(False)))  # the limit: without the full check it loads
+    with pytest.raises(DataFileError, match=r"ds\.bin: SHA-256 .*ds\.manifest\.json recorded"):
+        loader(True)
+
+
 @pytest.mark.matrix
 def test_fuzz_megatron_pair_matrix(megatron_pair, tmp_path):
     n, _, silent = _fuzz_megatron(megatron_pair, tmp_path, 8)
