@@ -794,3 +794,35 @@ def test_fuzz_adapters_only_checkpoint(adapters_dcp, tmp_path):
     DATA_COUNTS["adapters-only DCP"] += n
     print(f"adapters-only DCP: refused naming the file: {dict(counts)}")
     assert n == 34
+
+
+def test_an_emptied_file_among_others_is_named(text_rows, tmp_path):
+    """A directory of inputs with one file truncated to 0 bytes: refused naming
+    that file by every text reader (not skipped as a file without rows)."""
+    from torchtitan_nemotron3.data.indexed import DataFileError
+    from torchtitan_nemotron3.data.prepare import prepare
+    from torchtitan_nemotron3.data.sources import SourceError, TokenizedTextSource
+    from torchtitan_nemotron3.sft.assets import generate_chats
+    from torchtitan_nemotron3.sft.chat_data import ChatDataError
+    from torchtitan_nemotron3.sft.sources import ChatSource
+    from torchtitan_nemotron3.train.assets import ensure_debug_assets
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+    from data_helpers import WordTokenizer
+
+    tok_dir = ensure_debug_assets()[0]
+    for ext in (".jsonl", ".json"):
+        text, chat = tmp_path / f"text{ext}", tmp_path / f"chat{ext}"
+        for d, rows in ((text, text_rows), (chat, generate_chats(4, seed=1))):
+            d.mkdir()
+            _write_rows(d / f"train-a{ext}", rows[:2])
+            (d / f"train-b{ext}").write_bytes(b"")
+            _write_rows(d / f"train-c{ext}", rows[2:])
+        empty_text, empty_chat = text / f"train-b{ext}", chat / f"train-b{ext}"
+        for load, file, errors in [
+            (lambda: TokenizedTextSource(str(text), WordTokenizer()), empty_text, (SourceError,)),
+            (lambda: prepare([str(text)], tok_dir, tmp_path / f"o{ext}" / "o", progress=False),
+             empty_text, (DataFileError,)),
+            (lambda: ChatSource(str(chat)), empty_chat, (ChatDataError,)),
+        ]:
+            assert _refused(load, file, "emptied", errors), f"{file}: skipped silently"

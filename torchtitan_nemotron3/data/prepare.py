@@ -282,11 +282,12 @@ def iter_rows(source: Source, text_key: str) -> Iterator[tuple[str, str | DataFi
     caller raises it, or counts it under ``skip_bad_rows``). Errors that make the
     whole source unreadable are raised here."""
     path = source.name
+    if source.kind != "hub" and os.path.getsize(path) == 0:
+        # a truncated write, not a document of one EOS (.txt) or no rows to skip
+        raise DataFileError(f"{path}: empty file (0 bytes)")
     if source.kind == "txt":
         with open(path, "rb") as f:
             data = f.read()
-        if not data:  # not a document of one EOS
-            raise DataFileError(f"{path}: empty file (0 bytes)")
         try:
             yield f"{path}", _utf8(path, data)
         except DataFileError as e:

@@ -61,6 +61,8 @@ class _JsonLines:
     def __init__(self, path: str):
         self.path = path
         self.rows: list | None = None
+        if os.path.getsize(path) == 0:  # a truncated write: never skipped silently
+            raise ChatDataError(f"{path}: empty file (0 bytes)")
         with open(path, "rb") as f:
             head = f.read(4096).lstrip()
         if head.startswith(b"["):  # one JSON array
