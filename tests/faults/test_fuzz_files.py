@@ -2,9 +2,20 @@
 flipped header bytes, garbage, empty files, wrong JSON types) of the files a run
 reads: HF safetensors shards, ``config.json``, the shard index (through
 ``from_pretrained``), and a DCP step's ``.metadata``, ``.distcp`` and manifest
-(through the commit-safe checkpoint manager with ``on_corrupt = "stop"``). Each
-must fail with one line naming the file: never a bare ``OverflowError`` /
-``EOFError`` / deep traceback, never a silent load."""
+(through the commit-safe checkpoint manager with ``on_corrupt = "stop"``); and the
+data files: Megatron ``.bin``/``.idx`` pairs with and without their prepare
+manifest (through the pretraining loader's source and rows), the manifest itself,
+text inputs of a blend and of ``prepare_data.py``, SFT and DPO rows
+(JSONL/JSON/Parquet), the DPO precomputed reference table, adapters-only (LoRA /
+QLoRA) DCP checkpoints on the export path, and the checkpoint ``timeline.json``.
+Each must fail with one line naming the file: never a bare ``OverflowError`` /
+``EOFError`` / deep traceback, never a silent load.
+
+What no reader can see is allowed to load, and counted, only where stated: a
+token value changed inside a ``.bin`` (found by ``dataloader.verify_checksums``
+through the manifest's SHA-256, which reads the whole file), a JSONL file cut
+exactly between two rows (a valid shorter file), and a Parquet footer flip in
+metadata the reader does not use (every row must read back unchanged)."""
 
 from __future__ import annotations
 
