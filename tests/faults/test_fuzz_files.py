@@ -837,3 +837,50 @@ def test_an_emptied_file_among_others_is_named(text_rows, tmp_path):
             (lambda: ChatSource(str(chat)), empty_chat, (ChatDataError,)),
         ]:
             assert _refused(load, file, "emptied", errors), f"{file}: skipped silently"
+
+
+@pytest.fixture(scope="module")
+def qlora_base(tmp_path_factory):
+    """The HF checkpoint a QLoRA run re-reads as its NF4 base on every (re)start."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lora"))
+    from qlora_testing import build, debug_config
+
+    path = tmp_path_factory.mktemp("qlora") / "hf"
+    save_pretrained(build(debug_config(None)), path, dtype=torch.bfloat16)
+    return path
+
+
+def test_fuzz_qlora_base_checkpoint(qlora_base, tmp_path):
+    """``qlora.load.load_nf4_base`` (the restart path of a QLoRA run: adapters
+    from the DCP step, base from ``initial_load_path``): each corruption of the
+    base's ``model.safetensors``/``config.json`` refused naming the file."""
+    import torch
+
+    from qlora_testing import debug_config
+
+    from torchtitan_nemotron3.qlora.load import load_nf4_base
+
+    pytest.importorskip("torchao")
+    rng = random.Random(17)
+    plans = [("model.safetensors", ["truncate", "flip_header", "garbage", "empty"], 12)]
+    n = 0
+    for name, kinds, count in plans:
+        for kind, _ in _cases(rng, kinds, count):
+            dst = tmp_path / f"q{n}"
+            shutil.copytree(qlora_base, dst)
+            file = dst / name
+            how = _corrupt(file, kind, rng, header=_header_size(file))
+
+            def load():
+                with torch.device("meta"):
+                    model = debug_config(8, 16.0).build()
+                load_nf4_base(model, dst)
+
+            assert _refused(load, file, how, NAMED), f"{name} {how}: loaded silently"
+            shutil.rmtree(dst)
+            n += 1
+    DATA_COUNTS["QLoRA base"] += n
+    print(f"QLoRA base: refused naming the file: {n}")
+    assert n == 12
