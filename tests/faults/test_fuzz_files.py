@@ -228,6 +228,29 @@ def test_fuzz_dcp_step_files(dcp_step, tmp_path):
     assert n == 76
 
 
+def test_a_manifest_that_lists_less_is_refused(dcp_step, tmp_path):
+    """``manifest.json`` with ``files`` emptied, or without ``.metadata`` or a
+    ``.distcp`` entry, would check less and load unchecked: refused naming it."""
+    from tests.faults.test_checkpoint_commit import _manager
+
+    for i, drop in enumerate([None, ".metadata", "__0_0.distcp"]):
+        base = tmp_path / f"l{i}"
+        shutil.copytree(dcp_step, base)
+        file = base / "checkpoint" / "step-1" / "manifest.json"
+        obj = json.loads(file.read_text())
+        obj["files"] = {} if drop is None else {k: v for k, v in obj["files"].items() if k != drop}
+        file.write_text(json.dumps(obj))
+
+        def load():
+            mgr, _, _ = _manager(base, keep_latest_k=0, on_corrupt="stop")
+            try:
+                mgr.load()
+            finally:
+                mgr.close()
+
+        assert _refused(load, file, f"without {drop or 'any file'}", NAMED), f"{drop}: loaded unchecked"
+
+
 def test_fuzz_tokenizer_files(tmp_path):
     """tokenizer.json and tokenizer_config.json of the debug assets: each
     corruption refused by the job check naming the file."""
