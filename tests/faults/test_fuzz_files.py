@@ -460,7 +460,7 @@ def _fuzz_megatron(megatron_pair, tmp_path, k: int):
 
 
 def test_fuzz_megatron_pair(megatron_pair, tmp_path):
-    n, counts, silent = _fuzz_megatron(megatron_pair, tmp_path, 1)
+    n, _, silent = _fuzz_megatron(megatron_pair, tmp_path, 1)
     assert n == 258
     # with its manifest, nothing loads silently but .bin token values without verify
     assert set(silent) <= {"ds.bin", "ds.idx (no manifest)"}
@@ -666,7 +666,11 @@ def test_fuzz_sft_and_dpo_files(tmp_path):
     from torchtitan_nemotron3.dpo.assets import generate_pairs
     from torchtitan_nemotron3.dpo.pairs import PairColumns, to_pair
     from torchtitan_nemotron3.sft.assets import generate_chats
-    from torchtitan_nemotron3.sft.chat_data import ChatColumns, ChatDataError, to_messages
+    from torchtitan_nemotron3.sft.chat_data import (
+        ChatColumns,
+        ChatDataError,
+        to_messages,
+    )
     from torchtitan_nemotron3.sft.sources import ChatSource
 
     def sft(file, _):
@@ -878,9 +882,9 @@ def qlora_base(tmp_path_factory):
 def test_fuzz_qlora_base_checkpoint(qlora_base, tmp_path):
     """``qlora.load.load_nf4_base`` (the restart path of a QLoRA run: adapters
     from the DCP step, base from ``initial_load_path``): each corruption of the
-    base's ``model.safetensors``/``config.json`` refused naming the file."""
+    base's ``model.safetensors`` refused naming the file (the model config is
+    the job's: its ``config.json`` is not read here)."""
     import torch
-
     from qlora_testing import debug_config
 
     from torchtitan_nemotron3.qlora.load import load_nf4_base

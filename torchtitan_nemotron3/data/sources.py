@@ -56,7 +56,6 @@ class MegatronSource:
                 + PREPARE_HINT.format(prefix=prefix)
             )
         from .indexed import IndexedDataset
-
         from .prepare import check_manifest
 
         self.dataset = IndexedDataset(prefix)
