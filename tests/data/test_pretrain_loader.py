@@ -240,6 +240,6 @@ def test_token_ids_beyond_the_model_vocabulary_name_the_file(tmp_path):
         _take(loader, 2)
     msg = str(e.value)
     assert msg == (
-        f"{prefix}: document 1 has token id 70000, outside the model's vocabulary "
+        f"{prefix}.bin: document 1 has token id 70000, outside the model's vocabulary "
         "[0, 65536) (wrong tokenizer?)"
     )

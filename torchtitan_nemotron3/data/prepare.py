@@ -55,9 +55,85 @@ def read_manifest(prefix: str | os.PathLike) -> dict | None:
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            manifest = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataFileError(f"{path}: not a JSON manifest ({e})") from None
+    if not isinstance(manifest, dict):
+        raise DataFileError(f"{path}: not a JSON manifest (a {type(manifest).__name__}, not an object)")
+    return manifest
+
+
+def _sha256_file(path: str, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_manifest(prefix: str | os.PathLike, dataset, *, verify_bin: bool = False) -> dict | None:
+    """Check an opened ``IndexedDataset`` against the manifest ``prepare`` wrote beside
+    it (None: no manifest, as for Megatron's own files: nothing to check).
+
+    Always (cheap: the ``.idx`` is ~12 bytes a document): both file sizes, the
+    ``.idx`` SHA-256, documents, tokens and dtype. The ``.bin`` SHA-256 only with
+    ``verify_bin``: it reads the whole ``.bin`` (about 1.7 GB/s a core here, ~10 min
+    a TB), so a changed token value, which no structural check can see, is found
+    only then. Raises ``DataFileError`` naming the file that differs (or the
+    manifest and its key, for a manifest that cannot be read)."""
+    manifest = read_manifest(prefix)
+    if manifest is None:
+        return None
+    path = manifest_path(prefix)
+
+    def need(obj: dict, key: str, kind: type, where: str):
+        if key not in obj:
+            raise DataFileError(f"{path}: no {where!r} field")
+        value = obj[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise DataFileError(
+                f"{path}: {where!r} is {type(value).__name__}, not {kind.__name__}"
+            )
+        return value
+
+    version = need(manifest, "manifest_version", int, "manifest_version")
+    if version != MANIFEST_VERSION:
+        raise DataFileError(f"{path}: manifest_version {version} (this reader knows {MANIFEST_VERSION})")
+    files = need(manifest, "files", dict, "files")
+    facts = {k: need(files, k, int, f"files.{k}") for k in ("bin_bytes", "idx_bytes")}
+    idx_sha = need(files, "idx_sha256", str, "files.idx_sha256")
+    bin_sha = None  # absent from older manifests
+    if "bin_sha256" in files:
+        bin_sha = need(files, "bin_sha256", str, "files.bin_sha256")
+    want = {k: need(manifest, k, int, k) for k in ("documents", "tokens")}
+    dtype = need(manifest, "dtype", str, "dtype")
+    idx, bin_ = dataset.idx_path, dataset.bin_path
+    for name, key in ((bin_, "bin_bytes"), (idx, "idx_bytes")):
+        size = os.path.getsize(name)
+        if size != facts[key]:
+            raise DataFileError(f"{name}: {size} bytes, its manifest {path} recorded {facts[key]}")
+    got = {"documents": len(dataset), "tokens": dataset.num_tokens}
+    for key in ("documents", "tokens"):
+        if got[key] != want[key]:
+            raise DataFileError(f"{idx}: {got[key]} {key}, its manifest {path} recorded {want[key]}")
+    if str(dataset.dtype) != dtype:
+        raise DataFileError(f"{idx}: dtype {dataset.dtype}, its manifest {path} recorded {dtype}")
+    sha = _sha256_file(idx)
+    if sha != idx_sha:
+        raise DataFileError(
+            f"{idx}: SHA-256 {sha[:16]}..., its manifest {path} recorded {idx_sha[:16]}... "
+            "(changed since it was written)"
+        )
+    if verify_bin:
+        if bin_sha is None:
+            raise DataFileError(f"{path}: no 'files.bin_sha256' (written before checksums); cannot verify {bin_}")
+        sha = _sha256_file(bin_)
+        if sha != bin_sha:
+            raise DataFileError(
+                f"{bin_}: SHA-256 {sha[:16]}..., its manifest {path} recorded {bin_sha[:16]}... "
+                "(token values changed since it was written)"
+            )
+    return manifest
 
 
 # -------------------------------------------------------------------- tokenizer
@@ -206,6 +282,9 @@ def iter_rows(source: Source, text_key: str) -> Iterator[tuple[str, str | DataFi
     caller raises it, or counts it under ``skip_bad_rows``). Errors that make the
     whole source unreadable are raised here."""
     path = source.name
+    if source.kind != "hub" and os.path.getsize(path) == 0:
+        # a truncated write, not a document of one EOS (.txt) or no rows to skip
+        raise DataFileError(f"{path}: empty file (0 bytes)")
     if source.kind == "txt":
         with open(path, "rb") as f:
             data = f.read()
@@ -255,13 +334,25 @@ def iter_rows(source: Source, text_key: str) -> Iterator[tuple[str, str | DataFi
         try:
             pf = pq.ParquetFile(path)
         except Exception as e:  # noqa: BLE001 (Arrow raises several kinds)
-            raise DataFileError(f"{path}: cannot read as Parquet ({e})") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataFileError(f"{path}: cannot read as Parquet ({first})") from None
         names = pf.schema_arrow.names
         if text_key not in names:
             raise DataFileError(f"{path}: no {text_key!r} column (columns: {', '.join(names[:8])})")
         row_no = 0
-        for batch in pf.iter_batches(batch_size=4096, columns=[text_key]):
-            for value in batch.column(0).to_pylist():
+        batches = pf.iter_batches(batch_size=4096, columns=[text_key])
+        while True:
+            try:
+                batch = next(batches)
+                values = batch.column(0).to_pylist()
+            except StopIteration:
+                break
+            except Exception as e:  # noqa: BLE001 (a corrupt page: Arrow raises several kinds)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise DataFileError(
+                    f"{path}: cannot read as Parquet after row {row_no} ({first})"
+                ) from None
+            for value in values:
                 row_no += 1
                 where = f"{path}: row {row_no}"
                 if isinstance(value, str):
@@ -466,6 +557,7 @@ def prepare(
                 extra = f" ({bad_count} bad rows skipped)" if bad_count else ""
                 raise DataFileError(f"{named}: empty corpus, no documents{extra}")
             documents, tokens = writer.num_documents, writer.num_tokens
+            bin_sha256 = writer.bin_sha256
             # The old manifest goes just before the new pair is committed: a crash in
             # between leaves a pair without a manifest, never one describing other files.
             try:
@@ -483,7 +575,7 @@ def prepare(
         "manifest_version": MANIFEST_VERSION,
         "tool": f"torchtitan_nemotron3.data.prepare {_package_version()}",
         "created_unix": int(time.time()),
-        "files": _file_facts(prefix),
+        "files": _file_facts(prefix) | {"bin_sha256": bin_sha256},
         "tokenizer": {
             "path": tok.path,
             "sha256": tok.sha256,

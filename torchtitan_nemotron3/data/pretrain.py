@@ -50,7 +50,7 @@ class PretrainRows:
             vocab_size = tokenizer.get_vocab_size()
         self.names, self.sources = [], []
         for e in entries:
-            source = open_source(e.spec, tokenizer, config.text_key)
+            source = open_source(e.spec, tokenizer, config.text_key, config.verify_checksums)
             if config.valid_fraction > 0:
                 source = HeldOut(source, config.valid_fraction, config.split, config.seed)
             rows = SourceRows(
@@ -212,6 +212,13 @@ class PretrainDataLoader(ParallelAwareDataloader):
         vocab_size: int | None = None
         """Token ids must be below this (the model's vocabulary; the trainer fills
         it in; None: the tokenizer's)."""
+
+        verify_checksums: bool = False
+        """Check each Megatron source's ``.bin`` against the SHA-256 its
+        ``.manifest.json`` recorded (``scripts/prepare_data.py``), on every rank at
+        start-up: a changed token value is otherwise undetectable, but this reads
+        the whole ``.bin`` (about 1.7 GB/s a core: ~10 min a TB). Sizes and the
+        ``.idx`` SHA-256 are always checked when a manifest exists."""
 
         allow_data_change: bool = False
         """Resume from a checkpoint whose blend, sources, tokenizer, seq_len,

@@ -111,7 +111,8 @@ class SourceRows:
         if top >= self.vocab_size or int(toks.min()) < 0:
             bad = top if top >= self.vocab_size else int(toks.min())
             real = getattr(self.source, "document_id", lambda d: d)(doc)
+            where = getattr(self.source, "data_file", None) or self.source.name
             raise TokenIdError(
-                f"{self.source.name}: document {real} has token id {bad}, outside "
+                f"{where}: document {real} has token id {bad}, outside "
                 f"the model's vocabulary [0, {self.vocab_size}) (wrong tokenizer?)"
             )

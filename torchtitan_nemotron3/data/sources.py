@@ -43,9 +43,11 @@ def _digest(*arrays: np.ndarray) -> str:
 
 
 class MegatronSource:
-    """A Megatron ``.bin``/``.idx`` pair (``indexed.IndexedDataset``)."""
+    """A Megatron ``.bin``/``.idx`` pair (``indexed.IndexedDataset``), checked
+    against the manifest ``scripts/prepare_data.py`` wrote beside it, when there is
+    one (sizes and the ``.idx`` SHA-256; the ``.bin`` SHA-256 with ``verify_bin``)."""
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, verify_bin: bool = False):
         prefix = prefix.removesuffix(".bin").removesuffix(".idx")
         if not (os.path.exists(prefix + ".bin") or os.path.exists(prefix + ".idx")):
             raise SourceError(
@@ -54,9 +56,12 @@ class MegatronSource:
                 + PREPARE_HINT.format(prefix=prefix)
             )
         from .indexed import IndexedDataset
+        from .prepare import check_manifest
 
         self.dataset = IndexedDataset(prefix)
+        check_manifest(prefix, self.dataset, verify_bin=verify_bin)
         self.name = prefix
+        self.data_file = self.dataset.bin_path  # what a bad token id names
         self.doc_lengths = np.asarray(self.dataset.doc_lengths, dtype=np.int64)
         self.identity = (
             f"megatron:{os.path.basename(prefix)}:docs={len(self.doc_lengths)}:"
@@ -122,6 +127,8 @@ def _expand(spec: str) -> list[str]:
 def _texts(path: str, key: str):
     """(where, text) of each document of one file; a missing or non-string text
     field is an error naming the file and line, never skipped."""
+    if os.path.getsize(path) == 0:  # a .txt would be a document of one EOS
+        raise SourceError(f"{path}: empty file (0 bytes)")
     if path.endswith(".txt"):
         try:
             with open(path, encoding="utf-8") as f:
@@ -132,7 +139,11 @@ def _texts(path: str, key: str):
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # noqa: BLE001 (Arrow raises several kinds)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SourceError(f"{path}: cannot read as Parquet ({first})") from None
         if key not in table.column_names:
             raise SourceError(f"{path}: no column {key!r} (columns: {table.column_names})")
         for i, text in enumerate(table.column(key).to_pylist()):
@@ -191,6 +202,7 @@ class HeldOut:
         chosen[np.random.default_rng([seed, 0x5EED]).permutation(n)[:k]] = True
         self.docs = np.flatnonzero(chosen if split == "valid" else ~chosen)
         self.source, self.name = source, source.name
+        self.data_file = getattr(source, "data_file", None)
         self.doc_lengths = source.doc_lengths[self.docs]
         self.identity = f"{source.identity}:{split}={fraction}"
 
@@ -204,12 +216,12 @@ class HeldOut:
         return int(self.docs[doc])
 
 
-def open_source(spec: str, tokenizer=None, text_key: str = "text"):
+def open_source(spec: str, tokenizer=None, text_key: str = "text", verify_bin: bool = False):
     if is_text_spec(spec):
         if tokenizer is None:
             raise SourceError(f"{spec}: text files need the job's tokenizer")
         return TokenizedTextSource(spec, tokenizer, text_key)
-    return MegatronSource(spec)
+    return MegatronSource(spec, verify_bin=verify_bin)
 
 
 def check_blend_files(blend: str, key: str = "dataloader.blend") -> None:

@@ -68,27 +68,52 @@ class ReferenceTable:
 
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
+        logps_N2 = self.logps_N2.detach().float().contiguous().cpu()
         save_file(
-            {"logps": self.logps_N2.contiguous()},
+            {"logps": logps_N2},
             tmp,
-            metadata={"fingerprint": self.fingerprint},
+            metadata={"fingerprint": self.fingerprint, "sha256": _sha256(logps_N2)},
         )
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str, fingerprint: str) -> ReferenceTable:
+        """The table saved at ``path``; one line naming the file for anything else
+        (unreadable, another layout, values changed since the save: the table
+        records the SHA-256 of its values, a few bytes a pair to hash)."""
         from safetensors import safe_open
 
         try:
             with safe_open(path, framework="pt") as f:
-                found = (f.metadata() or {}).get("fingerprint")
-                logps = f.get_tensor("logps")
+                meta = f.metadata() or {}
+                names = sorted(f.keys())
+                logps = f.get_tensor("logps") if names == ["logps"] else None
         except Exception as e:  # noqa: BLE001 (safetensors raises several kinds)
-            raise ValueError(f"{path}: not a DPO reference table ({e})") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{path}: not a DPO reference table ({first})") from None
+        if logps is None:
+            raise ValueError(f"{path}: not a DPO reference table (tensors {names}, expected 'logps')")
+        found = meta.get("fingerprint")
         if found != fingerprint:
             raise ValueError(
                 f"{path}: DPO reference table of other data or settings (fingerprint "
                 f"{found!r}, this run {fingerprint!r}); delete it to recompute from "
                 "the starting weights"
             )
-        return cls(logps.float(), fingerprint)
+        if logps.dtype != torch.float32 or logps.dim() != 2 or logps.size(1) != 2:
+            raise ValueError(
+                f"{path}: 'logps' is {logps.dtype} {list(logps.shape)}, not float32 [pairs, 2]"
+            )
+        if meta.get("sha256") != _sha256(logps):
+            raise ValueError(
+                f"{path}: 'logps' values differ from the SHA-256 recorded at save "
+                f"({meta.get('sha256')!r}): corrupt; delete it to recompute from the "
+                "starting weights"
+            )
+        return cls(logps, fingerprint)
+
+
+def _sha256(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()

@@ -67,8 +67,47 @@ def save_pretrained(model: NemotronHModel, out_dir, **kwargs) -> None:
     hf_save_pretrained(merged_model(model), out_dir, **kwargs)
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def read_dcp_metadata(dcp_dir: str):
+    """The DCP metadata of ``dcp_dir``, its files checked first: against the
+    ``manifest.json`` (sizes, checksums) a checkpoint of the commit-safe manager has,
+    else only that each data file holds the byte ranges ``.metadata`` points at (a
+    changed value is undetectable without the manifest: DCP has no checksums).
+    One line naming the file for anything wrong."""
+    from ..resilience.manifest import CheckpointCorruptError, check_files, read_manifest
+
+    manifest = read_manifest(dcp_dir)  # names manifest.json if unreadable
+    if manifest is not None:
+        problem = check_files(dcp_dir, manifest["files"])
+        if problem:
+            raise CheckpointCorruptError(f"DCP checkpoint file changed since its save: {problem}")
+    path = os.path.join(dcp_dir, ".metadata")
+    try:
+        metadata = FileSystemReader(dcp_dir).read_metadata()
+        ends: dict[str, int] = {}
+        for info in (metadata.storage_data or {}).values():
+            end = int(info.offset) + int(info.length)
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), end)
+        metadata.state_dict_metadata.items()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing (not a DCP checkpoint)") from None
+    except Exception as e:  # noqa: BLE001 (unpickling garbage raises anything)
+        raise ValueError(f"{path}: unreadable DCP metadata ({_first_line(e)})") from None
+    for name, end in sorted(ends.items()):
+        file = os.path.join(dcp_dir, name)
+        size = os.path.getsize(file) if os.path.isfile(file) else None
+        if size is None or size < end:
+            have = "missing" if size is None else f"{size} bytes"
+            raise ValueError(f"{file}: {have}, {path} needs {end} (truncated)")
+    return metadata
+
+
 def _check_stored(dcp_dir: str, names) -> None:
-    stored = FileSystemReader(dcp_dir).read_metadata().state_dict_metadata
+    stored = read_dcp_metadata(dcp_dir).state_dict_metadata
     missing = sorted(k for k in names if k not in stored)
     if missing:
         raise ValueError(
@@ -90,7 +129,10 @@ def load_lora_adapters(dcp_dir: str | os.PathLike, model_config) -> dict:
         if is_adapter_key(k)
     }
     _check_stored(dcp_dir, adapters)
-    dcp.load(adapters, storage_reader=FileSystemReader(dcp_dir), no_dist=True)
+    try:
+        dcp.load(adapters, storage_reader=FileSystemReader(dcp_dir), no_dist=True)
+    except Exception as e:  # noqa: BLE001 (DCP wraps the reader's error in several layers)
+        raise ValueError(f"{dcp_dir}: reading the adapters failed ({_first_line(e)})") from None
     return {**state, **adapters}
 
 
@@ -102,7 +144,7 @@ def lora_config_for_dcp(dcp_dir: str | os.PathLike, model_config, alpha: float):
     does not record) is the caller's. ``model_config``: the plain model config.
     Raises ``ValueError`` for a checkpoint without adapters or with mixed ranks."""
     dcp_dir = os.fspath(dcp_dir)
-    stored = FileSystemReader(dcp_dir).read_metadata().state_dict_metadata
+    stored = read_dcp_metadata(dcp_dir).state_dict_metadata
     ranks = {
         k.removesuffix(LORA_A): md.size[0]
         for k, md in stored.items()

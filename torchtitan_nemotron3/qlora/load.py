@@ -21,6 +21,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torchtitan.protocols.module import Module
 
+from ..hf.errors import CheckpointMismatchError
 from ..hf.files import check_finite, open_safetensors, read_stored, scan_checkpoint
 from ..hf.hub import MODEL_FILES, local_dir
 from ..hf.naming import is_expert_weight, keep_fp32, ours_to_hub, packed_part, packed_parts
@@ -33,13 +34,19 @@ class _Reader:
     """Hub tensors by name from the checkpoint's files (one open file at a time)."""
 
     def __init__(self, path):
+        self.path = os.fspath(path)
         self.stored = scan_checkpoint(path)
         self._file, self._handle = None, None
 
     def read(self, hub_name: str) -> torch.Tensor:
         entry = self.stored.get(hub_name)
         if entry is None:
-            raise KeyError(f"the checkpoint has no tensor {hub_name!r}")
+            files = sorted({os.path.basename(e.file) for e in self.stored.values()})
+            named = ", ".join(files[:3]) + (f" (+{len(files) - 3} more)" if len(files) > 3 else "")
+            raise CheckpointMismatchError(
+                f"{self.path}: no tensor {hub_name!r} in {named or 'its files'} "
+                "(a damaged header, or a checkpoint of another architecture)"
+            )
         if entry.file != self._file:
             self.close()
             self._handle = open_safetensors(entry.file).__enter__()

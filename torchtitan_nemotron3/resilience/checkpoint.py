@@ -230,11 +230,25 @@ class ResilientCheckpointManager(CheckpointManager):
         return self._find_load_step() if self.enable else -1
 
     def _timeline(self) -> list[dict]:
+        """The rewinds applied so far; one line naming the file if it cannot be
+        read (a rewind applied twice would move the new timeline aside)."""
         path = os.path.join(self.folder, TIMELINE)
         if not os.path.exists(path):
             return []
-        with open(path) as f:
-            return json.load(f)
+        try:
+            with open(path, "rb") as f:
+                history = json.loads(f.read().decode("utf-8"))
+        except (ValueError, OSError) as e:  # JSONDecodeError, UnicodeDecodeError
+            raise CheckpointCorruptError(f"{path}: unreadable rewind history ({e})") from None
+        if not isinstance(history, list) or not all(
+            isinstance(h, dict) and type(h.get("load_step")) is int
+            and isinstance(h.get("time"), str)
+            for h in history
+        ):
+            raise CheckpointCorruptError(
+                f"{path}: not a rewind history (a list of {{load_step: int, time: str, ...}})"
+            )
+        return history
 
     def rewind_applied(self, step: int) -> bool:
         """Whether ``load_step = step`` was already applied (it acts once)."""

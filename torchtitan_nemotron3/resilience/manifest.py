@@ -154,6 +154,13 @@ def read_manifest(folder: str) -> dict | None:
             entry_algo(v) for v in files.values()
         ):
             raise ValueError("'files' is not {name: {size, crc32 | xxh3_64}}")
+        # a manifest that lists less checks less: .metadata and every data file
+        unlisted = sorted(
+            n for n in os.listdir(folder)
+            if (n == ".metadata" or n.endswith(".distcp")) and n not in files
+        )
+        if unlisted:
+            raise ValueError(f"'files' does not list {', '.join(unlisted[:3])}")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointCorruptError(f"{path}: unreadable manifest ({e})") from None
     return manifest

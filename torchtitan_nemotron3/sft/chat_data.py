@@ -118,8 +118,9 @@ def to_messages(
                 f"{where}: message {i} is {type(m).__name__}, not a dict"
             )
         role = m.get(columns.role_key)
-        role = aliases.get(role, role)
-        if role not in ROLES:
+        if isinstance(role, str):  # (a list or dict role is unhashable)
+            role = aliases.get(role, role)
+        if not isinstance(role, str) or role not in ROLES:
             raise ChatDataError(
                 f"{where}: message {i}: unknown role {role!r} (expected one of "
                 f"{', '.join(ROLES)}; rename others with dataloader.columns.role_aliases)"

@@ -61,14 +61,21 @@ class _JsonLines:
     def __init__(self, path: str):
         self.path = path
         self.rows: list | None = None
+        if os.path.getsize(path) == 0:  # a truncated write: never skipped silently
+            raise ChatDataError(f"{path}: empty file (0 bytes)")
         with open(path, "rb") as f:
             head = f.read(4096).lstrip()
         if head.startswith(b"["):  # one JSON array
-            with open(path, encoding="utf-8") as f:
-                try:
-                    self.rows = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise ChatDataError(f"{path}: invalid JSON: {e}") from None
+            with open(path, "rb") as f:
+                raw = f.read()
+            try:
+                self.rows = json.loads(raw.decode("utf-8"))
+            except json.JSONDecodeError as e:
+                raise ChatDataError(f"{path}: invalid JSON: {e}") from None
+            except UnicodeDecodeError as e:
+                raise ChatDataError(
+                    f"{path}: not valid UTF-8 (byte {e.start}: {e.reason})"
+                ) from None
             return
         self.offsets: list[tuple[int, int]] = []  # (byte offset, line number)
         with open(path, "rb") as f:
@@ -90,9 +97,11 @@ class _JsonLines:
             line = f.readline()
         where = f"{self.path}: row {i + 1} (line {number})"
         try:
-            return where, json.loads(line)
+            return where, json.loads(line.decode("utf-8"))
         except json.JSONDecodeError as e:
             raise ChatDataError(f"{where}: invalid JSON: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ChatDataError(f"{where}: not valid UTF-8 (byte {e.start}: {e.reason})") from None
 
 
 class _Parquet:
@@ -108,7 +117,8 @@ class _Parquet:
             wanted = columns if columns and set(columns) <= set(names) else None
             self.table = pq.read_table(path, columns=wanted, memory_map=True)
         except Exception as e:  # noqa: BLE001 (Arrow raises several kinds)
-            raise ChatDataError(f"{path}: cannot read as Parquet: {e}") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ChatDataError(f"{path}: cannot read as Parquet: {first}") from None
         self.path = path
 
     def __len__(self) -> int:
