@@ -781,7 +781,7 @@ def adapters_dcp(dcp_step, tmp_path_factory):
     import torch.distributed.checkpoint as dcp
 
     from torchtitan_nemotron3.lora.merge import is_adapter_key
-    from torchtitan_nemotron3.resilience.manifest import write_manifest, write_rank_sums
+    from torchtitan_nemotron3.resilience.commit import CommitWriter
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lora"))
     from lora_testing import args_for_test, base_and_lora, lora_config
@@ -790,9 +790,10 @@ def adapters_dcp(dcp_step, tmp_path_factory):
     _, lora = base_and_lora(args, 3)
     base = tmp_path_factory.mktemp("adapters") / "step-1"
     adapters = {k: v for k, v in lora.state_dict().items() if is_adapter_key(k)}
-    dcp.save(adapters, checkpoint_id=str(base), no_dist=True)
-    write_rank_sums(str(base), "__0_", [n for n in os.listdir(base) if n.endswith(".distcp")])
-    write_manifest(str(base), 1, ["model"])
+    # written as the manager writes it: temp folder, manifest, rename
+    dcp.save(adapters, storage_writer=CommitWriter(str(base), step=1, states=["model"]),
+             no_dist=True)  # fmt: skip
+    assert (base / "manifest.json").is_file()
     return base, lora_config(args)
 
 
