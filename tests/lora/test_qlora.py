@@ -5,6 +5,8 @@ the NF4 expert GEMM (bitwise forward, gradients, no bf16 bank kept by autograd),
 and the debug model: NF4 vs bf16 base at step 0, adapters at init, and 30 LoRA
 steps that learn as on the bf16 base while the NF4 base stays bitwise fixed."""
 
+import re
+
 import pytest
 import torch
 from qlora_testing import (
@@ -69,6 +71,46 @@ def test_every_nf4_target_gets_a_legal_block_size(flavor):
     dt = next(v for k, v in sizes.items() if k.endswith("in_proj.dt.weight"))
     assert dt == {"debugmodel": 32, "nano-30B": 128, "super-120B": 256}[flavor]
     print(f"{flavor}: {n} NF4 tensors, scaler block sizes {sorted(set(sizes.values()))}")
+
+
+# dp degrees at which FSDP cannot split a target into whole NF4 blocks (rows or
+# 64-blocks not divisible): those tensors stay replicated (``nf4_replicated``).
+_UNSPLITTABLE = {
+    "nano-30B": {128: {"in_proj.dt.weight"}, 256: {
+        "in_proj.dt.weight", "out_proj.weight", "shared_experts.up_proj.weight",
+        "shared_experts.down_proj.weight", "o_proj.weight"}},
+    "super-120B": {128: set(), 256: {"in_proj.dt.weight"}},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("flavor", ["nano-30B", "super-120B"])
+def test_fsdp_splits_every_nf4_target_into_whole_blocks_at_power_of_two_dp(flavor):
+    """FSDP-QLoRA's shard rule, checked by torchao itself: for dp = 2 … 64 every
+    NF4 target is ``shardable``, and torchao's ``aten.split`` (what FSDP2's
+    ``torch.chunk`` calls) cuts its placeholder into dp row chunks whose codes,
+    scalers and factors split evenly; at dp 128 / 256 only the listed tensors
+    are not (their rows or blocks do not divide: they stay replicated)."""
+    from torchtitan_nemotron3.qlora.nf4 import nf4_placeholder, shardable
+
+    cfg = debug_config(16, 32.0, flavor=flavor)
+    with torch.device("meta"):
+        model = cfg.build()
+    shapes = {}
+    for fqn, module, names in nf4_targets(model, lm_head=True):
+        for name in names:
+            key = re.sub(r"^(mtp\.)?layers\.\d+\.(mixer\.)?", "", f"{fqn}.{name}")
+            key = key.replace("routed_experts.inner_experts.", "")
+            shapes.setdefault(key, tuple(getattr(module, name).shape))
+    for dp in (2, 4, 8, 16, 32, 64, 128, 256):
+        bad = {k for k, shape in shapes.items() if not shardable(shape, dp)}
+        assert bad == _UNSPLITTABLE[flavor].get(dp, set()), (dp, bad)
+        for key, shape in shapes.items():
+            if key in bad:
+                continue
+            q = nf4_placeholder(shape, key, shards=dp)
+            chunks = q.split(q.shape[0] // dp)
+            assert len(chunks) == dp and chunks[0].shape[0] * dp == q.shape[0]
+            assert chunks[0].quantization_factor.numel() * dp == q.quantization_factor.numel()
 
 
 def test_nf4_refuses_a_tensor_that_is_not_whole_blocks_by_name():
