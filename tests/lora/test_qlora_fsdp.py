@@ -23,7 +23,7 @@ from torchtitan.distributed import ParallelDims
 from torchtitan_nemotron3 import model_registry, parallelize
 from torchtitan_nemotron3.lora import NemotronHLoRAConverter
 from torchtitan_nemotron3.qlora.load import fill_nf4_base
-from torchtitan_nemotron3.qlora.nf4 import NF4Tensor
+from torchtitan_nemotron3.qlora.nf4 import NF4Tensor, to_nf4
 from torchtitan_nemotron3.qlora.transform import is_nf4, prepare_nf4
 from torchtitan_nemotron3.train import cpu_compat
 
@@ -221,11 +221,39 @@ def _two_rank_worker(rank: int, port: int, out: str) -> None:
             "losses": losses,
             "n_sharded": n_sharded,
             "nf4_unchanged": all(torch.equal(before[k], after[k]) for k in before),
+            "hf_checked": _check_hf_fill(out, rank),
         }
         with open(f"{out}.rank{rank}.json", "w") as f:
             json.dump(report, f)
     finally:
         dist.destroy_process_group()
+
+
+def _check_hf_fill(out: str, rank: int) -> dict:
+    """The trainer's order with a hub checkpoint on two ranks: each rank's NF4
+    shard is its rows of ``to_nf4`` of the hub tensor (bitwise), each other
+    base tensor its DTensor shard of the hub's. Filled over the seeded base
+    (the shared scaler mean and code book are then copied in place)."""
+    model = _build(fsdp=True, world=2)
+    fill_nf4_base(model, out + ".hf")
+    ref = load_file(out + ".hub.safetensors")
+    seen = {"nf4": 0, "plain": 0}
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            continue
+        want = ref[name]
+        if is_nf4(p):
+            local = p._local_tensor
+            q = to_nf4(want.reshape(-1, want.shape[-1]), 64, local.scaler_block_size)
+            part = q.split(q.shape[0] // 2)[rank]
+            for attr in ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean"):
+                assert torch.equal(getattr(local, attr), getattr(part, attr)), (name, attr)
+            seen["nf4"] += 1
+        else:
+            got = p.full_tensor() if isinstance(p, DTensor) else p
+            assert torch.equal(got, want.to(got.dtype)), name
+            seen["plain"] += 1
+    return seen
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -240,9 +268,19 @@ def test_two_gloo_ranks_shard_the_nf4_base_and_equal_one_rank(tmp_path):
     hooks) and train as one rank does on the whole batch: the same losses,
     first-step adapter gradients and adapters after three steps (fp32,
     ≤ 1e-6), each rank holding exactly its half of the one-rank NF4 base's
-    bytes, bit for bit, unchanged by training. The one-rank model is built
-    without FSDP with the 2-rank layout's scaler blocks (``shards=2``)."""
+    bytes, bit for bit, unchanged by training; filled from a hub checkpoint,
+    each rank's shards are its rows of ``to_nf4`` of the hub tensors. The
+    one-rank model is built without FSDP with the 2-rank layout's scaler
+    blocks (``shards=2``)."""
+    from qlora_testing import build, debug_config
+
+    from torchtitan_nemotron3 import save_pretrained
+
     out = tmp_path / "run"
+    hub_model = build(debug_config(None), seed=5)
+    save_pretrained(hub_model, str(out) + ".hf", dtype=torch.bfloat16)
+    hub = {k: v.bfloat16().contiguous() for k, v in hub_model.state_dict().items()}
+    save_file(hub, str(out) + ".hub.safetensors")
     one = _build(fsdp=False, shards=2)
     save_file(_plain_state(one), str(out) + ".init.safetensors")
     ref_nf4 = _nf4_state(one)
@@ -258,6 +296,8 @@ def test_two_gloo_ranks_shard_the_nf4_base_and_equal_one_rank(tmp_path):
     n_nf4 = sum(is_nf4(p) for p in one.parameters())
     assert all(r["n_sharded"] == n_nf4 for r in reports), (n_nf4, reports)
     assert all(r["nf4_unchanged"] for r in reports)
+    assert all(r["hf_checked"] == {"nf4": n_nf4, "plain": reports[0]["hf_checked"]["plain"]} for r in reports)
+    assert reports[0]["hf_checked"]["plain"] > 10
     # Each rank holds rows [r·R/2, (r+1)·R/2) of every one-rank NF4 tensor: its
     # codes, scalers and factors are that chunk of the one-rank ones, bitwise.
     full_bytes = sum(v.numel() * v.element_size() for v in ref_nf4.values())
