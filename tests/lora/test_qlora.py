@@ -266,3 +266,28 @@ def test_qlora_learns_like_lora_on_the_bf16_base(pretrained):
     print(f"held-out loss cut: bf16 base {cut['bf16']:.3f}, NF4 base {cut['nf4']:.3f}")
     assert cut["nf4"] >= 0.15
     assert abs(cut["nf4"] - cut["bf16"]) <= 0.10 * cut["bf16"]
+
+
+def test_nf4_replicated_is_what_fsdp_cannot_split():
+    """FSDP's ignored NF4 parameters: all of them on one rank; on two, none of a
+    meta model prepared for two shards (``prepare_nf4(shards=2)``), and of a
+    model quantized before (default scaler blocks) those whose scaler-block
+    factors do not split in two: the debug model's Mamba B/C/dt parts and
+    attention k/v (one factor each)."""
+    from torchtitan_nemotron3.qlora.transform import nf4_replicated, prepare_nf4
+
+    cfg = debug_config(4, 8.0)
+    with torch.device("meta"):
+        meta = cfg.build()
+    prepare_nf4(meta, shards=2)
+    assert nf4_replicated(meta, 2) == []
+    assert len(nf4_replicated(meta, 1)) == len(nf4_parameters(meta)) > 50
+    model = nf4_twin(build(cfg))
+    names = {id(p): n for n, p in model.named_parameters()}
+    replicated = {names[id(p)] for p in nf4_replicated(model, 2)}
+    leaves = {re.sub(r"^layers\.\d+\.mixer\.", "", n) for n in replicated}
+    assert leaves == {
+        "in_proj.B.weight", "in_proj.C.weight", "in_proj.dt.weight",
+        "k_proj.weight", "v_proj.weight",
+    }  # fmt: skip
+    assert len(replicated) == 7 * 3 + 2 * 2

@@ -108,11 +108,17 @@ def nf4_replicated(model: nn.Module, shards: int) -> list[nn.Parameter]:
     """The NF4 parameters FSDP2 must leave whole on each rank (``ignored_params``)
     when it shards over ``shards`` ranks: all of them on one rank (torch 2.13's
     FSDP2 skips NF4's all-gather hook at world size 1 and fails), else those
-    whose rows or 64-blocks do not split evenly (``nf4.shardable``)."""
+    whose rows, 64-blocks or scaler blocks do not split evenly (``nf4.shardable``;
+    an NF4 tensor quantized before ``prepare_nf4`` keeps its own scaler block)."""
     params = nf4_parameters(model)
     if shards <= 1:
         return params
-    return [p for p in params if not shardable(tuple(p.shape), shards)]
+    return [
+        p
+        for p in params
+        if not shardable(tuple(p.shape), shards)
+        or p.quantization_factor.numel() % shards
+    ]
 
 
 def _init_all_but_nf4(self) -> None:
