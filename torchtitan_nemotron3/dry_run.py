@@ -173,7 +173,10 @@ def _nf4_block_sizes(model, model_config) -> dict:
     for fqn, module, names in nf4_targets(model, model_config.nf4_lm_head):
         for name in names:
             p = getattr(module, name)
-            sizes[id(p)] = scaler_block_size(p.numel(), clean_fqn(f"{fqn}.{name}"))
+            local = getattr(p, "_local_tensor", p)  # FSDP-sharded: NF4 row shards
+            sizes[id(p)] = getattr(local, "scaler_block_size", None) or (
+                scaler_block_size(p.numel(), clean_fqn(f"{fqn}.{name}"))
+            )
     return sizes
 
 

@@ -76,7 +76,7 @@ def parallelize_nemotronh(
     (``lora/lean.py``: no fp32 master copy of what never trains)."""
 
     store_frozen_base(model, TORCH_DTYPE_MAP[training.mixed_precision_param])
-    nf4_params = _nf4_base(model)
+    nf4_params = _nf4_base(model, parallel_dims)
 
     if parallel_dims.tp_enabled or parallel_dims.ep_enabled:
         model.parallelize(parallel_dims)
@@ -128,26 +128,49 @@ def parallelize_nemotronh(
     return model
 
 
-def _nf4_base(model: nn.Module) -> list[nn.Parameter]:
-    """QLoRA (``base_dtype="nf4"``): the NF4 parameters FSDP must leave alone; on
-    a meta model (the trainer's order) the NF4 targets first become NF4
-    placeholders (``qlora.transform.prepare_nf4``), filled after init."""
+def _nf4_base(model: nn.Module, parallel_dims: ParallelDims) -> list[nn.Parameter]:
+    """QLoRA (``base_dtype="nf4"``): the NF4 parameters FSDP must leave alone
+    (``qlora.transform.nf4_replicated``); the others FSDP2 shards through
+    torchao's NF4 all-gather hooks (FSDP-QLoRA: each rank holds 1/dp of the
+    base). On a meta model (the trainer's order) the NF4 targets first become
+    NF4 placeholders (``qlora.transform.prepare_nf4``), filled after init.
+    Only plain FSDP shards NF4; with TP, EP or HSDP the base stays replicated."""
     config = getattr(model, "config", None)
     if getattr(config, "base_dtype", None) != "nf4":
         return []
-    from .qlora.transform import nf4_parameters, prepare_nf4
+    from .qlora.transform import nf4_parameters, nf4_replicated, prepare_nf4
 
+    shards = nf4_shard_degree(parallel_dims)
     if any(p.is_meta for p in model.parameters()):
-        prepare_nf4(model, lm_head=config.nf4_lm_head)
-    return nf4_parameters(model)
+        prepare_nf4(model, lm_head=config.nf4_lm_head, shards=shards)
+    replicated = nf4_replicated(model, shards)
+    n = len(nf4_parameters(model))
+    logger.info(
+        f"QLoRA: {n - len(replicated)} NF4 tensors sharded over {shards} FSDP "
+        f"rank(s), {len(replicated)} replicated"
+    )
+    return replicated
+
+
+def nf4_shard_degree(parallel_dims: ParallelDims) -> int:
+    """The FSDP degree QLoRA's NF4 base is sharded over: the FSDP mesh's size
+    under plain FSDP (CP folded in), 1 (replicated) with TP, EP or HSDP,
+    which the NF4 all-gather hooks are not tested with."""
+    if parallel_dims.tp_enabled or parallel_dims.ep_enabled:
+        return 1
+    if parallel_dims.dp_replicate_enabled:
+        return 1
+    if not parallel_dims.fsdp_enabled:
+        return 1
+    return data_parallel_mesh(parallel_dims).size()
 
 
 @contextlib.contextmanager
 def _fsdp_ignoring(params: list[nn.Parameter]):
     """TorchTitan's ``apply_fsdp_to_decoder`` has no ``ignored_params``: its
-    ``fully_shard`` calls get them here. NF4 weights are frozen and replicated
-    (each rank holds the whole NF4 base): on one rank torch 2.13's FSDP2 skips
-    the NF4 all-gather hook and fails, and a frozen base needs no reduction."""
+    ``fully_shard`` calls get them here: the NF4 weights each rank holds whole
+    (all of them on one rank, where torch 2.13's FSDP2 skips the NF4
+    all-gather hook and fails; a frozen base needs no reduction)."""
     if not params:
         yield
         return

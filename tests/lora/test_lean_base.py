@@ -83,3 +83,26 @@ def test_nano_qlora_job_file_fits_22_gib():
     assert r.job.ac == "full" and r.job.training.seq_len == 4096
     assert r.shards.frozen_by_dtype["nf4"] > 14 * GiB
     assert r.memory.total / GiB <= 22
+
+
+def test_nano_qlora_on_8_ranks_stores_an_eighth_of_the_nf4_base():
+    """FSDP-QLoRA in the dry run (the package's parallelize on a fake world of 8):
+    each rank stores 1/8 of the one-rank NF4 bytes (every Nano target splits
+    into whole blocks at dp 8; nothing replicated), the all-gather buffer
+    holds NF4 units at their NF4 bytes (less than one layer's bf16 expert
+    bank), and only the adapters' gradients are reduce-scattered."""
+    argv = ["--flavor", "nano-30B", "--ep", "1", "--ac", "full", "--seq_len", "4096",
+            "--lora_rank", "16", "--base_dtype", "nf4", "--nf4_lm_head"]  # fmt: skip
+    one = dry_run(_job(*argv, "--ngpu", "1"))
+    eight = dry_run(_job(*argv, "--ngpu", "8"))
+    nf4_1, nf4_8 = one.shards.frozen_by_dtype["nf4"], eight.shards.frozen_by_dtype["nf4"]
+    print(
+        f"Nano QLoRA NF4 per rank: {nf4_1 / GiB:.2f} GiB on 1, {nf4_8 / GiB:.3f} GiB "
+        f"on 8; total {one.memory.total / GiB:.2f} / {eight.memory.total / GiB:.2f} GiB"
+    )
+    assert abs(nf4_8 * 8 / nf4_1 - 1) < 1e-3 and eight.shards.nf4_replicated == 0
+    assert 0 < eight.memory.gather < 128 * 1856 * 2688 * 2
+    trainable = sum(eight.shards.trainable_numel.values())
+    rs = sum(b for d, what, b in eight.traffic.rows if what.startswith("reduce-scatter"))
+    assert rs == int(trainable * 8 * 4 * 7 / 8)  # all 8 shards' adapters, fp32, ring
+    assert eight.memory.total < one.memory.total - 0.85 * (nf4_1 - nf4_8)

@@ -5,6 +5,8 @@ the NF4 expert GEMM (bitwise forward, gradients, no bf16 bank kept by autograd),
 and the debug model: NF4 vs bf16 base at step 0, adapters at init, and 30 LoRA
 steps that learn as on the bf16 base while the NF4 base stays bitwise fixed."""
 
+import re
+
 import pytest
 import torch
 from qlora_testing import (
@@ -69,6 +71,46 @@ def test_every_nf4_target_gets_a_legal_block_size(flavor):
     dt = next(v for k, v in sizes.items() if k.endswith("in_proj.dt.weight"))
     assert dt == {"debugmodel": 32, "nano-30B": 128, "super-120B": 256}[flavor]
     print(f"{flavor}: {n} NF4 tensors, scaler block sizes {sorted(set(sizes.values()))}")
+
+
+# dp degrees at which FSDP cannot split a target into whole NF4 blocks (rows or
+# 64-blocks not divisible): those tensors stay replicated (``nf4_replicated``).
+_UNSPLITTABLE = {
+    "nano-30B": {128: {"in_proj.dt.weight"}, 256: {
+        "in_proj.dt.weight", "out_proj.weight", "shared_experts.up_proj.weight",
+        "shared_experts.down_proj.weight", "o_proj.weight"}},
+    "super-120B": {128: set(), 256: {"in_proj.dt.weight"}},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("flavor", ["nano-30B", "super-120B"])
+def test_fsdp_splits_every_nf4_target_into_whole_blocks_at_power_of_two_dp(flavor):
+    """FSDP-QLoRA's shard rule, checked by torchao itself: for dp = 2 … 64 every
+    NF4 target is ``shardable``, and torchao's ``aten.split`` (what FSDP2's
+    ``torch.chunk`` calls) cuts its placeholder into dp row chunks whose codes,
+    scalers and factors split evenly; at dp 128 / 256 only the listed tensors
+    are not (their rows or blocks do not divide: they stay replicated)."""
+    from torchtitan_nemotron3.qlora.nf4 import nf4_placeholder, shardable
+
+    cfg = debug_config(16, 32.0, flavor=flavor)
+    with torch.device("meta"):
+        model = cfg.build()
+    shapes = {}
+    for fqn, module, names in nf4_targets(model, lm_head=True):
+        for name in names:
+            key = re.sub(r"^(mtp\.)?layers\.\d+\.(mixer\.)?", "", f"{fqn}.{name}")
+            key = key.replace("routed_experts.inner_experts.", "")
+            shapes.setdefault(key, tuple(getattr(module, name).shape))
+    for dp in (2, 4, 8, 16, 32, 64, 128, 256):
+        bad = {k for k, shape in shapes.items() if not shardable(shape, dp)}
+        assert bad == _UNSPLITTABLE[flavor].get(dp, set()), (dp, bad)
+        for key, shape in shapes.items():
+            if key in bad:
+                continue
+            q = nf4_placeholder(shape, key, shards=dp)
+            chunks = q.split(q.shape[0] // dp)
+            assert len(chunks) == dp and chunks[0].shape[0] * dp == q.shape[0]
+            assert chunks[0].quantization_factor.numel() * dp == q.quantization_factor.numel()
 
 
 def test_nf4_refuses_a_tensor_that_is_not_whole_blocks_by_name():
@@ -224,3 +266,28 @@ def test_qlora_learns_like_lora_on_the_bf16_base(pretrained):
     print(f"held-out loss cut: bf16 base {cut['bf16']:.3f}, NF4 base {cut['nf4']:.3f}")
     assert cut["nf4"] >= 0.15
     assert abs(cut["nf4"] - cut["bf16"]) <= 0.10 * cut["bf16"]
+
+
+def test_nf4_replicated_is_what_fsdp_cannot_split():
+    """FSDP's ignored NF4 parameters: all of them on one rank; on two, none of a
+    meta model prepared for two shards (``prepare_nf4(shards=2)``), and of a
+    model quantized before (default scaler blocks) those whose scaler-block
+    factors do not split in two: the debug model's Mamba B/C/dt parts and
+    attention k/v (one factor each)."""
+    from torchtitan_nemotron3.qlora.transform import nf4_replicated, prepare_nf4
+
+    cfg = debug_config(4, 8.0)
+    with torch.device("meta"):
+        meta = cfg.build()
+    prepare_nf4(meta, shards=2)
+    assert nf4_replicated(meta, 2) == []
+    assert len(nf4_replicated(meta, 1)) == len(nf4_parameters(meta)) > 50
+    model = nf4_twin(build(cfg))
+    names = {id(p): n for n, p in model.named_parameters()}
+    replicated = {names[id(p)] for p in nf4_replicated(model, 2)}
+    leaves = {re.sub(r"^layers\.\d+\.mixer\.", "", n) for n in replicated}
+    assert leaves == {
+        "in_proj.B.weight", "in_proj.C.weight", "in_proj.dt.weight",
+        "k_proj.weight", "v_proj.weight",
+    }  # fmt: skip
+    assert len(replicated) == 7 * 3 + 2 * 2

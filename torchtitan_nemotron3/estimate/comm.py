@@ -4,16 +4,17 @@ Ring/pairwise collectives move ``(n − 1)/n`` of the gathered (or reduced) buff
 into each of the ``n`` ranks; that is what is counted (a GPU sends as much as it
 receives). Symbols: per FSDP unit and mesh, ``U`` the gathered elements
 (unsharded over FSDP, still local to TP/EP), ``s`` its FSDP degree, ``r`` HSDP
-replicas; ``pb``/``rb``/``cb`` bytes per param-dtype / reduce-dtype / activation
-element; ``T`` tokens per rank per microbatch (local_batch × seq_len / cp),
+replicas (``U_t``: the elements that train, all but a LoRA base; an NF4
+element of a sharded QLoRA base is gathered at its NF4 bytes, not ``pb``);
+``pb``/``rb``/``cb`` bytes per param-dtype / reduce-dtype / activation element; ``T`` tokens per rank per microbatch (local_batch × seq_len / cp),
 ``A`` microbatches per step (gradient accumulation; FSDP gathers and reduces
 per microbatch), ``k`` top-k, ``D`` hidden size, ``n_E`` MoE blocks and ``n_B``
 blocks on the rank.
 
   fsdp / efsdp  all-gather  U·pb·(s−1)/s per gather; forward, and again in
                             backward when the unit reshards after forward      ×A
-                reduce-scatter of gradients  U·rb·(s−1)/s                       ×A
-  dp_replicate  all-reduce of the sharded gradients  2·(U/s)·rb·(r−1)/r         ×A
+                reduce-scatter of gradients  U_t·rb·(s−1)/s                     ×A
+  dp_replicate  all-reduce of the sharded gradients  2·(U_t/s)·rb·(r−1)/r       ×A
   ep            all-to-all dispatch + combine, forward and backward:
                 4·n_E·(T/tp)·k·D·cb·(ep−1)/ep  (+2 for full AC's recompute)   ×A
   tp            sequence parallel all-gather + reduce-scatter around every block,
@@ -79,10 +80,10 @@ def estimate(
         for g in unit.groups:
             dim = g.mesh
             times = 2 if unit.reshard_after_forward else 1
-            gather[dim] += times * g.numel * param_bytes * _frac(g.shard)
-            reduce[dim] += g.numel * reduce_bytes * _frac(g.shard)
+            gather[dim] += times * g.gather_bytes(param_bytes) * _frac(g.shard)
+            reduce[dim] += g.trainable * reduce_bytes * _frac(g.shard)
             allreduce["dp_replicate"] += (
-                2 * g.numel / g.shard * reduce_bytes * _frac(g.replicate)
+                2 * g.trainable / g.shard * reduce_bytes * _frac(g.replicate)
             )
     for dim in ("fsdp", "efsdp"):
         add(dim, "all-gather params (fwd + bwd)", gather[dim])

@@ -13,8 +13,10 @@ stored bytes (bf16, or NF4 for QLoRA's targets) with no gradient and no AdamW
 state; only the adapters pay master + gradient + moments. FSDP buffers: a
 one-rank shard gathers nothing (torch's world-size-1 path uses the local
 tensor; NF4 weights are ignored by FSDP there), so only the adapters' bf16
-copies count; the reduce buffer holds the adapters' gradients only. QLoRA adds
-one dequantized NF4 tensor (the largest: one layer's expert bank) in bf16.
+copies count; with several ranks the frozen base is gathered too, an NF4
+tensor FSDP shards (FSDP-QLoRA) at its NF4 bytes (``Group.gather_bytes``);
+the reduce buffer holds the adapters' gradients only. QLoRA adds one
+dequantized NF4 tensor (the largest: one layer's expert bank) in bf16.
 """
 
 import itertools
@@ -75,8 +77,11 @@ def _estimate_lean(shards, acts, master_bytes, param_bytes, reduce_bytes, optim_
     """A frozen base (LoRA/QLoRA): see the module docstring."""
     trainable = sum(shards.trainable_numel.values())
 
-    def gathered(u) -> int:
-        return sum(g.numel if g.shard > 1 else g.trainable for g in u.groups)
+    def gathered(u) -> int:  # bytes
+        return sum(
+            g.gather_bytes(param_bytes) if g.shard > 1 else g.trainable * param_bytes
+            for g in u.groups
+        )
 
     sizes = [gathered(u) for u in shards.units]
     pairs = [a + b for a, b in itertools.pairwise(sizes)] or sizes or [0]
@@ -88,7 +93,7 @@ def _estimate_lean(shards, acts, master_bytes, param_bytes, reduce_bytes, optim_
         },
         grads=trainable * master_bytes,
         optimizer=ADAMW_STATES * trainable * optim_bytes,
-        gather=max(pairs) * param_bytes,
+        gather=max(pairs),
         reduce=max([sum(g.trainable for g in u.groups) for u in shards.units] or [0])
         * reduce_bytes,
         activations=acts.total,

@@ -56,6 +56,11 @@ def print_report(r, gpu_gib: float, out=None) -> str:
     if lean:
         by = ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in sorted(sh.frozen_by_dtype.items()))
         n = sum(sh.trainable_numel.values())
+        if "nf4" in sh.frozen_by_dtype and r.job.ngpu > 1:
+            by += (
+                f" (NF4 sharded by FSDP; {sh.nf4_replicated / GiB:.2f} GiB of it "
+                "replicated: not splittable into whole blocks, or TP/EP/HSDP)"
+            )
         w(f"| (frozen base by dtype) | {_gib(sum(sh.frozen_by_dtype.values()))} | {by}; no gradient, no AdamW state |")
         w(f"| gradients | {_gib(m.grads)} | adapters only ({n:,} elements), {tr.dtype} |")
         w(f"| AdamW state | {_gib(m.optimizer)} | 2 fp32 moments per adapter element |")
@@ -66,7 +71,7 @@ def print_report(r, gpu_gib: float, out=None) -> str:
         w(f"| NF4 dequantized tensor | {_gib(m.dequant)} | largest NF4 tensor in bf16, one at a time |")
     w(
         f"| FSDP all-gather buffers | {_gib(m.gather)} | largest adjacent pair of units, "
-        f"{tr.mixed_precision_param} |"
+        f"{tr.mixed_precision_param}{' (an NF4 base as NF4)' if 'nf4' in sh.frozen_by_dtype else ''} |"
     )
     w(
         f"| FSDP reduce-scatter buffer | {_gib(m.reduce)} | largest unit's gradient, "

@@ -42,6 +42,13 @@ class Group:
     mesh: str  # the shard axis: "fsdp", or "efsdp" for experts under EP
     categories: Counter = field(default_factory=Counter)
     trainable: int = 0  # gathered elements that train (all but a LoRA base)
+    nf4_numel: int = 0  # gathered elements stored in NF4 (FSDP-QLoRA's base)
+    nf4_bytes: int = 0  # their gathered bytes (4-bit codes, scalers, factors)
+
+    def gather_bytes(self, param_bytes: int) -> int:
+        """Bytes this group's all-gather delivers: NF4 elements as NF4 (torchao's
+        hooks gather the packed tensors), the rest in the param dtype."""
+        return (self.numel - self.nf4_numel) * param_bytes + self.nf4_bytes
 
 
 @dataclass
@@ -72,6 +79,9 @@ class Shards:
     frozen_by_dtype: Counter = field(default_factory=Counter)
     trainable_numel: Counter = field(default_factory=Counter)
     nf4_transient: int = 0  # bytes of the largest NF4 tensor dequantized (bf16)
+    # QLoRA with FSDP over several ranks: NF4 bytes each rank stores whole (the
+    # tensors FSDP cannot split into whole blocks, or all under TP/EP/HSDP)
+    nf4_replicated: int = 0
 
 
 def clean_fqn(fqn: str) -> str:
@@ -127,7 +137,7 @@ def measure(
     lean = any(not p.requires_grad for p in model.parameters()) and any(
         p.requires_grad for p in model.parameters()
     )
-    names, transient = {}, 0
+    names, transient, nf4_replicated = {}, 0, 0
     for fqn, p in model.named_parameters():
         cat = category(fqn, layer_types)
         names[id(p)] = (clean_fqn(fqn), cat)
@@ -148,6 +158,8 @@ def measure(
             nbytes = nf4_nbytes(n_local, nf4[id(p)])
             frozen_bytes[cat] += nbytes
             frozen_by_dtype["nf4"] += nbytes
+            if world > 1 and not isinstance(p, DTensor):
+                nf4_replicated += nbytes
             transient = max(transient, p.numel() * 2)
         else:
             nbytes = n_local * p.element_size()
@@ -176,6 +188,11 @@ def measure(
                 g.categories[cat] += n
                 if fp.sharded_param.requires_grad:
                     g.trainable += n
+                if id(fp.sharded_param) in nf4:
+                    from ..qlora.nf4 import nf4_nbytes
+
+                    g.nf4_numel += n
+                    g.nf4_bytes += nf4_nbytes(n, nf4[id(fp.sharded_param)])
             groups.append(g)
         if groups:
             units.append(Unit(clean_fqn(mod_name) or "model", groups, reshard))
@@ -183,6 +200,7 @@ def measure(
     if lean:
         shards.frozen_bytes, shards.frozen_by_dtype = frozen_bytes, frozen_by_dtype
         shards.trainable_numel, shards.nf4_transient = trainable, transient
+        shards.nf4_replicated = nf4_replicated
     return shards
 
 

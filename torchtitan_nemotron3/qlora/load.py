@@ -18,7 +18,7 @@ from collections import defaultdict
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torchtitan.protocols.module import Module
 
 from ..hf.errors import CheckpointMismatchError
@@ -160,14 +160,12 @@ def fill_nf4_base(
         try:
             for fqn, (module, name) in targets.items():
                 shape = module.__dict__.get("nf4_shapes", {}).get(name)
-                placeholder = getattr(module, name)
+                placeholder = _local(getattr(module, name))
                 shape = shape or tuple(placeholder.shape)
                 device = placeholder.quantized_data.device
                 value = torch.empty(shape, dtype=torch.bfloat16, device=device)
                 module._param_init[name](value)
-                module._parameters[name] = nn.Parameter(
-                    quantize_in_chunks(value, fqn), requires_grad=False
-                )
+                put_nf4(module, name, value, fqn)
                 del value
         finally:
             torch.random.set_rng_state(gen_state)
@@ -248,12 +246,52 @@ def _assign(model, targets, fqn, value, params):
         )
     if target is not None:
         module, name = target
-        device = p.quantized_data.device if isinstance(p, NF4Tensor) else p.device
+        local = _local(p)
+        device = local.quantized_data.device if isinstance(local, NF4Tensor) else p.device
         device = value.device if device.type == "meta" else device
-        src = value.to(device=device, dtype=torch.bfloat16)
-        _set(module, name, quantize_in_chunks(src, fqn))
+        put_nf4(module, name, value.to(device=device, dtype=torch.bfloat16), fqn)
     elif isinstance(p, DTensor):
         full = value.to(device=p.device, dtype=p.dtype)
         p.copy_(distribute_tensor(full, p.device_mesh, p.placements))
     else:
         p.copy_(value)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """An FSDP-sharded parameter's local shard (an NF4 one: torchao's NF4Tensor)."""
+    return p._local_tensor if isinstance(p, DTensor) else p
+
+
+def put_nf4(module: nn.Module, name: str, value: torch.Tensor, fqn: str) -> None:
+    """``module.name`` (an NF4 target) := the NF4 quantization of ``value`` (its
+    full bf16 tensor), with the placeholder's scaler block. A replicated
+    target's parameter is replaced; an FSDP-sharded one (a DTensor of NF4 row
+    shards) gets this rank's row chunk copied into its shard in place: NF4
+    cannot be quantized shard by shard (the double quantization's mean is the
+    whole tensor's), so each rank quantizes the whole tensor and keeps its rows."""
+    p = module._parameters[name]
+    local = _local(p)
+    scaler_block = getattr(local, "scaler_block_size", None)
+    if not isinstance(p, DTensor):
+        q = quantize_in_chunks(value, fqn, scaler_block=scaler_block)
+        _set(module, name, q)
+        return
+    mesh, placements = p.device_mesh, p.placements
+    if mesh.ndim != 1 or placements[0] != Shard(0):
+        raise ValueError(
+            f"NF4: {fqn} is sharded as {placements} on a {mesh.ndim}-D mesh; "
+            "only FSDP's Shard(0) on one mesh dimension is supported"
+        )
+    q = quantize_in_chunks(value, fqn, scaler_block=scaler_block)
+    chunk = q.split(q.shape[0] // mesh.size())[mesh.get_local_rank()]
+    if chunk.shape != local.shape:
+        raise ValueError(
+            f"NF4: {fqn}'s shard has shape {tuple(local.shape)}, its rows of the "
+            f"checkpoint's tensor {tuple(chunk.shape)}"
+        )
+    local.copy_(chunk)  # codes, scalers and factors: the storage FSDP gathers
+    # torchao's empty_like (``to_empty``) leaves the tensors every shard shares
+    # (the scalers' mean, the code book) on meta: give the shard its own.
+    for attr in ("scaler_mean", "nf4"):
+        if getattr(local, attr).is_meta:
+            setattr(local, attr, getattr(chunk, attr).clone())

@@ -38,19 +38,40 @@ def require_torchao() -> None:
         )
 
 
-def scaler_block_size(numel: int, name: str) -> int:
-    """The largest power of two ≤ 256 dividing ``numel / 64``; ``ValueError``
-    naming ``name`` when ``numel`` is not a multiple of 64."""
+def scaler_block_size(numel: int, name: str, shards: int = 1) -> int:
+    """The largest power of two ≤ 256 dividing ``numel / 64 / shards`` (so each of
+    ``shards`` FSDP shards holds whole scaler blocks); ``ValueError`` naming
+    ``name`` when ``numel`` is not a multiple of 64 (or of 64 · ``shards``)."""
     if numel <= 0 or numel % BLOCK_SIZE:
         raise ValueError(
             f"NF4: {name} has {numel} elements, not a positive multiple of "
             f"{BLOCK_SIZE}; leave it out of the NF4 base"
         )
     n_blocks = numel // BLOCK_SIZE
+    if n_blocks % shards:
+        raise ValueError(
+            f"NF4: {name} has {n_blocks} blocks of {BLOCK_SIZE}, not divisible "
+            f"into {shards} shards"
+        )
     size = MAX_SCALER_BLOCK
-    while n_blocks % size:
+    while (n_blocks // shards) % size:
         size //= 2
     return size
+
+
+def shardable(shape: tuple, shards: int) -> bool:
+    """Whether FSDP2 can shard an NF4 tensor of ``shape`` (3-D: its [E·F, D]
+    view) into ``shards`` equal row chunks of whole 64-blocks: torchao splits
+    codes, scalers and factors alike (``aten.split``), so the rows and the
+    block count must divide evenly; the scaler block is then chosen to
+    divide too (``scaler_block_size(..., shards)``)."""
+    rows = math.prod(shape[:-1])
+    numel = rows * shape[-1]
+    return (
+        rows % shards == 0
+        and numel % BLOCK_SIZE == 0
+        and (numel // BLOCK_SIZE) % shards == 0
+    )
 
 
 def nf4_nbytes(numel: int, scaler_block: int, scale_bytes: int = 2) -> int:
@@ -80,12 +101,15 @@ def quantize(t: torch.Tensor, name: str) -> "NF4Tensor":
     return to_nf4(t.detach().contiguous(), BLOCK_SIZE, sbs)
 
 
-def quantize_in_chunks(t: torch.Tensor, name: str, rows: int = 0) -> "NF4Tensor":
+def quantize_in_chunks(
+    t: torch.Tensor, name: str, rows: int = 0, scaler_block: int | None = None
+) -> "NF4Tensor":
     """``quantize(t, name)`` bitwise, with temporaries of ``rows`` rows at a time
     instead of torchao's whole-tensor copies (the codes of each 64-block depend
     on that block's absmax only; the double-quantized scalers, 1/64 of the
     size, are computed over the whole tensor as ``to_nf4`` does). ``rows`` = 0:
-    one expert's worth for a 3-D bank, else 1/8 of the tensor."""
+    one expert's worth for a 3-D bank, else 1/8 of the tensor. ``scaler_block``:
+    the placeholder's (an FSDP-sharded one's may be smaller than the default)."""
     require_torchao()
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import (
         SubclassTensorArgs,
@@ -96,7 +120,7 @@ def quantize_in_chunks(t: torch.Tensor, name: str, rows: int = 0) -> "NF4Tensor"
         t = t.reshape(-1, t.shape[-1])
     if t.dim() != 2:
         raise ValueError(f"NF4: {name} has shape {tuple(t.shape)}; 2-D or 3-D only")
-    sbs = scaler_block_size(t.numel(), name)
+    sbs = scaler_block or scaler_block_size(t.numel(), name)
     rows = rows or max(1, -(-t.shape[0] // 8))
     if (rows * t.shape[1]) % BLOCK_SIZE:
         rows = t.shape[0]  # chunks must hold whole blocks
@@ -143,10 +167,13 @@ def _double_quantized_scalers(t: torch.Tensor, rows: int, sbs: int):
     )
 
 
-def nf4_placeholder(shape: tuple, name: str, device="meta") -> "NF4Tensor":
+def nf4_placeholder(
+    shape: tuple, name: str, device="meta", shards: int = 1
+) -> "NF4Tensor":
     """An empty NF4 tensor of ``shape`` (3-D experts: their [E·F, D] view) with
     ``quantize``'s block sizes: the storage layout without quantizing anything
-    (on meta, torchao's quantization loop would still run per chunk)."""
+    (on meta, torchao's quantization loop would still run per chunk);
+    ``shards``: the FSDP degree its scaler blocks must divide into."""
     require_torchao()
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import (
         SubclassTensorArgs,
@@ -154,7 +181,7 @@ def nf4_placeholder(shape: tuple, name: str, device="meta") -> "NF4Tensor":
 
     rows_cols = (math.prod(shape[:-1]), shape[-1])
     numel = math.prod(rows_cols)
-    sbs = scaler_block_size(numel, name)
+    sbs = scaler_block_size(numel, name, shards)
     n_blocks = numel // BLOCK_SIZE
     bf16 = torch.bfloat16
     empty = lambda n, dt: torch.empty(n, dtype=dt, device=device)  # noqa: E731

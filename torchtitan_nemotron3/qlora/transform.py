@@ -25,7 +25,7 @@ from ..model.mamba2 import Mamba2InProj
 from ..model.moe import ReluSquaredGroupedExperts
 from ..model.router import Float32Linear
 from .experts import NF4ReluSquaredGroupedExperts
-from .nf4 import NF4Tensor, nf4_placeholder, quantize, require_torchao
+from .nf4 import NF4Tensor, nf4_placeholder, quantize, require_torchao, shardable
 
 EXPERT_WEIGHTS = ("w1_EFD", "w2_EDF")
 
@@ -94,9 +94,31 @@ def mark_nf4(module: nn.Module, dequant_chunk_experts: int | None = None) -> Non
         module.dequant_chunk_experts = dequant_chunk_experts
 
 
+def is_nf4(p: torch.Tensor) -> bool:
+    """An NF4 tensor, or a DTensor of NF4 shards (FSDP-sharded QLoRA base)."""
+    return isinstance(getattr(p, "_local_tensor", p), NF4Tensor)
+
+
 def nf4_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The model's NF4 parameters (FSDP2 must ignore them on one rank)."""
     return [p for p in model.parameters() if isinstance(p, NF4Tensor)]
+
+
+def nf4_replicated(model: nn.Module, shards: int) -> list[nn.Parameter]:
+    """The NF4 parameters FSDP2 must leave whole on each rank (``ignored_params``)
+    when it shards over ``shards`` ranks: all of them on one rank (torch 2.13's
+    FSDP2 skips NF4's all-gather hook at world size 1 and fails), else those
+    whose rows, 64-blocks or scaler blocks do not split evenly (``nf4.shardable``;
+    an NF4 tensor quantized before ``prepare_nf4`` keeps its own scaler block)."""
+    params = nf4_parameters(model)
+    if shards <= 1:
+        return params
+    return [
+        p
+        for p in params
+        if not shardable(tuple(p.shape), shards)
+        or p.quantization_factor.numel() % shards
+    ]
 
 
 def _init_all_but_nf4(self) -> None:
@@ -106,17 +128,23 @@ def _init_all_but_nf4(self) -> None:
     if self._param_init is None:
         return
     for name, p in self.named_parameters(recurse=False):
-        if not isinstance(p, NF4Tensor):
+        if not is_nf4(p):
             self._init_param(name, p)
 
 
 def prepare_nf4(
-    model: nn.Module, lm_head: bool = False, dequant_chunk_experts: int | None = None
+    model: nn.Module,
+    lm_head: bool = False,
+    dequant_chunk_experts: int | None = None,
+    shards: int = 1,
 ) -> list[nn.Parameter]:
     """On the meta model, before FSDP (the trainer's order): each NF4 target
     becomes an NF4 placeholder of its shape and block size (``to_empty``
     allocates 4-bit storage only, init skips it); returns the placeholders,
-    which FSDP must ignore and ``load.fill_nf4_base`` fills after init."""
+    which ``load.fill_nf4_base`` fills after init. ``shards``: the FSDP degree;
+    a target FSDP can shard that way (``nf4.shardable``) gets a scaler block
+    that divides into whole blocks per shard, the others stay replicated
+    (``nf4_replicated``: FSDP's ignored parameters)."""
     require_torchao()
     placeholders = []
     for fqn, module, names in list(nf4_targets(model, lm_head)):
@@ -124,7 +152,8 @@ def prepare_nf4(
             p = getattr(module, name)
             if not p.is_meta:
                 raise ValueError(f"NF4: prepare_nf4 wants a meta model ({fqn}.{name})")
-            q = nf4_placeholder(tuple(p.shape), f"{fqn}.{name}")
+            split = shards if shardable(tuple(p.shape), shards) else 1
+            q = nf4_placeholder(tuple(p.shape), f"{fqn}.{name}", shards=split)
             module._parameters[name] = nn.Parameter(q, requires_grad=False)
             module.__dict__.setdefault("nf4_shapes", {})[name] = tuple(p.shape)
             placeholders.append(module._parameters[name])
