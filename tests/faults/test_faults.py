@@ -220,6 +220,11 @@ def test_sleeping_rank_ends_the_job(tmp_path):
     waited = _stall_to_exit(job)
     assert waited <= 25, f"{waited:.1f} s from the stall to the job's exit"
     assert re.search(r"timed out.*(all_reduce|allreduce)", job.log, re.I | re.S), job.log[-3000:]
+    # The launcher's report: the waiting rank's timeout is the root cause (the
+    # sleeper, stopped by torchrun's SIGTERM, is not), with the collective named.
+    report = job.log[job.log.index("[launch] FAILED after 1 attempt(s)"):]
+    assert "[launch]   rank 0 (attempt 0): RuntimeError:" in report, report
+    assert "[launch]     rank 0: collective timed out: gloo:all_reduce" in report, report
     assert not job.leftovers
     print(f"sleeping rank: exit {job.rc} {waited:.1f} s after the stall")
 
@@ -248,5 +253,18 @@ def test_crash_loop_stops_after_max_restarts(tmp_path):
                  env={"MAX_RESTARTS": "2", "FAULT_ATTEMPT": "-1"})  # fmt: skip
     assert job.rc != 0
     assert sorted(steps_by_attempt(job.dump)) == [0, 1, 2]
-    assert "injected deterministic crash at step 3" in job.log
     assert not job.leftovers
+    # The root cause once, at the end (not once per attempt and rank): the
+    # exception line and where it was raised, naming the rank; each attempt is
+    # one line, and no rank prints a traceback.
+    assert job.log.count("injected deterministic crash at step 3") == 1, job.log[-3000:]
+    end = job.log.rstrip().splitlines()[-4:]
+    assert end[0] == "[launch] FAILED after 3 attempt(s); root cause:", end
+    assert end[1] == ("[launch]   rank 1 (attempts 0, 1, 2): RuntimeError: injected "
+                      "deterministic crash at step 3"), end  # fmt: skip
+    assert re.fullmatch(r"\[launch\]     at tests/faults/inject\.py:\d+ in fire", end[2]), end
+    assert re.fullmatch(r"\[launch\]     traceback: \S+/attempt_2/1/error\.json", end[3]), end
+    for attempt in range(3):
+        assert re.search(rf"^\[launch\] attempt {attempt} failed: rank 0 \w+ \(exit -?\d+\), "
+                         rf"rank 1 RuntimeError \(exit 1\)", job.log, re.M), attempt  # fmt: skip
+    assert "Traceback" not in job.log

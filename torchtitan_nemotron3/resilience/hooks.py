@@ -58,7 +58,8 @@ def run_is_complete(trainer) -> bool:
 def name_timed_out_collective(error: BaseException) -> None:
     """On a collective timeout, log which collective this rank was waiting in, from
     the flight recorder (TorchTitan enables it; gloo's own message names only a
-    send/recv): its name, process group, sequence number and timeout."""
+    send/recv): its name, process group, sequence number and timeout; also added
+    to the exception as a note."""
     text = str(error)
     if "timed out" not in text.lower() and "timeout" not in text.lower():
         return
@@ -76,13 +77,15 @@ def name_timed_out_collective(error: BaseException) -> None:
     last = entries[-1]
     group = last.get("process_group", ("?", "?"))
     rank = dist.get_rank() if dist.is_initialized() else 0
-    logger.error(
+    text = (
         f"rank {rank}: collective timed out: {last.get('profiling_name')} on "
         f"process group {group[1]} (id {group[0]}), collective #"
         f"{last.get('collective_seq_id')} of that group, timeout "
         f"{last.get('timeout_ms')} ms, input sizes {last.get('input_sizes')}; a "
         "rank that never reached it (hung, frozen or dead) is the cause"
     )
+    logger.error(text)
+    error.add_note(text)  # the launcher's root-cause report shows it (failure.py)
 
 
 def preempted(trainer) -> bool:
