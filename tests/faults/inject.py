@@ -19,6 +19,9 @@ is the torchrun attempt (``TORCHELASTIC_RESTART_COUNT``) that injects. Phases:
   purges, in a thread), after deleting one of its files.
 * ``sleep`` / ``stop``: sleep an hour / SIGSTOP itself before the update's
   all-reduce (a hung rank).
+* ``init_sleep`` / ``setup_sleep`` (step 0): sleep an hour before the process
+  group exists (TorchTitan's ``init_distributed``) / right after it and the
+  before the device meshes and the rest of the setup (a rank hung at init).
 * ``crash``: raise ``RuntimeError`` (a deterministic bug).
 * ``term_launcher``: SIGTERM the torchrun agent (parent process) mid-step.
 
@@ -46,6 +49,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed.checkpoint.filesystem as dcp_fs
+from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools import filesystem as tt_fs
 
 from torchtitan_nemotron3.resilience import checkpoint as rcheckpoint
@@ -89,7 +93,7 @@ def fire(phase: str, step: int | None = None) -> None:
     if LOG_DIR:
         with open(os.path.join(LOG_DIR, "fault-times.txt"), "a") as f:
             f.write(f"{ATTEMPT} {RANK} {step} {phase} {time.time()}\n")
-    if phase == "sleep":
+    if phase in ("sleep", "init_sleep", "setup_sleep"):
         time.sleep(3600)
     elif phase == "stop":
         os.kill(os.getpid(), signal.SIGSTOP)
@@ -146,6 +150,20 @@ def check_update(self, *args):
         fire(phase)
     return _check_update(self, *args)
 
+
+# --- init: a rank hung before or right after the process group's creation ------
+
+_init_distributed = dist_utils.init_distributed
+
+
+def init_distributed(*args, **kwargs):
+    fire("init_sleep", 0)
+    out = _init_distributed(*args, **kwargs)
+    fire("setup_sleep", 0)
+    return out
+
+
+dist_utils.init_distributed = init_distributed
 
 NemotronHTrainer.train_step = train_step
 NemotronHTrainer.post_dataloading_process = post_dataloading_process
