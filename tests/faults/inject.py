@@ -34,7 +34,10 @@ and scales its gradients by the draw (``random_op``): a resume that does not
 restore the RNG state diverges from the uninterrupted run.
 
 ``FAULT_LOG=<dir>``: every rank appends ``attempt step rank sha1`` of each batch it
-trains (inputs and labels) to ``<dir>/batches-rank<r>.txt``.
+trains (inputs and labels) to ``<dir>/batches-rank<r>.txt``, and ``attempt
+setup|trained name size backend timeout_seconds`` of each of its process groups, once
+built and once TorchTitan set the train timeout (after the first step), to
+``<dir>/groups-rank<r>.txt``.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools import filesystem as tt_fs
 
 from torchtitan_nemotron3.resilience import checkpoint as rcheckpoint
-from torchtitan_nemotron3.resilience import commit
+from torchtitan_nemotron3.resilience import commit, hooks
 from torchtitan_nemotron3.train.trainer import NemotronHTrainer
 
 ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -164,6 +167,32 @@ def init_distributed(*args, **kwargs):
 
 
 dist_utils.init_distributed = init_distributed
+
+# --- every process group's timeout, after the setup and after the first step ---
+
+_trainer_init = NemotronHTrainer.__init__
+_set_pg_timeouts = dist_utils.set_pg_timeouts
+
+
+def _record_groups(when: str) -> None:
+    if LOG_DIR:
+        with open(os.path.join(LOG_DIR, f"groups-rank{RANK}.txt"), "a") as f:
+            for name, size, backend, seconds in hooks.group_timeouts():
+                f.write(f"{ATTEMPT} {when} {name} {size} {backend} {seconds}\n")
+
+
+def trainer_init(self, config):
+    _trainer_init(self, config)
+    _record_groups("setup")
+
+
+def set_pg_timeouts(*args, **kwargs):
+    _set_pg_timeouts(*args, **kwargs)
+    _record_groups("trained")
+
+
+NemotronHTrainer.__init__ = trainer_init
+dist_utils.set_pg_timeouts = set_pg_timeouts
 
 NemotronHTrainer.train_step = train_step
 NemotronHTrainer.post_dataloading_process = post_dataloading_process
