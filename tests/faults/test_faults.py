@@ -2,7 +2,8 @@
 ``run_train.sh`` (``tests/faults/inject.py``; TorchTitan is not patched): a rank
 SIGKILLed at each phase of a step and of a save, a rewind killed inside the
 re-save of a step of the abandoned timeline, repeated kills, hung and frozen
-ranks, a crash loop, a relaunch of a finished run.
+ranks (in training and at init), a crash loop (its root cause reported once),
+a relaunch of a finished run, and every process group's timeout.
 
 Each faulted job must end like the uninterrupted reference (one run shared by the
 module): its final checkpoint (12 steps, interval 4, full state at the end)
