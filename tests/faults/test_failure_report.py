@@ -9,7 +9,10 @@ import json
 import os
 import signal
 
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+from torch.distributed.elastic.multiprocessing.errors import (
+    ChildFailedError,
+    ProcessFailure,
+)
 
 from torchtitan_nemotron3.resilience.failure import (
     Failure,

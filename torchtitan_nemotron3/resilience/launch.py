@@ -23,7 +23,10 @@ if not __package__:  # run as a file (run_train.sh): skip the package's ~5 s of 
 
 from torch.distributed.elastic.agent.server.api import WorkerState
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ErrorHandler
+from torch.distributed.elastic.multiprocessing.errors import (
+    ChildFailedError,
+    ErrorHandler,
+)
 from torch.distributed.run import parse_args, run
 
 if __package__:
