@@ -55,7 +55,8 @@ def test_rank_records_its_exception_where_and_notes(tmp_path, monkeypatch):
     assert ProcessFailure(1, 1, 1, str(path)).message["message"] == "RuntimeError: the real bug"
     f = Failure.read(1, 1, str(path))
     assert f.cause() == "RuntimeError: the real bug"
-    assert f.where.endswith("test_failure_report.py:24 in _raise_here"), f.where
+    line = _raise_here.__code__.co_firstlineno + 1
+    assert f.where.endswith(f"test_failure_report.py:{line} in _raise_here"), f.where
     assert f.notes == ("a note",) and not f.consequence
 
 
@@ -89,18 +90,31 @@ def test_root_cause_is_not_the_consequence(tmp_path, monkeypatch):
 
 def test_root_cause_signal_and_timeout(tmp_path, monkeypatch):
     peer = _record(tmp_path / "0.json", monkeypatch, _peer_lost, rank=0)
-    killed = Failure.read(1, -signal.SIGKILL, None)
-    # A SIGKILLed rank (no exception) under a peer's lost connection: the kill.
+    os.utime(peer, (1000.5, 1000.5))
+    # Rank 1 SIGKILLed from outside (no exception; torchrun saw it dead in second
+    # 1000), rank 0 then lost its peer: the kill is the root cause.
+    killed = Failure.read(1, -signal.SIGKILL, None, seen=1000)
     cause = root_cause([Failure.read(0, 1, str(peer)), killed])
     assert cause is killed and "SIGKILL" in cause.cause()
+
+    def odd():
+        raise RuntimeError("an error this report does not know as a consequence")
+
+    # ... also when the survivor's error is one not known as a consequence
+    other = _record(tmp_path / "o.json", monkeypatch, odd, rank=0)
+    os.utime(other, (1000.5, 1000.5))
+    assert root_cause([Failure.read(0, 1, str(other)), killed]) is killed
 
     def timeout():
         raise RuntimeError("Timed out waiting 10000ms for recv operation to complete")
 
     waited = _record(tmp_path / "t.json", monkeypatch, timeout, rank=0)
-    # A frozen rank SIGKILLed by torchrun after another's timeout, and a sleeper
-    # SIGTERMed: the timeout (an exception) is the root cause.
-    for late in (killed, Failure.read(1, -signal.SIGTERM, None)):
+    os.utime(waited, (1000.5, 1000.5))
+    # A frozen rank SIGKILLed by torchrun after its 30 s grace (seen at 1031), or a
+    # sleeper stopped by its SIGTERM: the waiting rank's timeout is the root cause.
+    frozen = Failure.read(1, -signal.SIGKILL, None, seen=1031)
+    sleeper = Failure.read(1, -signal.SIGTERM, None, seen=1001)
+    for late in (frozen, sleeper):
         assert root_cause([late, Failure.read(0, 1, str(waited))]).rank == 0
 
 

@@ -112,21 +112,24 @@ class Failure:
     message: str = ""  # "Type: text" (first line only kept for display)
     where: str = ""
     notes: tuple[str, ...] = ()
-    mtime: float = float("inf")
+    time: float = float("inf")  # the error file's mtime, else when torchrun saw the exit
 
     @classmethod
-    def read(cls, rank: int, exitcode: int, error_file: str | None) -> Failure:
+    def read(cls, rank: int, exitcode: int, error_file: str | None,
+             seen: float = float("inf")) -> Failure:  # fmt: skip
+        """``seen``: when torchrun found the process dead (its ``ProcessFailure``
+        timestamp: whole seconds, floored), for a rank without an error file."""
         if not error_file or not os.path.isfile(error_file):
-            return cls(rank, exitcode, None)
+            return cls(rank, exitcode, None, time=seen)
         try:
             with open(error_file) as f:
                 data = json.load(f)
             mtime = os.stat(error_file).st_mtime
         except (OSError, ValueError):
-            return cls(rank, exitcode, error_file)
+            return cls(rank, exitcode, error_file, time=seen)
         message = data.get("message", "")
         if isinstance(message, str):
-            return cls(rank, exitcode, error_file, message, mtime=mtime)
+            return cls(rank, exitcode, error_file, message, time=mtime)
         info = message.get("extraInfo", {})
         stack = info.get("py_callstack", "")
         place = info.get("where") or _where_from_text(stack)
@@ -171,12 +174,13 @@ def _where_from_text(stack: str) -> str:
 
 
 def root_cause(failures: list[Failure]) -> Failure:
-    """The failure that started the others: not a consequence (a SIGTERM from the
-    launcher, a peer's closed connection) if any; an exception before a signal;
-    then the earliest error file (its mtime, not torchrun's whole seconds)."""
+    """The failure that started the others: not a consequence (torchrun's SIGTERM
+    to the survivors, a peer's closed connection) if any; then the earliest, by
+    error-file mtime (not torchrun's whole seconds) or, for a rank that wrote none
+    (killed), when torchrun saw it dead: a rank SIGKILLed from outside is seen at
+    once, one frozen and SIGKILLed by torchrun after its grace period is seen last."""
     order = {id(f): i for i, f in enumerate(failures)}
-    return min(failures, key=lambda f: (f.consequence, f.error_file is None, f.mtime,
-                                        order[id(f)]))  # fmt: skip
+    return min(failures, key=lambda f: (f.consequence, f.time, order[id(f)]))
 
 
 def attempt_line(attempt: int, failures: list[Failure]) -> str:

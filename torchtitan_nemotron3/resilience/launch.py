@@ -43,7 +43,8 @@ attempts: list[list[Failure]] = []
 
 def _failures(result) -> list[Failure]:
     return [
-        Failure.read(rank, f.exitcode, None if f.error_file == "<N/A>" else f.error_file)
+        Failure.read(rank, f.exitcode, None if f.error_file == "<N/A>" else f.error_file,
+                     seen=f.timestamp)  # fmt: skip
         for rank, f in result.failures.items()
     ]
 
@@ -58,8 +59,8 @@ def _watch_attempts() -> None:
         if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY) and result.failures:
             failures = _failures(result)
             attempts.append(failures)
-            left = self._remaining_restarts
-            then = f"; restarting all ranks ({left} restart(s) left)" if left > 0 else ""
+            left, most = self._remaining_restarts, worker_group.spec.max_restarts
+            then = f"; restarting all ranks (restart {most - left + 1} of {most})" if left else ""
             print_lines([attempt_line(len(attempts) - 1, failures) + then])
         elif result.state == WorkerState.SUCCEEDED:
             attempts.append([])
