@@ -75,6 +75,9 @@ def _kill(tmp_path, reference, rank, step, phase, *args, max_lost=INTERVAL):
     )  # fmt: skip
     assert f"[inject] rank {rank} attempt 0 step" in job.log, "the fault never fired"
     assert len(steps_by_attempt(job.dump)) == 2, steps_by_attempt(job.dump)
+    # the launcher's end-of-job report names the killed rank, not its survivor
+    report = job.log[job.log.index("[launch] finished after 1 restart(s); root cause"):]
+    assert f"[launch]   rank {rank} (attempt 0): killed by SIGKILL" in report, report
     lost = assert_like_reference(job, reference, max_lost)
     print(f"kill rank {rank} at {phase} of step {step}: rc 0, equal, {lost} steps "
           f"redone, {job.seconds:.0f} s")  # fmt: skip
