@@ -12,7 +12,9 @@
 #   Multi-node, torchrun's usual rendezvous variables:
 #     NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   static rendezvous
 #     RDZV_ENDPOINT [, RDZV_ID, RDZV_BACKEND=c10d]  dynamic (elastic) rendezvous
-#   TORCHRUN     launcher command                               default torchrun
+#   TORCHRUN     launcher command   default: torchrun through
+#                torchtitan_nemotron3.resilience.launch (the same, but a failed
+#                attempt is one line and the root cause is printed once, at the end)
 #   MAX_RESTARTS torchrun --max-restarts: after a rank fails, restart all ranks up
 #                to this many times; each attempt resumes from the newest
 #                complete checkpoint (torchtitan_nemotron3/resilience)  default 0
@@ -32,7 +34,11 @@ NGPU=${NGPU:-1}
 NNODES=${NNODES:-1}
 LOG_RANK=${LOG_RANK:-0}
 CONFIG_FILE=${CONFIG_FILE:-train_configs/debug_model.toml}
-TORCHRUN=${TORCHRUN:-torchrun}
+if [[ -n "${TORCHRUN:-}" ]]; then
+    LAUNCH=("$TORCHRUN")
+else
+    LAUNCH=("${PYTHON:-python}" "$ROOT/torchtitan_nemotron3/resilience/launch.py")
+fi
 
 if [[ ! -f "$CONFIG_FILE" && -f "$ROOT/$CONFIG_FILE" ]]; then
     CONFIG_FILE="$ROOT/$CONFIG_FILE"
@@ -89,7 +95,7 @@ marker=$(mktemp "${TMPDIR:-/tmp}/nemotron-preempt.XXXXXX")
 export NEMOTRON_PREEMPT_MARKER="$marker"
 
 set -x
-"$TORCHRUN" --nproc_per_node="$NGPU" "${RDZV_ARGS[@]}" \
+"${LAUNCH[@]}" --nproc_per_node="$NGPU" "${RDZV_ARGS[@]}" \
     --max-restarts "${MAX_RESTARTS:-0}" \
     --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
     -m torchtitan_nemotron3.train --config_file "$CONFIG_FILE" "$@" &

@@ -19,6 +19,9 @@ is the torchrun attempt (``TORCHELASTIC_RESTART_COUNT``) that injects. Phases:
   purges, in a thread), after deleting one of its files.
 * ``sleep`` / ``stop``: sleep an hour / SIGSTOP itself before the update's
   all-reduce (a hung rank).
+* ``init_sleep`` / ``setup_sleep`` (step 0): sleep an hour before the process
+  group exists (TorchTitan's ``init_distributed``) / right after it and the
+  before the device meshes and the rest of the setup (a rank hung at init).
 * ``crash``: raise ``RuntimeError`` (a deterministic bug).
 * ``term_launcher``: SIGTERM the torchrun agent (parent process) mid-step.
 
@@ -31,7 +34,10 @@ and scales its gradients by the draw (``random_op``): a resume that does not
 restore the RNG state diverges from the uninterrupted run.
 
 ``FAULT_LOG=<dir>``: every rank appends ``attempt step rank sha1`` of each batch it
-trains (inputs and labels) to ``<dir>/batches-rank<r>.txt``.
+trains (inputs and labels) to ``<dir>/batches-rank<r>.txt``, and ``attempt
+setup|trained name size backend timeout_seconds`` of each of its process groups, once
+built and once TorchTitan set the train timeout (after the first step), to
+``<dir>/groups-rank<r>.txt``.
 """
 
 from __future__ import annotations
@@ -46,10 +52,11 @@ import time
 import numpy as np
 import torch
 import torch.distributed.checkpoint.filesystem as dcp_fs
+from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools import filesystem as tt_fs
 
 from torchtitan_nemotron3.resilience import checkpoint as rcheckpoint
-from torchtitan_nemotron3.resilience import commit
+from torchtitan_nemotron3.resilience import commit, hooks
 from torchtitan_nemotron3.train.trainer import NemotronHTrainer
 
 ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -89,7 +96,7 @@ def fire(phase: str, step: int | None = None) -> None:
     if LOG_DIR:
         with open(os.path.join(LOG_DIR, "fault-times.txt"), "a") as f:
             f.write(f"{ATTEMPT} {RANK} {step} {phase} {time.time()}\n")
-    if phase == "sleep":
+    if phase in ("sleep", "init_sleep", "setup_sleep"):
         time.sleep(3600)
     elif phase == "stop":
         os.kill(os.getpid(), signal.SIGSTOP)
@@ -146,6 +153,46 @@ def check_update(self, *args):
         fire(phase)
     return _check_update(self, *args)
 
+
+# --- init: a rank hung before or right after the process group's creation ------
+
+_init_distributed = dist_utils.init_distributed
+
+
+def init_distributed(*args, **kwargs):
+    fire("init_sleep", 0)
+    out = _init_distributed(*args, **kwargs)
+    fire("setup_sleep", 0)
+    return out
+
+
+dist_utils.init_distributed = init_distributed
+
+# --- every process group's timeout, after the setup and after the first step ---
+
+_trainer_init = NemotronHTrainer.__init__
+_set_pg_timeouts = dist_utils.set_pg_timeouts
+
+
+def _record_groups(when: str) -> None:
+    if LOG_DIR:
+        with open(os.path.join(LOG_DIR, f"groups-rank{RANK}.txt"), "a") as f:
+            for name, size, backend, seconds in hooks.group_timeouts():
+                f.write(f"{ATTEMPT} {when} {name} {size} {backend} {seconds}\n")
+
+
+def trainer_init(self, config):
+    _trainer_init(self, config)
+    _record_groups("setup")
+
+
+def set_pg_timeouts(*args, **kwargs):
+    _set_pg_timeouts(*args, **kwargs)
+    _record_groups("trained")
+
+
+NemotronHTrainer.__init__ = trainer_init
+dist_utils.set_pg_timeouts = set_pg_timeouts
 
 NemotronHTrainer.train_step = train_step
 NemotronHTrainer.post_dataloading_process = post_dataloading_process

@@ -2,7 +2,8 @@
 ``run_train.sh`` (``tests/faults/inject.py``; TorchTitan is not patched): a rank
 SIGKILLed at each phase of a step and of a save, a rewind killed inside the
 re-save of a step of the abandoned timeline, repeated kills, hung and frozen
-ranks, a crash loop, a relaunch of a finished run.
+ranks (in training and at init), a crash loop (its root cause reported once),
+a relaunch of a finished run, and every process group's timeout.
 
 Each faulted job must end like the uninterrupted reference (one run shared by the
 module): its final checkpoint (12 steps, interval 4, full state at the end)
@@ -74,6 +75,9 @@ def _kill(tmp_path, reference, rank, step, phase, *args, max_lost=INTERVAL):
     )  # fmt: skip
     assert f"[inject] rank {rank} attempt 0 step" in job.log, "the fault never fired"
     assert len(steps_by_attempt(job.dump)) == 2, steps_by_attempt(job.dump)
+    # the launcher's end-of-job report names the killed rank, not its survivor
+    report = job.log[job.log.index("[launch] finished after 1 restart(s); root cause"):]
+    assert f"[launch]   rank {rank} (attempt 0): killed by SIGKILL" in report, report
     lost = assert_like_reference(job, reference, max_lost)
     print(f"kill rank {rank} at {phase} of step {step}: rc 0, equal, {lost} steps "
           f"redone, {job.seconds:.0f} s")  # fmt: skip
@@ -121,8 +125,10 @@ def test_kill_inside_purge(tmp_path, reference):
 @pytest.mark.matrix
 @pytest.mark.parametrize("rank,phase", [(0, "before_commit"), (1, "write"), (0, "after_commit")])
 def test_kill_async_save(tmp_path, reference, rank, phase):
-    _kill(tmp_path, reference, rank, 8, phase, "--checkpoint.async_mode", "async",
-          max_lost=2 * INTERVAL)  # fmt: skip
+    job = _kill(tmp_path, reference, rank, 8, phase, "--checkpoint.async_mode", "async",
+                max_lost=2 * INTERVAL)  # fmt: skip
+    # the async-checkpoint group has a timeout (the init one) in every attempt
+    assert_group_timeouts(job.dump, 300, 100, gloo_groups=2)
 
 
 @pytest.mark.matrix
@@ -217,6 +223,11 @@ def test_sleeping_rank_ends_the_job(tmp_path):
     waited = _stall_to_exit(job)
     assert waited <= 25, f"{waited:.1f} s from the stall to the job's exit"
     assert re.search(r"timed out.*(all_reduce|allreduce)", job.log, re.I | re.S), job.log[-3000:]
+    # The launcher's report: the waiting rank's timeout is the root cause (the
+    # sleeper, stopped by torchrun's SIGTERM, is not), with the collective named.
+    report = job.log[job.log.index("[launch] FAILED after 1 attempt(s)"):]
+    assert "[launch]   rank 0 (attempt 0): RuntimeError:" in report, report
+    assert "[launch]     rank 0: collective timed out: gloo:all_reduce" in report, report
     assert not job.leftovers
     print(f"sleeping rank: exit {job.rc} {waited:.1f} s after the stall")
 
@@ -240,10 +251,120 @@ def test_hang_in_first_attempt_restarts_and_ends_like_uninterrupted(tmp_path, re
 
 
 @pytest.mark.matrix
+@pytest.mark.parametrize("phase", ["init_sleep", "setup_sleep"])
+def test_rank_hung_at_init_ends_the_job(tmp_path, phase):
+    """Rank 1 hangs before the process group exists (the others wait in its
+    rendezvous) or right after (the others wait in their first collective): with
+    a 10 s init timeout the job exits non-zero within 10 + 30 s, the launcher's
+    root cause naming what timed out."""
+    job = launch(tmp_path, phase, "--comm.init_timeout_seconds", "10",
+                 fault=f"1:0:{phase}", timeout=300)  # fmt: skip
+    assert job.rc != 0
+    waited = _stall_to_exit(job)
+    assert waited <= 10 + 30, f"{waited:.1f} s from the stall to the job's exit"
+    report = job.log[job.log.index("[launch] FAILED after 1 attempt(s); root cause:"):]
+    if phase == "init_sleep":
+        assert ("[launch]   rank 0 (attempt 0): DistStoreError: Timed out after"
+                in report and "1/2 clients joined" in report), report  # fmt: skip
+        assert ("process-group init (init_process_group) timed out "
+                "(comm.init_timeout_seconds = 10)") in report, report  # fmt: skip
+    else:  # the first collective, still under the init timeout
+        assert "[launch]     rank 0: collective timed out: gloo:all_reduce" in report, report
+        assert "timeout 10000 ms" in report, report
+    assert not job.leftovers
+    print(f"{phase}: exit {job.rc} {waited:.1f} s after the stall")
+
+
+def _groups(dump) -> dict[tuple[int, str], list[tuple[int, int, str, float | None]]]:
+    """``{(attempt, "setup" | "trained"): [(rank, size, backend, timeout s)]}``."""
+    out: dict = {}
+    for rank in (0, 1):
+        for line in (dump / "batches" / f"groups-rank{rank}.txt").read_text().splitlines():
+            attempt, at, _, size, kind, seconds = line.split()
+            out.setdefault((int(attempt), at), []).append(
+                (rank, int(size), kind, None if seconds == "None" else float(seconds)))
+    return out
+
+
+def assert_group_timeouts(dump, init: float, train: float, gloo_groups: int) -> None:
+    """Every process group that carries collectives (gloo) has a timeout, in every
+    attempt: the init timeout after the setup, then TorchTitan's train timeout on
+    the default group and the init timeout on the async-checkpoint one; the rest
+    are the fake backend of absent mesh axes (no collective)."""
+    listed = _groups(dump)
+    assert {at for _, at in listed} == {"setup", "trained"}, sorted(listed)
+    for (attempt, at), groups in listed.items():
+        real = [g for g in groups if g[2] == "ProcessGroupGloo"]
+        assert len(real) == 2 * gloo_groups, (attempt, at, groups)
+        assert all(g[2] == "FakeProcessGroup" for g in groups if g not in real), groups
+        want = [init] * gloo_groups if at == "setup" else [train] + [init] * (gloo_groups - 1)
+        for rank in (0, 1):
+            assert [g[3] for g in real if g[0] == rank] == want, (attempt, at, rank, groups)
+
+
+def test_every_process_group_has_a_timeout(reference):
+    """The reference run (sync saves, TorchTitan's defaults: init 300 s, train
+    100 s): the default group is the only real one on 2 ranks."""
+    assert_group_timeouts(reference["job"].dump, 300, 100, gloo_groups=1)
+
+
+@pytest.mark.integration
+@pytest.mark.matrix
+@pytest.mark.parametrize("bound", [True, False])
+def test_mesh_group_creation_with_a_hung_rank_ends(tmp_path, bound):
+    """4 gloo ranks, 5 s init timeout, rank 3 hung: the 2 × 2 mesh's groups are
+    created after the default one. With ``bound_new_group_timeouts`` the others
+    fail within seconds; with torch's default (30 min for gloo) they still wait
+    after 60 s (measured 2026-12-07: > 85 s)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    worker = Path(__file__).with_name("group_timeout_worker.py")
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, str(worker), str(r), str(tmp_path / "init"),
+                          "1" if bound else "0"], env=env, stdout=subprocess.PIPE, text=True)
+        for r in range(4)
+    ]  # fmt: skip
+    try:
+        outs = [procs[r].communicate(timeout=120 if bound else 60)[0] for r in range(3)]
+        finished = True
+    except subprocess.TimeoutExpired:
+        finished = False
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    if not bound:
+        assert not finished, "the mesh's groups did not wait for the hung rank"
+        return
+    assert finished
+    for r, out in enumerate(outs):
+        rank, what, seconds = out.split()
+        assert int(rank) == r and what != "built" and float(seconds) <= 20, out
+
+
+@pytest.mark.matrix
 def test_crash_loop_stops_after_max_restarts(tmp_path):
     job = launch(tmp_path, "crash", fault="1:3:crash",
                  env={"MAX_RESTARTS": "2", "FAULT_ATTEMPT": "-1"})  # fmt: skip
     assert job.rc != 0
     assert sorted(steps_by_attempt(job.dump)) == [0, 1, 2]
-    assert "injected deterministic crash at step 3" in job.log
     assert not job.leftovers
+    # The root cause once, at the end (not once per attempt and rank): the
+    # exception line and where it was raised, naming the rank; each attempt is
+    # one line, and no rank prints a traceback.
+    assert job.log.count("injected deterministic crash at step 3") == 1, job.log[-3000:]
+    end = job.log.rstrip().splitlines()[-4:]
+    assert end[0] == "[launch] FAILED after 3 attempt(s); root cause:", end
+    assert end[1] == ("[launch]   rank 1 (attempts 0, 1, 2): RuntimeError: injected "
+                      "deterministic crash at step 3"), end  # fmt: skip
+    assert re.fullmatch(r"\[launch\]     at tests/faults/inject\.py:\d+ in fire", end[2]), end
+    assert re.fullmatch(r"\[launch\]     traceback: \S+/attempt_2/1/error\.json", end[3]), end
+    for attempt in range(3):
+        assert re.search(rf"^\[launch\] attempt {attempt} failed: rank 0 \w+ \(exit -?\d+\), "
+                         rf"rank 1 RuntimeError \(exit 1\)", job.log, re.M), attempt  # fmt: skip
+    assert "Traceback" not in job.log

@@ -25,6 +25,10 @@ What it changes (everything else is TorchTitan's):
   half-deleted ``step-N``.
 * **RNG**: the per-rank generators (``rng.py``) are saved under ``rng``; a
   checkpoint without them loads with a warning.
+* **Data-loader state**: a checkpoint without this rank's loader state (another
+  data-parallel size, another loader) stops every rank naming the checkpoint,
+  the rank and the remedy (``loader_state.py``), where TorchTitan warns and
+  restarts that rank's data.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from torchtitan.components.checkpointer.dcp import AsyncMode
 from torchtitan.tools.logging import logger
 from torchtitan.tools.utils import GarbageCollection
 
-from . import rng
+from . import loader_state, rng
 from .commit import CommitWriter, commit_step
 from .layout import (
     MANIFEST,
@@ -341,9 +345,17 @@ class ResilientCheckpointManager(CheckpointManager):
         return super()._load(candidate if candidate != -1 else -1)
 
     def dcp_load(self, state_dict, checkpoint_id, from_hf, from_quantized) -> None:
-        if not from_hf and rng.KEY in state_dict:
-            reader = dcp.FileSystemReader(checkpoint_id)
-            keys = reader.read_metadata().state_dict_metadata
+        keys = None
+        if not from_hf and (rng.KEY in state_dict or loader_state.KEY in state_dict):
+            keys = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
+        if keys is not None and loader_state.KEY in state_dict:
+            rank, _ = _world()
+            mine = loader_state.problem(state_dict[loader_state.KEY], keys, checkpoint_id, rank)
+            problems = [p for p in _gather(mine) if p]  # every rank stops, or none
+            if problems:
+                more = f" (and {len(problems) - 1} other rank(s))" if len(problems) > 1 else ""
+                raise loader_state.LoaderStateError(problems[0] + more)
+        if keys is not None and rng.KEY in state_dict:
             if not any(k.startswith(f"{rng.KEY}.{rng.rank_key()}.") for k in keys):
                 logger.warning(
                     f"{checkpoint_id} has no RNG state for this rank (saved "

@@ -250,4 +250,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception as error:  # under torchrun: one line; the launcher names the cause
+        from torchtitan_nemotron3.resilience.failure import report_rank_failure
+
+        if not report_rank_failure(error):
+            raise
+        raise SystemExit(1) from None

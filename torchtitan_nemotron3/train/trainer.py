@@ -203,7 +203,11 @@ class NemotronHTrainer(Trainer):
 
     def __init__(self, config: Config):
         low_precision.check_hardware(config.low_precision)
-        super().__init__(config)
+        try:
+            super().__init__(config)
+        except Exception as e:  # a setup timeout says what timed out
+            resilience.name_setup_timeout(e, config.comm)
+            raise
         if config.low_precision.enabled:
             # MFU against the FP8 peak (None: unknown device, MFU not logged).
             use_fp8_peak(self.metrics_processor)
@@ -443,6 +447,10 @@ class NemotronHTrainer(Trainer):
         for input_dict, labels in data_iterator:
             self._mtp_loss.count_batch(labels, input_dict.get("positions"))
             yield input_dict, labels
+
+    def init_distributed(self):
+        resilience.bound_new_group_timeouts(self.config.comm)  # mesh groups included
+        return super().init_distributed()
 
     def train(self) -> None:
         if resilience.run_is_complete(self):
