@@ -124,10 +124,13 @@ def test_summary_names_each_cause_once(tmp_path, monkeypatch):
     attempts = [[Failure.read(0, -15, str(peer)), Failure.read(1, 1, str(b))] for b in bug]
     lines = summary(attempts, succeeded=False)
     text = "\n".join(lines)
-    assert text.count("the real bug") == 1 and "Connection closed" not in text
+    assert text.count("RuntimeError: the real bug") == 1 and "Connection closed" not in text
     assert lines[0] == "FAILED after 3 attempt(s); root cause:"
     assert lines[1] == "  rank 1 (attempts 0, 1, 2): RuntimeError: the real bug"
-    assert lines[2].startswith("    at ") and lines[3] == f"    traceback: {bug[2]}"
+    assert lines[2].startswith("    at ") and lines[3] == f"    traceback ({bug[2]}):"
+    # the root cause's traceback, once, without its exception line (printed above)
+    assert lines[4] == "      Traceback (most recent call last):", lines
+    assert "in _raise_here" in text and text.count("Traceback") == 1
     assert attempt_line(0, attempts[0]) == (
         "attempt 0 failed: rank 0 RuntimeError (exit -15), rank 1 RuntimeError (exit 1)"
     )

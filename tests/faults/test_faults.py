@@ -355,16 +355,19 @@ def test_crash_loop_stops_after_max_restarts(tmp_path):
     assert sorted(steps_by_attempt(job.dump)) == [0, 1, 2]
     assert not job.leftovers
     # The root cause once, at the end (not once per attempt and rank): the
-    # exception line and where it was raised, naming the rank; each attempt is
-    # one line, and no rank prints a traceback.
+    # exception line, where it was raised and its traceback, naming the rank;
+    # each attempt is one line, and no rank prints a traceback.
     assert job.log.count("injected deterministic crash at step 3") == 1, job.log[-3000:]
-    end = job.log.rstrip().splitlines()[-4:]
-    assert end[0] == "[launch] FAILED after 3 attempt(s); root cause:", end
+    assert job.log.count("Traceback") == 1, job.log[-3000:]
+    lines = job.log.rstrip().splitlines()
+    at = lines.index("[launch] FAILED after 3 attempt(s); root cause:")
+    end = lines[at:]
     assert end[1] == ("[launch]   rank 1 (attempts 0, 1, 2): RuntimeError: injected "
                       "deterministic crash at step 3"), end  # fmt: skip
     assert re.fullmatch(r"\[launch\]     at tests/faults/inject\.py:\d+ in fire", end[2]), end
-    assert re.fullmatch(r"\[launch\]     traceback: \S+/attempt_2/1/error\.json", end[3]), end
+    assert re.fullmatch(r"\[launch\]     traceback \(\S+/attempt_2/1/error\.json\):", end[3]), end
+    assert end[4] == "[launch]       Traceback (most recent call last):", end
+    assert re.search(r'inject\.py", line \d+, in fire', "\n".join(end[5:])), end
     for attempt in range(3):
         assert re.search(rf"^\[launch\] attempt {attempt} failed: rank 0 \w+ \(exit -?\d+\), "
                          rf"rank 1 RuntimeError \(exit 1\)", job.log, re.M), attempt  # fmt: skip
-    assert "Traceback" not in job.log

@@ -113,6 +113,7 @@ class Failure:
     where: str = ""
     notes: tuple[str, ...] = ()
     time: float = float("inf")  # the error file's mtime, else when torchrun saw the exit
+    stack: str = ""  # the traceback the rank recorded
 
     @classmethod
     def read(cls, rank: int, exitcode: int, error_file: str | None,
@@ -134,7 +135,7 @@ class Failure:
         stack = info.get("py_callstack", "")
         place = info.get("where") or _where_from_text(stack)
         return cls(rank, exitcode, error_file, str(message.get("message", "")), place,
-                   tuple(info.get("notes", ())), mtime)  # fmt: skip
+                   tuple(info.get("notes", ())), mtime, str(stack))  # fmt: skip
 
     @property
     def signal(self) -> str | None:
@@ -165,6 +166,15 @@ class Failure:
         return f"exit code {self.exitcode} without a recorded exception"
 
 
+    def frames(self) -> list[str]:
+        """The recorded traceback up to its last exception line (printed apart)."""
+        lines = self.stack.rstrip().splitlines()
+        head = self.cause()
+        if head in lines:
+            lines = lines[: len(lines) - 1 - lines[::-1].index(head)]
+        return lines
+
+
 def _where_from_text(stack: str) -> str:
     found = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', stack)
     if not found:
@@ -192,7 +202,7 @@ def attempt_line(attempt: int, failures: list[Failure]) -> str:
 
 def summary(attempts: list[list[Failure]], *, succeeded: bool) -> list[str]:
     """The end-of-job report: each distinct root cause once (exception line,
-    where, notes, the error file), with the attempts it ended."""
+    where, notes, and for a failed job its traceback), with the attempts it ended."""
     causes: dict[tuple[str, str], list[tuple[int, Failure]]] = {}
     for i, failures in enumerate(attempts):
         if failures:
@@ -209,7 +219,10 @@ def summary(attempts: list[list[Failure]], *, succeeded: bool) -> list[str]:
         if place:
             lines.append(f"    at {place}")
         lines += [f"    {note}" for note in last.notes]
-        if last.error_file:
+        if last.error_file and last.stack and not succeeded:
+            lines.append(f"    traceback ({last.error_file}):")
+            lines += [f"      {line}" for line in last.frames()]
+        elif last.error_file:
             lines.append(f"    traceback: {last.error_file}")
     return lines
 

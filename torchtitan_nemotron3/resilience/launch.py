@@ -5,7 +5,7 @@ It is torchrun (``torch.distributed.run``: same arguments, agent, restarts and
 signals) with two differences when ranks fail: each failed attempt is one line
 (which rank failed how, no tracebacks: the ranks log one line each and keep the
 traceback in their error file, ``failure.py``), and at the end the root cause
-(the exception line and where it was raised) is printed once, instead of
+(the exception line, where it was raised and its traceback) is printed once, instead of
 torchrun's ``ChildFailedError`` block with every rank's traceback. torchrun's
 parent error file (``TORCHELASTIC_ERROR_FILE`` of the launcher, for schedulers)
 receives the root cause's file, as torchrun's ``record`` does.
