@@ -118,22 +118,23 @@ def check_manifest(prefix: str | os.PathLike, dataset, *, verify_bin: bool = Fal
             raise DataFileError(f"{idx}: {got[key]} {key}, its manifest {path} recorded {want[key]}")
     if str(dataset.dtype) != dtype:
         raise DataFileError(f"{idx}: dtype {dataset.dtype}, its manifest {path} recorded {dtype}")
-    sha = _sha256_file(idx)
-    if sha != idx_sha:
-        raise DataFileError(
-            f"{idx}: SHA-256 {sha[:16]}..., its manifest {path} recorded {idx_sha[:16]}... "
-            "(changed since it was written)"
-        )
+    _check_sha256(idx, idx_sha, path, "changed since it was written")
     if verify_bin:
         if bin_sha is None:
             raise DataFileError(f"{path}: no 'files.bin_sha256' (written before checksums); cannot verify {bin_}")
-        sha = _sha256_file(bin_)
-        if sha != bin_sha:
-            raise DataFileError(
-                f"{bin_}: SHA-256 {sha[:16]}..., its manifest {path} recorded {bin_sha[:16]}... "
-                "(token values changed since it was written)"
-            )
+        _check_sha256(bin_, bin_sha, path, "token values changed since it was written")
     return manifest
+
+
+def _check_sha256(file: str, recorded: str, manifest_path: str, meaning: str) -> None:
+    """``DataFileError`` naming ``file`` when its SHA-256 is not what its manifest
+    recorded; ``meaning``: what the mismatch says about the file."""
+    sha = _sha256_file(file)
+    if sha != recorded:
+        raise DataFileError(
+            f"{file}: SHA-256 {sha[:16]}..., its manifest {manifest_path} recorded "
+            f"{recorded[:16]}... ({meaning})"
+        )
 
 
 # -------------------------------------------------------------------- tokenizer
